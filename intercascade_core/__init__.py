@@ -1,0 +1,88 @@
+"""intercascade_core — Inter-Cascade: an interactive LLM cascade in which the strong
+model is both a helper (it answers deferred queries) and a teacher (it writes reusable
+strategies that help the weak model on similar future queries).
+
+The core is pure: immutable records and functions that return new values
+(:func:`calibrate`, :func:`defer`, :func:`retrieve`, :func:`update`). Adapters
+(HTTP models, the ONNX embedder, hnswlib, files) are imported lazily, so
+``import intercascade_core`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> defining submodule; resolved on first access (PEP 562)
+_EXPORTS: dict[str, str] = {
+    # errors
+    "IntercascadeError": "errors",
+    "InvalidArgumentError": "errors",
+    # calibration (Jung et al.'s fixed-sequence testing)
+    "Calibration": "calibrate",
+    "calibrate": "calibrate",
+    "calibrate_cascade": "calibrate",
+    "defer": "calibrate",
+    "risk_upper_bound": "calibrate",
+    "certify": "calibrate",
+    "normal_approx_upper_bound": "calibrate",
+    "alpha_gain_normal_approx": "calibrate",
+    "alpha_gain_same_coverage_approx": "calibrate",
+    # strategy repository and retrieval
+    "Entry": "repository",
+    "Repository": "repository",
+    "empty_repository": "repository",
+    "update": "repository",
+    "TopK": "retrieve",
+    "retrieve": "retrieve",
+    # embeddings
+    "Embedder": "embed",
+    "HashingEmbedder": "embed",
+    "MiniLMEmbedder": "minilm",
+    # model access
+    "ChatModel": "llm",
+    "Generation": "llm",
+    "LogprobsUnavailable": "llm",
+    "ModelError": "llm",
+    # the cascade
+    "CascadeState": "cascade",
+    "Outcome": "cascade",
+    "Level": "cascade",
+    "step": "cascade",
+    "run_stream": "cascade",
+    # metrics
+    "Metrics": "metrics",
+    "compute_metrics": "metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'intercascade_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static re-exports for type checkers
+    from .calibrate import (
+        Calibration,
+        alpha_gain_normal_approx,
+        alpha_gain_same_coverage_approx,
+        calibrate,
+        calibrate_cascade,
+        certify,
+        defer,
+        normal_approx_upper_bound,
+        risk_upper_bound,
+    )
+    from .errors import IntercascadeError, InvalidArgumentError
