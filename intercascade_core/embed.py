@@ -1,0 +1,148 @@
+"""The :class:`Embedder` protocol and a deterministic test double.
+
+The core (repository, retrieval, cascade) depends only on the :class:`Embedder`
+protocol defined here. The real embedder, :class:`intercascade_core.minilm.MiniLMEmbedder`
+(all-MiniLM-L6-v2 on ONNX Runtime), lives in an adapter module; this module imports
+neither ``onnxruntime`` nor ``tokenizers``.
+
+:class:`HashingEmbedder` is a **test double**: fast, deterministic across processes and
+platforms, dependency-free, and semantically meaningless beyond word overlap. It is never
+used as a default anywhere in the library; pass it explicitly in tests that need many
+vectors quickly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+__all__ = ["Embedder", "HashingEmbedder", "validate_texts"]
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Maps texts to unit-norm vectors.
+
+    Contract of :meth:`embed`:
+
+    * ``texts`` is a sequence of ``str`` (a bare ``str`` is rejected: it is a sequence of
+      characters, almost always a bug). Non-``str`` items (``None``, ``bytes``, numbers)
+      raise :class:`~intercascade_core.errors.InvalidArgumentError`.
+    * Returns a ``float32`` array of shape ``(len(texts), dim)``, C-contiguous, each row of
+      L2 norm 1 (up to float32 rounding). An empty sequence gives shape ``(0, dim)``.
+    * Deterministic: the same text always gives the same row.
+    """
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def validate_texts(texts: object, argument: str = "texts") -> list[str]:
+    """Check that ``texts`` is a sequence of ``str`` and return it as a list.
+
+    Raises :class:`InvalidArgumentError` naming the first bad item. ``bytes`` items are
+    rejected (decode them yourself; we never guess an encoding). Strings that cannot be
+    encoded as UTF-8 (lone surrogates, e.g. from ``bytes.decode(errors="surrogateescape")``)
+    are rejected too.
+    """
+    if isinstance(texts, (str, bytes, bytearray)):
+        raise InvalidArgumentError(
+            argument, f"expected a sequence of str, got a single {type(texts).__name__}; "
+            "wrap it in a list"
+        )
+    if not isinstance(texts, Sequence):
+        raise InvalidArgumentError(
+            argument, f"expected a sequence of str, got {type(texts).__name__}"
+        )
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            hint = " (decode bytes to str first)" if isinstance(t, (bytes, bytearray)) else ""
+            raise InvalidArgumentError(
+                f"{argument}[{i}]", f"expected str, got {type(t).__name__}: {t!r:.80}{hint}"
+            )
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidArgumentError(
+                f"{argument}[{i}]", f"not valid Unicode text (cannot encode as UTF-8: {e.reason} "
+                f"at position {e.start})"
+            ) from None
+    return out
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@lru_cache(maxsize=65536)
+def _feature(token: str, seed: int, dim: int) -> tuple[int, float]:
+    # blake2b is keyed, stable across processes (unlike the salted built-in hash()).
+    h = hashlib.blake2b(token.encode("utf-8"), digest_size=8, key=seed.to_bytes(8, "little"))
+    v = int.from_bytes(h.digest(), "little")
+    return (v >> 1) % dim, (1.0 if v & 1 else -1.0)
+
+
+class HashingEmbedder:
+    """Deterministic **test double** for :class:`Embedder` (never a default).
+
+    Feature hashing of lower-cased word unigrams and bigrams into ``dim`` signed buckets
+    (keyed BLAKE2b, so results are identical across processes, platforms and Python
+    versions), then L2 normalisation. Texts sharing words get positive cosine; it has no
+    notion of meaning beyond that.
+
+    A text with no word characters (e.g. ``""`` or ``"?!"``) hashes a single sentinel
+    feature, so every such text maps to the same fixed unit vector (never NaN/zero).
+    """
+
+    __slots__ = ("_dim", "_seed")
+
+    def __init__(self, dim: int = 384, seed: int = 0) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise InvalidArgumentError("dim", f"expected a positive int, got {dim!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise InvalidArgumentError("seed", f"expected an int in [0, 2**64), got {seed!r}")
+        self._dim = dim
+        self._seed = seed
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def model_id(self) -> str:
+        return f"hashing-test-double/dim={self._dim}/seed={self._seed}"
+
+    def __repr__(self) -> str:
+        return f"HashingEmbedder(dim={self._dim}, seed={self._seed})"
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        items = validate_texts(texts)
+        out = np.zeros((len(items), self._dim), dtype=np.float64)
+        for row, text in enumerate(items):
+            words = _WORD.findall(text.lower())
+            feats = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+            if not feats:
+                feats = ["\x00<empty>"]
+            for f in feats:
+                j, s = _feature(f, self._seed, self._dim)
+                out[row, j] += s
+            n = np.linalg.norm(out[row])
+            if n == 0.0:  # all features cancelled out: fall back to the sentinel
+                out[row] = 0.0
+                j, s = _feature("\x00<empty>", self._seed, self._dim)
+                out[row, j] = s
+            else:
+                out[row] /= n
+        return np.ascontiguousarray(out, dtype=np.float32)
