@@ -11,25 +11,28 @@ The core is pure: immutable records and functions that return new values
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> defining submodule; resolved on first access (PEP 562)
+# The pure core is imported eagerly: a submodule whose name equals a function's
+# (``calibrate``, ``retrieve``) must be bound before anything imports it, or the
+# package attribute would name the module instead of the function.
+from .calibrate import (
+    Calibration,
+    alpha_gain_normal_approx,
+    alpha_gain_same_coverage_approx,
+    calibrate,
+    calibrate_cascade,
+    certify,
+    defer,
+    normal_approx_upper_bound,
+    risk_upper_bound,
+)
+from .errors import IntercascadeError, InvalidArgumentError
+
+# Adapters and heavier modules: public name -> submodule, imported on first access (PEP 562)
 _EXPORTS: dict[str, str] = {
-    # errors
-    "IntercascadeError": "errors",
-    "InvalidArgumentError": "errors",
-    # calibration (Jung et al.'s fixed-sequence testing)
-    "Calibration": "calibrate",
-    "calibrate": "calibrate",
-    "calibrate_cascade": "calibrate",
-    "defer": "calibrate",
-    "risk_upper_bound": "calibrate",
-    "certify": "calibrate",
-    "normal_approx_upper_bound": "calibrate",
-    "alpha_gain_normal_approx": "calibrate",
-    "alpha_gain_same_coverage_approx": "calibrate",
     # strategy repository and retrieval
     "Entry": "repository",
     "Repository": "repository",
@@ -57,7 +60,13 @@ _EXPORTS: dict[str, str] = {
     "compute_metrics": "metrics",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(
+    [
+        "Calibration", "IntercascadeError", "InvalidArgumentError", "alpha_gain_normal_approx",
+        "alpha_gain_same_coverage_approx", "calibrate", "calibrate_cascade", "certify", "defer",
+        "normal_approx_upper_bound", "risk_upper_bound", *_EXPORTS,
+    ]
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -71,18 +80,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
-
-
-if TYPE_CHECKING:  # static re-exports for type checkers
-    from .calibrate import (
-        Calibration,
-        alpha_gain_normal_approx,
-        alpha_gain_same_coverage_approx,
-        calibrate,
-        calibrate_cascade,
-        certify,
-        defer,
-        normal_approx_upper_bound,
-        risk_upper_bound,
-    )
-    from .errors import IntercascadeError, InvalidArgumentError
