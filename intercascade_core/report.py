@@ -1,0 +1,379 @@
+"""The evaluation report: ``report.md``, ``results.json``, ``outcomes.jsonl`` and PNG plots.
+
+Input is plain data, so this module knows nothing about models or HTTP:
+
+* ``results`` — the JSON document (see :func:`intercascade_core.evaluate.results_document`):
+  ``{"variants": {"jung": {...}, "random": {...}, "retrieval": {...}}, "calibration": ...,
+  "dataset": ..., "settings": ...}``, every rate a fraction in [0, 1];
+* ``outcomes`` — one flat record per (variant, query) with at least ``variant``, ``index``,
+  ``decision``, ``weak_confidence``, ``weak_correct``.
+
+The tables in ``report.md`` are rendered from ``results`` only (percentages with two
+decimals), so they agree with ``results.json`` by construction; ``tests/test_report*.py``
+checks that they do. Plots use matplotlib's object-oriented API (no pyplot, no global
+backend state); matplotlib is imported lazily and is only needed when plots are written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+__all__ = [
+    "LABELS",
+    "PLOTS",
+    "VARIANTS",
+    "ReportFiles",
+    "confidence_histograms_figure",
+    "format_percent",
+    "render_markdown",
+    "render_tables",
+    "stream_figure",
+    "threshold_accuracy_figure",
+    "write_report",
+]
+
+#: Variant keys in table order and their display labels (the paper's Tables 3–5).
+VARIANTS: Final = ("jung", "random", "retrieval")
+LABELS: Final[Mapping[str, str]] = {
+    "jung": "Jung (baseline)",
+    "random": "Inter-Cascade (Random)",
+    "retrieval": "Inter-Cascade (Retrieval)",
+}
+_COLORS: Final[Mapping[str, str]] = {"jung": "#7f7f7f", "random": "#ff7f0e", "retrieval": "#1f77b4"}
+
+#: Plot files written by :func:`write_report`.
+PLOTS: Final = (
+    "weak_accuracy_vs_threshold.png",
+    "confidence_histograms.png",
+    "strong_calls_along_stream.png",
+)
+
+TABLE3: Final = (("pipeline_accuracy", "Pipeline Acc. (%)"), ("strong_call_rate", "Strong Call (%)"), ("coverage", "Cov. (%)"))
+TABLE4: Final = (("weak_accuracy", "Weak Acc. (%)"), ("weak_correct_accepted", "Weak Corr. Accpt. (%)"))
+TABLE5: Final = (("token_reduction", "Token Reduction (%)"), ("cost_reduction", "Cost Reduction (%)"))
+
+
+@dataclass(frozen=True, slots=True)
+class ReportFiles:
+    """Paths written by :func:`write_report`."""
+
+    folder: Path
+    report: Path
+    results: Path
+    outcomes: Path
+    plots: tuple[Path, ...]
+
+
+def format_percent(x: Any) -> str:
+    """A fraction as a percentage with two decimals (``n/a`` for None/NaN)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{100.0 * float(x):.2f}"
+
+
+def _table(title: str, variants: Mapping[str, Mapping[str, Any]], cols: Sequence[tuple[str, str]],
+           names: Sequence[str]) -> str:
+    head = "| Pipeline | " + " | ".join(label for _, label in cols) + " |"
+    rule = "|---|" + "---:|" * len(cols)
+    rows = [
+        f"| {LABELS.get(v, v)} | " + " | ".join(format_percent(variants[v].get(key)) for key, _ in cols) + " |"
+        for v in names
+    ]
+    return "\n".join([f"**{title}**", "", head, rule, *rows])
+
+
+def render_tables(results: Mapping[str, Any]) -> str:
+    """The paper's Tables 3, 4 and 5 as Markdown, from ``results["variants"]``."""
+    variants = results["variants"]
+    names = [v for v in VARIANTS if v in variants]
+    names += [v for v in variants if v not in names]
+    reduced = [v for v in names if "token_reduction" in variants[v]]
+    parts = [
+        _table("Table 3 — pipeline accuracy, strong-LLM call rate and coverage", variants, TABLE3, names),
+        _table("Table 4 — the weak LLM's accuracy and its correct answers accepted", variants, TABLE4, names),
+    ]
+    if reduced:
+        parts.append(_table("Table 5 — strong-LLM token and cost reduction against Jung", variants, TABLE5, reduced))
+    return "\n\n".join(parts) + "\n"
+
+
+def _fmt_threshold(level: Mapping[str, Any]) -> str:
+    t = level.get("threshold")
+    return "∞ (abstains: defers everything)" if t is None else f"{float(t):.4f}"
+
+
+def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = PLOTS) -> str:
+    """The whole ``report.md``: setup, calibration, Tables 3–5, notes and plots."""
+    ds = results.get("dataset", {})
+    st = results.get("settings", {})
+    cal = results.get("calibration", {})
+    lines = ["# Inter-Cascade evaluation", ""]
+    desc = ds.get("description") or ds.get("name", "")
+    models = ", ".join(f"{m.get('name')} = `{m.get('model')}`" for m in st.get("models", []))
+    lines += [
+        f"- Data: {desc}; {ds.get('n_test', '?')} test queries in {ds.get('order', '?')} order, "
+        f"{ds.get('n_calibration', '?')} calibration queries drawn separately.",
+        f"- Models: {models}{' (simulated, in-process)' if st.get('simulated') else ''}.",
+        f"- Risk control: α = {st.get('alpha')}, δ = {st.get('delta')}"
+        f"{' (δ split across levels)' if st.get('split_delta', True) else ''}; k = {st.get('k')} strategies per query; "
+        f"embeddings: {st.get('embedder', '?')}; retrieval backend: {st.get('backend', '?')}.",
+        "",
+        "## Calibration (strategy-free, shared by all three pipelines)",
+        "",
+        "| Level | Threshold λ | Calibration items | Accepted | Errors | Risk bound (1−δ) | Guarantee |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for lvl in cal.get("levels", []):
+        rb = lvl.get("risk_bound")
+        lines.append(
+            f"| {lvl.get('name')} | {_fmt_threshold(lvl)} | {lvl.get('n_calibration')} | {lvl.get('n_accepted')} | "
+            f"{lvl.get('n_errors')} | {'n/a' if rb is None else f'{rb:.4f}'} | "
+            f"{'yes' if lvl.get('guaranteed') else 'no'} |"
+        )
+    lines += ["", "## Results", "", render_tables(results).rstrip(), ""]
+    notes = _notes(results)
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    if plots:
+        lines += ["## Plots", ""]
+        captions = {
+            PLOTS[0]: "Weak-LLM accuracy of the queries whose confidence is at or above each threshold (cf. the paper's Figure 2a).",
+            PLOTS[1]: "Weak-LLM confidence histograms, correct vs. wrong answers, with the calibrated threshold (cf. Figure 2b–d).",
+            PLOTS[2]: "Strong-LLM call rate along the stream (moving window) and cumulative strong calls: the teacher effect over time.",
+        }
+        for p in plots:
+            lines += [f"![{p}]({p})", "", captions.get(p, ""), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _notes(results: Mapping[str, Any]) -> list[str]:
+    variants = results["variants"]
+    out = []
+    alpha = results.get("settings", {}).get("alpha")
+    risks = [
+        f"{LABELS.get(v, v)} {format_percent(variants[v].get('weak_accepted_risk'))} %"
+        for v in VARIANTS if v in variants and variants[v].get("weak_accepted_risk") is not None
+    ]
+    if risks and alpha is not None:
+        out.append(
+            f"- Error rate of accepted weak answers on the test stream (target α = {100 * float(alpha):.0f} %): "
+            + ", ".join(risks) + ". The threshold was calibrated without strategies; with strategies the weak "
+            "model's confidence distribution shifts, so this is measured, not guaranteed."
+        )
+    if "retrieval" in variants and "strong_calls" in variants["retrieval"]:
+        out.append(
+            "- Strong calls: " + ", ".join(
+                f"{LABELS.get(v, v)} {variants[v]['strong_calls']}" for v in VARIANTS if v in variants
+            ) + f" of {variants['retrieval'].get('n_queries', '?')} queries; strategies stored: "
+            + ", ".join(f"{LABELS.get(v, v)} {variants[v].get('repository_size', 0)}" for v in ("random", "retrieval") if v in variants)
+            + "."
+        )
+    out.append(
+        "- Token and cost reductions count the strong LLM's tokens and fees (answers and strategy "
+        "generation), as the paper's Table 5 does; `results.json` also has `token_reduction_total` and "
+        "`cost_reduction_total` over both models."
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _by_variant(outcomes: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for rec in outcomes:
+        groups.setdefault(str(rec["variant"]), []).append(rec)
+    for recs in groups.values():
+        recs.sort(key=lambda r: int(r["index"]))
+    ordered = {v: groups[v] for v in VARIANTS if v in groups}
+    ordered.update({v: r for v, r in groups.items() if v not in ordered})
+    return ordered
+
+
+def _weak_arrays(recs: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    conf = np.array([float(r["weak_confidence"]) for r in recs], dtype=np.float64)
+    ok = np.array([bool(r["weak_correct"]) for r in recs], dtype=np.bool_)
+    return conf, ok
+
+
+def threshold_accuracy_figure(outcomes: Iterable[Mapping[str, Any]], *, weak_threshold: float | None = None) -> Any:
+    """Figure 2(a): weak accuracy among queries with confidence ≥ λ, per variant."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.5), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    grid = np.linspace(0.0, 1.0, 201)
+    for v, recs in _by_variant(outcomes).items():
+        conf, ok = _weak_arrays(recs)
+        order = np.argsort(-conf, kind="stable")
+        c_sorted, ok_sorted = conf[order], ok[order]
+        # number of items with conf >= λ: count of c_sorted >= λ (descending array)
+        n = np.searchsorted(-c_sorted, -grid, side="right")
+        cum = np.concatenate([[0], np.cumsum(ok_sorted)])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            acc = np.where(n > 0, cum[n] / np.maximum(n, 1), np.nan)
+        ax.plot(grid, 100.0 * acc, label=LABELS.get(v, v), color=_COLORS.get(v), linewidth=2)
+    if weak_threshold is not None and math.isfinite(weak_threshold):
+        ax.axvline(weak_threshold, color="black", linestyle="--", linewidth=1, label=f"λ_w = {weak_threshold:.3f}")
+    ax.set_xlabel("confidence threshold λ")
+    ax.set_ylabel("weak-LLM accuracy of queries with confidence ≥ λ (%)")
+    ax.set_title("Weak-LLM accuracy vs. confidence threshold")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def confidence_histograms_figure(outcomes: Iterable[Mapping[str, Any]], *, weak_threshold: float | None = None) -> Any:
+    """Figure 2(b–d): weak-confidence histograms (correct vs. wrong), one panel per variant."""
+    from matplotlib.figure import Figure
+
+    groups = _by_variant(outcomes)
+    fig = Figure(figsize=(4.0 * max(1, len(groups)), 3.8), dpi=110, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(groups)), sharey=True))
+    bins = np.linspace(0.0, 1.0, 26)
+    for ax, (v, recs) in zip(axes, groups.items(), strict=False):
+        conf, ok = _weak_arrays(recs)
+        ax.hist([conf[ok], conf[~ok]], bins=bins, stacked=True, color=["#2ca02c", "#d62728"],
+                label=["correct", "wrong"])
+        if weak_threshold is not None and math.isfinite(weak_threshold):
+            ax.axvline(weak_threshold, color="black", linestyle="--", linewidth=1)
+        ax.set_title(LABELS.get(v, v))
+        ax.set_xlabel("weak-LLM confidence")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize="small")
+    axes[0].set_ylabel("queries")
+    fig.suptitle("Weak-LLM confidence (dashed: calibrated threshold λ_w)")
+    return fig
+
+
+def stream_figure(outcomes: Iterable[Mapping[str, Any]], *, window: int | None = None) -> Any:
+    """Strong-call rate along the stream (moving window) and cumulative strong calls."""
+    from matplotlib.figure import Figure
+
+    groups = _by_variant(outcomes)
+    n = max((len(r) for r in groups.values()), default=0)
+    w = window or max(10, n // 10)
+    fig = Figure(figsize=(11.0, 4.2), dpi=110, layout="constrained")
+    ax_rate, ax_cum = fig.subplots(1, 2)
+    for v, recs in groups.items():
+        strong = np.array([r["decision"] != "weak_accepted" for r in recs], dtype=np.float64)
+        x = np.arange(1, strong.size + 1)
+        kernel = np.ones(min(w, max(1, strong.size)))
+        rolling = np.convolve(strong, kernel, mode="full")[: strong.size] / np.minimum(x, kernel.size)
+        ax_rate.plot(x, 100.0 * rolling, label=LABELS.get(v, v), color=_COLORS.get(v), linewidth=2)
+        ax_cum.plot(x, np.cumsum(strong), label=LABELS.get(v, v), color=_COLORS.get(v), linewidth=2)
+    ax_rate.set_title(f"Strong-LLM call rate, moving window of {w} queries")
+    ax_rate.set_xlabel("query index in the stream")
+    ax_rate.set_ylabel("strong calls (%)")
+    ax_rate.set_ylim(-2, 102)
+    ax_cum.set_title("Cumulative strong-LLM calls")
+    ax_cum.set_xlabel("query index in the stream")
+    ax_cum.set_ylabel("strong calls")
+    for ax in (ax_rate, ax_cum):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    return fig
+
+
+def _save(fig: Any, path: Path, title: str) -> None:
+    labels = []
+    for ax in fig.axes:
+        leg = ax.get_legend()
+        if leg is not None:
+            labels += [t.get_text() for t in leg.get_texts()]
+    meta = {"Title": title, "Description": "labels: " + "; ".join(dict.fromkeys(labels)), "Software": "intercascade"}
+    fig.savefig(path, format="png", metadata=meta)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+def _finite(x: Any) -> Any:
+    """Replace NaN/inf floats by None (JSON has no such numbers), recursively."""
+    if isinstance(x, Mapping):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(
+    results: Mapping[str, Any],
+    outcomes: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    *,
+    plots: bool = True,
+) -> ReportFiles:
+    """Write ``report.md``, ``results.json``, ``outcomes.jsonl`` and (optionally) the plots."""
+    if "variants" not in results or not results["variants"]:
+        raise InvalidArgumentError("results", "needs a non-empty 'variants' mapping")
+    folder = Path(out_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidArgumentError("out_dir", f"cannot create {folder}: {exc.strerror or exc}") from None
+    plot_paths: list[Path] = []
+    doc = _finite(dict(results))
+    if plots:
+        thr = _weak_threshold(results)
+        figures = (
+            (PLOTS[0], threshold_accuracy_figure(outcomes, weak_threshold=thr), "Weak-LLM accuracy vs. confidence threshold"),
+            (PLOTS[1], confidence_histograms_figure(outcomes, weak_threshold=thr), "Weak-LLM confidence histograms"),
+            (PLOTS[2], stream_figure(outcomes), "Strong-LLM calls along the stream"),
+        )
+        for name, fig, title in figures:
+            _save(fig, folder / name, title)
+            plot_paths.append(folder / name)
+        doc["plots"] = [p.name for p in plot_paths]
+    else:
+        doc["plots"] = []
+    results_path = folder / "results.json"
+    _atomic_write(results_path, json.dumps(doc, indent=2, default=_json_default, allow_nan=False) + "\n")
+    outcomes_path = folder / "outcomes.jsonl"
+    _atomic_write(
+        outcomes_path,
+        "".join(json.dumps(_finite(r), default=_json_default, allow_nan=False) + "\n" for r in outcomes),
+    )
+    report_path = folder / "report.md"
+    _atomic_write(report_path, render_markdown(doc, [p.name for p in plot_paths]))
+    return ReportFiles(folder, report_path, results_path, outcomes_path, tuple(plot_paths))
+
+
+def _weak_threshold(results: Mapping[str, Any]) -> float | None:
+    levels = results.get("calibration", {}).get("levels", [])
+    if not levels:
+        return None
+    t = levels[0].get("threshold")
+    return None if t is None else float(t)

@@ -1,0 +1,221 @@
+"""report.py on synthetic data: tables equal results.json, files exist, plots are real PNGs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from intercascade_core.errors import InvalidArgumentError
+from intercascade_core.report import (
+    LABELS,
+    PLOTS,
+    confidence_histograms_figure,
+    format_percent,
+    render_tables,
+    stream_figure,
+    threshold_accuracy_figure,
+    write_report,
+)
+
+METRICS = ("pipeline_accuracy", "strong_call_rate", "coverage", "weak_accuracy", "weak_correct_accepted")
+COLUMNS = {
+    "Pipeline Acc. (%)": "pipeline_accuracy",
+    "Strong Call (%)": "strong_call_rate",
+    "Cov. (%)": "coverage",
+    "Weak Acc. (%)": "weak_accuracy",
+    "Weak Corr. Accpt. (%)": "weak_correct_accepted",
+    "Token Reduction (%)": "token_reduction",
+    "Cost Reduction (%)": "cost_reduction",
+}
+
+
+def parse_tables(markdown: str) -> dict[str, dict[str, str]]:
+    """{variant label: {metric key: cell text}} from every Markdown table with a Pipeline column."""
+    out: dict[str, dict[str, str]] = {}
+    header: list[str] | None = None
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == "Pipeline":
+            header = cells
+        elif header and not set(line) <= set("|-: "):
+            for name, cell in zip(header[1:], cells[1:], strict=True):
+                out.setdefault(cells[0], {})[COLUMNS[name]] = cell
+    return out
+
+
+def check_report_matches_results(folder: Path) -> dict[str, Any]:
+    results = json.loads((folder / "results.json").read_text())
+    tables = parse_tables((folder / "report.md").read_text())
+    for variant, values in results["variants"].items():
+        row = tables[LABELS[variant]]
+        keys = METRICS + (("token_reduction", "cost_reduction") if variant != "jung" else ())
+        for key in keys:
+            assert row[key] == format_percent(values[key]), (variant, key)
+            if values[key] is not None:
+                assert abs(float(row[key]) - 100 * values[key]) <= 0.005 + 1e-9
+    return results
+
+
+def png_info(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    pos, text, size = 8, {}, None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc
+        if kind == b"IHDR":
+            size = struct.unpack(">II", body[:8])
+        elif kind == b"tEXt":
+            k, _, v = body.partition(b"\0")
+            text[k.decode("latin-1")] = v.decode("latin-1")
+        elif kind == b"iTXt":  # keyword\0 flag method lang\0 translated\0 text
+            k, _, rest = body.partition(b"\0")
+            _, _, rest = rest[2:].partition(b"\0")
+            _, _, v = rest.partition(b"\0")
+            text[k.decode("latin-1")] = v.decode("utf-8")
+        pos += 12 + length
+        if kind == b"IEND":
+            break
+    return {"size": size, "text": text, "bytes": len(data)}
+
+
+def check_plots(folder: Path) -> None:
+    for name in PLOTS:
+        info = png_info(folder / name)
+        w, h = info["size"]
+        assert 400 <= w <= 2500 and 250 <= h <= 1500, (name, w, h)
+        assert info["bytes"] > 10_000, name
+        labels = info["text"]["Description"]
+        for v in ("jung", "random", "retrieval"):
+            assert LABELS[v] in labels or name == PLOTS[1], (name, labels)
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+def _synthetic(n: int = 120, seed: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    rng = np.random.default_rng(seed)
+    outcomes = []
+    variants: dict[str, Any] = {}
+    for j, v in enumerate(("jung", "random", "retrieval")):
+        conf = np.clip(rng.beta(2 + 2 * j, 2, n), 0, 1)
+        ok = rng.random(n) < conf * (0.5 + 0.2 * j)
+        weak_acc = conf >= 0.7
+        for i in range(n):
+            outcomes.append(
+                {
+                    "variant": v,
+                    "index": i,
+                    "decision": "weak_accepted" if weak_acc[i] else "strong_accepted",
+                    "weak_confidence": float(conf[i]),
+                    "weak_correct": bool(ok[i]),
+                }
+            )
+        variants[v] = {
+            "pipeline_accuracy": 0.6 + 0.05 * j + 1 / 3 * 0.01,
+            "strong_call_rate": float(1 - weak_acc.mean()),
+            "coverage": 0.95 if j else 1.0,
+            "weak_accuracy": float(ok.mean()),
+            "weak_correct_accepted": float((ok & weak_acc).mean()),
+            "weak_accepted_risk": float((~ok & weak_acc).sum() / max(1, weak_acc.sum())),
+            "strong_calls": int((~weak_acc).sum()),
+            "n_queries": n,
+            "repository_size": 3 * j,
+        }
+        if j:
+            variants[v].update(token_reduction=0.1 * j, cost_reduction=-0.01 if j == 1 else 0.23456,
+                               token_reduction_total=0.05, cost_reduction_total=float("nan"))
+    results = {
+        "dataset": {"name": "synthetic", "n_test": n, "n_calibration": 50, "order": "shuffled"},
+        "settings": {"alpha": 0.2, "delta": 0.1, "k": 2, "models": [{"name": "weak", "model": "w"}]},
+        "calibration": {"levels": [
+            {"name": "weak", "threshold": 0.7, "n_calibration": 50, "n_accepted": 30, "n_errors": 2,
+             "risk_bound": 0.19, "guaranteed": True},
+            {"name": "strong", "threshold": None, "n_calibration": 20, "n_accepted": 0, "n_errors": 0,
+             "risk_bound": 1.0, "guaranteed": True},
+        ]},
+        "variants": variants,
+    }
+    return results, outcomes
+
+
+def test_write_report_files_tables_and_plots(tmp_path: Path) -> None:
+    results, outcomes = _synthetic()
+    files = write_report(results, outcomes, tmp_path / "rep")
+    assert files.report.exists() and files.results.exists() and files.outcomes.exists()
+    assert [p.name for p in files.plots] == list(PLOTS)
+    doc = check_report_matches_results(files.folder)
+    assert doc["plots"] == list(PLOTS)
+    assert doc["variants"]["retrieval"]["cost_reduction_total"] is None  # NaN -> null, strict JSON
+    md = files.report.read_text()
+    for title in ("Table 3", "Table 4", "Table 5", "Calibration"):
+        assert title in md
+    assert "∞ (abstains" in md  # the strong level abstained
+    for p in PLOTS:
+        assert f"]({p})" in md
+    lines = files.outcomes.read_text().splitlines()
+    assert len(lines) == len(outcomes) and json.loads(lines[0])["variant"] == "jung"
+    check_plots(files.folder)
+
+
+def test_tables_render_negative_reduction_and_nan() -> None:
+    results, _ = _synthetic()
+    results["variants"]["jung"]["pipeline_accuracy"] = math.nan
+    md = render_tables(results)
+    rows = parse_tables(md)
+    assert rows[LABELS["jung"]]["pipeline_accuracy"] == "n/a"
+    assert rows[LABELS["random"]]["cost_reduction"] == "-1.00"
+    assert rows[LABELS["retrieval"]]["cost_reduction"] == "23.46"
+    assert "token_reduction" not in rows[LABELS["jung"]]
+
+
+def test_figures_label_the_three_variants() -> None:
+    _, outcomes = _synthetic(60)
+    for make in (threshold_accuracy_figure, stream_figure):
+        fig = make(outcomes)
+        texts = {t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()}
+        assert {LABELS["jung"], LABELS["random"], LABELS["retrieval"]} <= texts
+    fig = confidence_histograms_figure(outcomes, weak_threshold=0.7)
+    assert [ax.get_title() for ax in fig.axes] == [LABELS[v] for v in ("jung", "random", "retrieval")]
+
+
+def test_threshold_accuracy_curve_values() -> None:
+    outcomes = [
+        {"variant": "jung", "index": i, "decision": "strong_accepted", "weak_confidence": c, "weak_correct": ok}
+        for i, (c, ok) in enumerate([(0.9, True), (0.8, False), (0.5, True), (0.2, False)])
+    ]
+    fig = threshold_accuracy_figure(outcomes)
+    line = fig.axes[0].get_lines()[0]
+    x, y = line.get_xdata(), line.get_ydata()
+    at = {round(float(a), 3): float(b) for a, b in zip(x, y, strict=True)}
+    assert at[0.0] == pytest.approx(50.0)
+    assert at[0.5] == pytest.approx(100 * 2 / 3)
+    assert at[0.85] == pytest.approx(100.0)
+    assert math.isnan(at[0.95])
+
+
+def test_write_report_rejects_empty_results(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match="variants"):
+        write_report({"variants": {}}, [], tmp_path)
+
+
+def test_no_plots_option(tmp_path: Path) -> None:
+    results, outcomes = _synthetic(30)
+    files = write_report(results, outcomes, tmp_path, plots=False)
+    assert files.plots == () and not any(tmp_path.glob("*.png"))
+    assert "## Plots" not in files.report.read_text()
+    assert re.search(r"\| Inter-Cascade \(Retrieval\) \|", files.report.read_text())
