@@ -1,0 +1,65 @@
+"""Pure-numpy cosine top-k: the reference implementation (the spec and the oracle).
+
+Order: scores descending; equal scores go to the **lower row index**. Rows are
+scanned with one float32 matmul per block of queries (``queries @ vectors.T``) and
+the k-th largest score ``t`` is found with ``np.partition``. BLAS does not give
+bit-identical scores to identical rows (its kernels treat tile edges differently),
+so the candidates — every row within the matmul's error bound ``2·d·2⁻²⁴`` of ``t``
+(unit vectors) — are re-scored row by row in float64 (an elementwise product and a
+per-row sum: the same operations for every row, so duplicates tie exactly), rounded
+to float32, and sorted by (score descending, index ascending).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["topk"]
+
+# queries per matmul block: keeps the (block, n) score matrix near 64 MiB
+_SCORE_BLOCK_ELEMS = 1 << 24
+
+
+def _topk_row(
+    s: npt.NDArray[np.float32],
+    k: int,
+    vectors: npt.NDArray[np.float32],
+    query: npt.NDArray[np.float64],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    n = s.shape[0]
+    t = np.partition(s, n - k)[n - k]
+    window = 2.0 * (vectors.shape[1] + 2) * 2.0**-24 * float(np.linalg.norm(query)) + 1e-30
+    cand = np.flatnonzero(s >= t - window)
+    exact = np.multiply(vectors[cand].astype(np.float64), query).sum(axis=1).astype(np.float32)
+    exact[~np.isfinite(s[cand])] = -np.inf  # rows masked out by the caller stay out
+    order = np.lexsort((cand, -exact))[:k]
+    return cand[order].astype(np.int64, copy=False), exact[order]
+
+
+def topk(
+    vectors: npt.NDArray[np.float32],
+    queries: npt.NDArray[np.float32],
+    k: int,
+    allowed: npt.NDArray[np.bool_] | None = None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Top-``k`` rows of ``vectors`` (n, d) by inner product with each row of
+    ``queries`` (m, d). ``allowed`` (n,) bool restricts the candidate rows.
+    Returns ``(indices int64 (m, k'), scores float32 (m, k'))`` with
+    ``k' = min(k, #allowed rows)``. Inputs are assumed validated."""
+    m = queries.shape[0]
+    n_allowed = vectors.shape[0] if allowed is None else int(np.count_nonzero(allowed))
+    kk = min(k, n_allowed)
+    idx = np.empty((m, kk), dtype=np.int64)
+    out = np.empty((m, kk), dtype=np.float32)
+    if kk == 0 or m == 0:
+        return idx, out
+    block = max(1, _SCORE_BLOCK_ELEMS // max(vectors.shape[0], 1))
+    for q0 in range(0, m, block):
+        scores = np.matmul(queries[q0 : q0 + block], vectors.T)
+        if allowed is not None:
+            scores[:, ~allowed] = -np.inf
+        for j in range(scores.shape[0]):
+            q64 = queries[q0 + j].astype(np.float64)
+            idx[q0 + j], out[q0 + j] = _topk_row(scores[j], kk, vectors, q64)
+    return idx, out
