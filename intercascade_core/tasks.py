@@ -148,12 +148,13 @@ def extract_answer(text: str, family: Family) -> str | None:
         m = _LETTER_RE.search(lines[-1])
         return m.group(1).upper() if m else None
     if lines:
-        line = lines[-1]
+        line = lines[-1].rsplit("=", 1)[-1]  # "3 + 4 = 7" -> "7"
         whole = parse_number(line)
         if whole is not None:
             return _format_number(whole)
         nums = _NUMBER_RE.findall(line)
-        if nums:
+        # a tuple, interval or set ("(2, 3)") is a text answer, not its last number
+        if nums and not (len(nums) > 1 and re.search(r"[()\[\]{}]", line)):
             value = parse_number(nums[-1])
             if value is not None:
                 return _format_number(value)
