@@ -11,7 +11,7 @@ Layout::
     [cascade]            alpha, delta, k, policy, backend, repository, seed, min_n, split_delta
     [data]               dataset, path, calibration_path, n_calibration, limit, order,
                          templates, variants, calibration_variants, seed
-    [embedder]           kind ("minilm" | "hashing"), model_dir
+    [embedder]           kind ("minilm" | "hashing"), model_path, tokenizer_path
     [[models]]           weakest first, at least two: name, base_url, model, api_key_env,
                          price_input, price_output (USD per 1M tokens), max_tokens,
                          temperature, timeout, confidence_span
@@ -112,8 +112,12 @@ class DataConfig:
 
 @dataclass(frozen=True, slots=True)
 class EmbedderConfig:
+    """``model_path`` / ``tokenizer_path``: an ONNX MiniLM file and its tokenizer.json
+    (empty: the bundled defaults)."""
+
     kind: str = "minilm"
-    model_dir: str = ""
+    model_path: str = ""
+    tokenizer_path: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +262,8 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "<config>", base_dir: 
     e = _Reader(source, "embedder", emb_t)
     embedder = EmbedderConfig(
         kind=e.choice("kind", EMBEDDERS, "minilm"),
-        model_dir=_path(e.get("model_dir", str, ""), base_dir),
+        model_path=_path(e.get("model_path", str, ""), base_dir),
+        tokenizer_path=_path(e.get("tokenizer_path", str, ""), base_dir),
     )
     e.finish()
 

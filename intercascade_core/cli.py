@@ -1,0 +1,512 @@
+"""The ``intercascade`` command line (also ``python -m intercascade_core``).
+
+Commands::
+
+    intercascade calibrate FILE     thresholds and the (α, δ) guarantee they certify
+    intercascade run  --config F    one cascade over a dataset against configured endpoints
+    intercascade eval --config F    Jung, Random and Retrieval on the same stream -> report folder
+    intercascade demo [--out DIR]   the embedded default: simulated models, GSM-Symbolic
+                                    problems, MiniLM embeddings; no key, no network
+
+Exit codes: 0 success; 2 usage or configuration error (one line on stderr, no traceback);
+1 runtime failure (a model endpoint, a missing optional dependency, a file that cannot be
+written); 130 interrupted. Set ``INTERCASCADE_DEBUG=1`` for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from .errors import IntercascadeError, InvalidArgumentError
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+PROG = "intercascade"
+
+
+class UsageError(IntercascadeError):
+    """A bad command line or configuration (exit code 2)."""
+
+
+# --------------------------------------------------------------------------- output
+
+
+class Console:
+    """Informational lines on stderr (silenced by --quiet); results on stdout."""
+
+    def __init__(self, quiet: bool, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.quiet = quiet
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=self.err, flush=True)
+
+    def result(self, msg: str) -> None:
+        print(msg, file=self.out, flush=True)
+
+
+def _example(name: str) -> Path:
+    return Path(str(resources.files("intercascade_core") / "data" / "examples" / name))
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line + usage hint, exit 2
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
+
+
+def _unit(name: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number in (0, 1), got {text!r}") from None
+        if not 0.0 < x < 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must lie in (0, 1), got {text!r}")
+        return x
+
+    return parse
+
+
+def _count(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            x = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if x < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return x
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or status lines; print only the results")
+
+    parser = _Parser(
+        prog=PROG,
+        description="Inter-Cascade: an LLM cascade whose strong model is also a teacher, "
+        "with calibrated (alpha, delta) risk control.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 usage/configuration error. "
+        "Run 'intercascade COMMAND --help' for each command's options.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # calibrate ----------------------------------------------------------------------
+    p = sub.add_parser(
+        "calibrate", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="thresholds and the (alpha, delta) guarantee from labelled confidences",
+        description="Calibrate deferral thresholds by fixed-sequence testing (Jung et al.) from a file "
+        "of labelled confidences and print the guarantee they certify: P(wrong | accepted) <= alpha "
+        "with probability >= 1 - delta over the calibration draw.",
+        epilog="File format (CSV or JSON Lines): columns 'confidence,correct' for one model, or "
+        "'<level>_confidence,<level>_correct' pairs for a cascade, weakest level first, e.g.\n"
+        "  weak_confidence,weak_correct,strong_confidence,strong_correct\n"
+        "  0.93,1,0.88,1\n"
+        "'correct' is 1/0 or true/false. Try: intercascade calibrate --example",
+    )
+    p.add_argument("file", nargs="?", type=Path, help="labelled confidences (.csv or .jsonl)")
+    p.add_argument("--example", action="store_true",
+                   help="use the bundled example file (weak/strong simulated models on GSM-Symbolic)")
+    p.add_argument("--alpha", type=_unit("--alpha"), default=0.2, help="target risk alpha in (0, 1) (default 0.2)")
+    p.add_argument("--delta", type=_unit("--delta"), default=0.1,
+                   help="failure probability delta in (0, 1) (default 0.1)")
+    p.add_argument("--min-n", type=_count(1), default=30,
+                   help="test only thresholds that accept at least this many items (default 30, Jung's)")
+    p.add_argument("--grid", default="5000",
+                   help="candidate thresholds: a number of evenly spaced points in [0, 1] (default 5000) "
+                   "or 'unique' (the calibration confidences)")
+    p.add_argument("--no-split-delta", action="store_true",
+                   help="test every level at the full delta (Jung's released code) instead of delta/levels")
+    p.add_argument("--on-fail", choices=("abstain", "jung"), default="abstain",
+                   help="when the first test fails: abstain (defer everything; keeps the guarantee) "
+                   "or jung (the released code's fallback; no guarantee)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    # run ------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "run", parents=[common],
+        help="run one cascade over a dataset against the configured endpoints",
+        description="Calibrate on the configured calibration split (strategy-free), then run the "
+        "cascade with the configured policy over the test stream. Prints Table-2 metrics; writes "
+        "outcomes.jsonl and results.json with --out.",
+    )
+    p.add_argument("--config", type=Path, required=True,
+                   help="TOML config (endpoints, alpha, delta, k, policy, backend, data); "
+                   "see intercascade_core/data/examples/config.toml")
+    p.add_argument("--policy", choices=("jung", "random", "retrieval"),
+                   help="override [cascade].policy")
+    p.add_argument("--limit", type=_count(1), help="use at most this many test queries")
+    p.add_argument("--out", type=Path, help="folder for outcomes.jsonl and results.json")
+
+    # eval -----------------------------------------------------------------------------
+    p = sub.add_parser(
+        "eval", parents=[common],
+        help="Jung, Random and Retrieval on the same stream -> report folder",
+        description="Run the Jung baseline, Inter-Cascade with random strategies and Inter-Cascade "
+        "with retrieved strategies on the same stream with the same calibration, and write "
+        "report.md (the paper's Tables 3-5), results.json, outcomes.jsonl and PNG plots to --out.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="TOML config (see 'run --help')")
+    p.add_argument("--out", type=Path, required=True, help="report folder (created if missing)")
+    p.add_argument("--limit", type=_count(1), help="use at most this many test queries")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+
+    # demo -----------------------------------------------------------------------------
+    p = sub.add_parser(
+        "demo", parents=[common],
+        help="the embedded default: simulated models on GSM-Symbolic, offline",
+        description="The main job, on an embedded default: a simulated weak/strong model pair "
+        "(deterministic, in-process through httpx.MockTransport) answers a seeded stream of "
+        "GSM-Symbolic problems generated by reasoning-gym; strategies are embedded with the real "
+        "all-MiniLM-L6-v2 (ONNX) and retrieved for real. Runs the three pipelines like 'eval', "
+        "prints the tables and writes the report. Needs no key and no network.",
+    )
+    p.add_argument("--out", type=Path, default=Path("intercascade-demo"),
+                   help="report folder (default ./intercascade-demo)")
+    p.add_argument("--templates", type=_count(1), default=10, help="GSM-Symbolic templates in the stream (default 10)")
+    p.add_argument("--variants", type=_count(1), default=20, help="test variants per template (default 20)")
+    p.add_argument("--calibration-variants", type=_count(1), default=40,
+                   help="calibration variants per template, drawn separately (default 40)")
+    p.add_argument("--order", choices=("shuffled", "as-is", "grouped"), default="shuffled",
+                   help="stream order (default shuffled)")
+    p.add_argument("--alpha", type=_unit("--alpha"), default=0.2, help="target risk (default 0.2)")
+    p.add_argument("--delta", type=_unit("--delta"), default=0.1, help="failure probability (default 0.1)")
+    p.add_argument("--k", type=_count(0), default=2, help="strategies per prompt (default 2)")
+    p.add_argument("--seed", type=_count(0), default=0, help="seed of the data and the simulator (default 0)")
+    p.add_argument("--embedder", choices=("minilm", "hashing"), default="minilm",
+                   help="minilm (real all-MiniLM-L6-v2, default) or hashing (a fast test double)")
+    p.add_argument("--backend", choices=("auto", "exact", "numpy", "hnsw"), default="auto",
+                   help="retrieval backend (default auto: the C extension if built, else numpy)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _cmd_calibrate(args: argparse.Namespace, con: Console) -> int:
+    from .calibrate import calibrate_cascade
+    from .datasets import load_confidences
+
+    if args.example == (args.file is not None):
+        raise UsageError("give a FILE of labelled confidences or --example (not both)")
+    path = _example("confidences.csv") if args.example else args.file
+    grid: Any
+    if args.grid == "unique":
+        grid = "unique"
+    else:
+        try:
+            grid = int(args.grid)
+        except ValueError:
+            raise UsageError(f"--grid must be a number of points or 'unique', got {args.grid!r}") from None
+        if grid < 2:
+            raise UsageError(f"--grid needs at least 2 points, got {grid}")
+    data = load_confidences(path)
+    split = not args.no_split_delta
+    cals = calibrate_cascade(
+        list(data.confidences), list(data.correct), alpha=args.alpha, delta=args.delta,
+        split_delta=split, grid=grid, min_n=args.min_n, on_fail=args.on_fail,
+    )
+    levels = []
+    for name, cal in zip(data.levels, cals, strict=True):
+        levels.append({
+            "level": name,
+            "threshold": None if math.isinf(cal.threshold) else cal.threshold,
+            "abstained": cal.abstained,
+            "guaranteed": cal.guaranteed,
+            "alpha": cal.alpha,
+            "delta": cal.delta,
+            "n_calibration": cal.n_calibration,
+            "n_accepted": cal.n_accepted,
+            "n_errors": cal.n_errors,
+            "empirical_risk": None if math.isnan(cal.empirical_risk) else cal.empirical_risk,
+            "risk_bound": cal.risk_bound,
+            "note": cal.note,
+        })
+    all_guaranteed = all(c.guaranteed for c in cals)
+    if args.json:
+        con.result(json.dumps({"file": str(path), "n_items": int(data.confidences[0].size), "alpha": args.alpha,
+                               "delta": args.delta, "split_delta": split, "guaranteed": all_guaranteed,
+                               "levels": levels}, indent=2))
+        return EXIT_OK
+    n = int(data.confidences[0].size)
+    con.result(f"{path}: {n} labelled items, {len(levels)} level(s); alpha = {args.alpha:g}, delta = {args.delta:g}"
+               + (f" (delta/{len(levels)} = {args.delta / len(levels):g} per level)" if split and len(levels) > 1 else ""))
+    con.result("")
+    con.result(f"{'level':<10} {'threshold':>10} {'accepted':>13} {'errors':>7} {'emp. risk':>10} "
+               f"{'risk bound':>11}  guarantee")
+    for lv in levels:
+        thr = "inf" if lv["threshold"] is None else f"{lv['threshold']:.4f}"
+        emp = "n/a" if lv["empirical_risk"] is None else f"{lv['empirical_risk']:.4f}"
+        acc = f"{lv['n_accepted']}/{lv['n_calibration']}"
+        g = "yes" if lv["guaranteed"] else "NO (fallback)"
+        if lv["abstained"]:
+            g += ", abstains: defers everything"
+        con.result(f"{lv['level']:<10} {thr:>10} {acc:>13} {lv['n_errors']:>7} {emp:>10} "
+                   f"{lv['risk_bound']:>11.4f}  {g}")
+    con.result("")
+    if all_guaranteed:
+        con.result(f"Certified: accepting an answer iff its confidence >= its level's threshold keeps "
+                   f"P(wrong | accepted) <= {args.alpha:g} at every level, with probability >= "
+                   f"{1 - args.delta:g} over the calibration draw (exchangeable test data).")
+    else:
+        con.result("Not certified: at least one threshold is Jung's fallback and carries no (alpha, delta) guarantee.")
+    return EXIT_OK
+
+
+def _embedder(kind: str, model_path: str = "", tokenizer_path: str = "") -> Any:
+    if kind == "hashing":
+        from .embed import HashingEmbedder
+
+        return HashingEmbedder(384)
+    from .minilm import MiniLMEmbedder
+
+    return MiniLMEmbedder(model_path or None, tokenizer_path or None)
+
+
+def _backend(name: str) -> str:
+    if name != "auto":
+        return name
+    from .retrieve import extension_available
+
+    return "exact" if extension_available() else "numpy"
+
+
+def _load_config_streams(args: argparse.Namespace, con: Console) -> tuple[Any, Any, Any, dict[str, Any]]:
+    from .config import load_config
+    from .evaluate import load_streams
+
+    cfg = load_config(args.config)
+    con.info(f"config: {cfg.source}")
+    cal, test, info = load_streams(cfg.data, limit=args.limit, progress=not con.quiet)
+    con.info(f"data: {info['description']}: {len(test)} test, {len(cal)} calibration queries")
+    return cfg, cal, test, info
+
+
+def _levels_for(cfg: Any, queries: Sequence[Any]) -> tuple[Any, ...]:
+    from .evaluate import make_levels, sim_client
+
+    client = sim_client(queries, seed=cfg.cascade.seed) if any(m.simulated for m in cfg.models) else None
+    return make_levels(cfg.models, sim_client=client)
+
+
+def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated: bool) -> dict[str, Any]:
+    return {
+        "models": [{"name": m.name, "model": m.model, "base_url": m.base_url} for m in cfg_models],
+        "simulated": simulated,
+        "embedder": str(getattr(embedder, "model_id", type(embedder).__name__)),
+        "backend": backend,
+    }
+
+
+def _cmd_run(args: argparse.Namespace, con: Console) -> int:
+    from .cascade import CascadeConfig, calibrate_levels, run_stream
+    from .evaluate import CachedEmbedder, variant_summary
+    from .metrics import compute_metrics
+    from .report import format_percent
+
+    cfg, cal, test, info = _load_config_streams(args, con)
+    policy = args.policy or cfg.cascade.policy
+    levels = _levels_for(cfg, (*cal, *test))
+    backend = _backend(cfg.cascade.backend)
+    embedder = CachedEmbedder(_embedder(cfg.embedder.kind, cfg.embedder.model_path, cfg.embedder.tokenizer_path))
+    con.info(f"calibrating on {len(cal)} queries (alpha = {cfg.cascade.alpha}, delta = {cfg.cascade.delta})")
+    cal_run = calibrate_levels(cal, levels, alpha=cfg.cascade.alpha, delta=cfg.cascade.delta,
+                               split_delta=cfg.cascade.split_delta, min_n=cfg.cascade.min_n, progress=not con.quiet)
+    for lv, c in zip(levels, cal_run.calibrations, strict=True):
+        con.info(f"  {lv.name}: threshold {c.threshold:.4f} ({c.n_accepted}/{c.n_calibration} accepted, "
+                 f"risk bound {c.risk_bound:.4f})")
+    if policy != "jung":
+        embedder.prime([q.text for q in test], progress=not con.quiet)
+    conf = CascadeConfig(policy=policy, k=cfg.cascade.k, backend=backend, seed=cfg.cascade.seed)  # type: ignore[arg-type]
+    result = run_stream(test, levels, embedder, calibrations=cal_run.calibrations, config=conf,
+                        progress=not con.quiet, desc=f"stream [{policy}]")
+    m = compute_metrics(result.outcomes)
+    summary = variant_summary(m, result.outcomes, baseline=True)
+    con.result(f"{policy}: {m.n} queries | pipeline accuracy {format_percent(m.pipeline_accuracy)} % | "
+               f"strong calls {format_percent(m.strong_call_rate)} % | coverage {format_percent(m.coverage)} % | "
+               f"weak accuracy {format_percent(m.weak_accuracy)} % | weak correct accepted "
+               f"{format_percent(m.weak_correct_accepted)} % | strategies stored {m.n_strategies_stored}")
+    if args.out is not None:
+        from .evaluate import Evaluation, outcome_records, results_document
+        from .report import _atomic_write, _finite
+
+        ev = Evaluation(calibration=cal_run, queries=tuple(test), runs={policy: result}, metrics={policy: m},
+                        level_names=tuple(lv.name for lv in levels), alpha=cfg.cascade.alpha,
+                        delta=cfg.cascade.delta, k=cfg.cascade.k, backend=backend, seed=cfg.cascade.seed,
+                        split_delta=cfg.cascade.split_delta)
+        doc = results_document(ev, dataset=info, settings=_settings(cfg.models, embedder, backend,
+                                                                     any(x.simulated for x in cfg.models)))
+        doc["variants"] = {policy: summary}
+        args.out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(args.out / "results.json", json.dumps(_finite(doc), indent=2, allow_nan=False) + "\n")
+        _atomic_write(args.out / "outcomes.jsonl",
+                      "".join(json.dumps(_finite(r), allow_nan=False) + "\n" for r in outcome_records(ev)))
+        con.info(f"wrote {args.out / 'results.json'} and {args.out / 'outcomes.jsonl'}")
+    if cfg.cascade.repository and policy != "jung":
+        _save_repository(result.state, cfg.cascade.repository, con)
+    return EXIT_OK
+
+
+def _save_repository(state: Any, path: str, con: Console) -> None:
+    try:
+        from . import store  # type: ignore[attr-defined]
+    except ImportError:
+        con.info(f"note: repository persistence is not available in this build; not saved to {path}")
+        return
+    save = getattr(store, "save", None)
+    if save is None:
+        con.info(f"note: intercascade_core.store has no save(); repository not saved to {path}")
+        return
+    save(state.repositories[0], path)
+    con.info(f"saved the strategy repository ({len(state.repositories[0])} entries) to {path}")
+
+
+def _evaluate_and_report(
+    *, cal: Sequence[Any], test: Sequence[Any], levels: Sequence[Any], embedder: Any, alpha: float, delta: float,
+    k: int, backend: str, seed: int, split_delta: bool, min_n: int, out: Path, plots: bool, dataset: dict[str, Any],
+    settings: dict[str, Any], con: Console,
+) -> int:
+    from .evaluate import evaluate, outcome_records, results_document
+    from .report import render_tables, write_report
+
+    t0 = time.perf_counter()
+    con.info(f"calibrating on {len(cal)} strategy-free queries; then jung, random and retrieval on "
+             f"{len(test)} queries each")
+    ev = evaluate(cal, test, levels, embedder, alpha=alpha, delta=delta, k=k, backend=backend, seed=seed,
+                  split_delta=split_delta, min_n=min_n, progress=not con.quiet,
+                  on_variant=lambda v: con.info(f"running {v} ..."))
+    doc = results_document(ev, dataset=dataset, settings=settings)
+    doc["wall_time_s"] = round(time.perf_counter() - t0, 2)
+    files = write_report(doc, outcome_records(ev), out, plots=plots)
+    lines = []
+    for lv in doc["calibration"]["levels"]:
+        thr = "inf (abstains)" if lv["threshold"] is None else f"{lv['threshold']:.4f}"
+        lines.append(f"  {lv['name']}: threshold {thr}, {lv['n_accepted']}/{lv['n_calibration']} calibration "
+                     f"items accepted, risk bound {lv['risk_bound']:.4f}")
+    con.result(f"Calibration (alpha = {alpha:g}, delta = {delta:g}):\n" + "\n".join(lines) + "\n")
+    con.result(render_tables(doc))
+    con.result(f"Report: {files.report}")
+    con.result(f"        {files.results}, {files.outcomes.name}, "
+               + (", ".join(p.name for p in files.plots) if files.plots else "no plots"))
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace, con: Console) -> int:
+    cfg, cal, test, info = _load_config_streams(args, con)
+    levels = _levels_for(cfg, (*cal, *test))
+    backend = _backend(cfg.cascade.backend)
+    embedder = _embedder(cfg.embedder.kind, cfg.embedder.model_path, cfg.embedder.tokenizer_path)
+    return _evaluate_and_report(
+        cal=cal, test=test, levels=levels, embedder=embedder, alpha=cfg.cascade.alpha, delta=cfg.cascade.delta,
+        k=cfg.cascade.k, backend=backend, seed=cfg.cascade.seed, split_delta=cfg.cascade.split_delta,
+        min_n=cfg.cascade.min_n, out=args.out, plots=not args.no_plots, dataset=info,
+        settings=_settings(cfg.models, embedder, backend, any(m.simulated for m in cfg.models)), con=con,
+    )
+
+
+def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
+    from .config import ModelConfig
+    from .datasets import gsm_symbolic_split, to_queries
+    from .evaluate import make_levels, sim_client
+
+    t0 = time.perf_counter()
+    con.info(f"generating GSM-Symbolic problems: {args.templates} templates x {args.variants} test variants "
+             f"(+ {args.calibration_variants} calibration variants each), seed {args.seed}")
+    split = gsm_symbolic_split(templates=args.templates, variants=args.variants,
+                               calibration_variants=args.calibration_variants, seed=args.seed, order=args.order)
+    cal, test = to_queries(split.calibration), to_queries(split.test)
+    models = (
+        ModelConfig("weak", "sim:weak", "sim-weak", price_input=0.50, price_output=1.50),
+        ModelConfig("strong", "sim:strong", "sim-strong", price_input=2.50, price_output=10.00),
+    )
+    levels = make_levels(models, sim_client=sim_client((*cal, *test), seed=args.seed))
+    con.info("loading the embedder" + (" (all-MiniLM-L6-v2, ONNX)" if args.embedder == "minilm" else " (hashing)"))
+    embedder = _embedder(args.embedder)
+    backend = _backend(args.backend)
+    dataset = {
+        "name": "gsm_symbolic",
+        "description": f"GSM-Symbolic templates generated offline by reasoning-gym ({args.templates} templates, "
+                       f"{args.variants} test and {args.calibration_variants} calibration variants per template)",
+        "templates": sorted({q.template for q in test if q.template}),
+        "n_test": len(test),
+        "n_calibration": len(cal),
+        "order": args.order,
+        "seed": args.seed,
+    }
+    settings = _settings(models, embedder, backend, True)
+    rc = _evaluate_and_report(
+        cal=cal, test=test, levels=levels, embedder=embedder, alpha=args.alpha, delta=args.delta, k=args.k,
+        backend=backend, seed=args.seed, split_delta=True, min_n=30, out=args.out, plots=not args.no_plots,
+        dataset=dataset, settings=settings, con=con,
+    )
+    con.info(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    return rc
+
+
+COMMANDS = {"calibrate": _cmd_calibrate, "run": _cmd_run, "eval": _cmd_eval, "demo": _cmd_demo}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _classify(exc: BaseException) -> int:
+    from .config import ConfigError
+    from .evaluate import MissingAPIKeyError
+
+    if isinstance(exc, (UsageError, ConfigError, MissingAPIKeyError, InvalidArgumentError)):
+        return EXIT_USAGE
+    return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``intercascade`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    con = Console(args.quiet)
+    debug = os.environ.get("INTERCASCADE_DEBUG", "") not in ("", "0")
+    try:
+        return COMMANDS[args.command](args, con)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (IntercascadeError, OSError, ImportError) as exc:
+        if debug:
+            raise
+        code = _classify(exc)
+        kind = "error" if code == EXIT_USAGE else "failed"
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG} {args.command}: {kind}: {msg}", file=sys.stderr)
+        return code
+
+
+def entry() -> NoReturn:  # pragma: no cover - console-script shim
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""Evaluation: Jung, Random and Retrieval on the same stream with the same calibration.
+
+:func:`evaluate` runs the paper's comparison (Tables 3–5):
+
+1. the strategy-free calibration split goes through every level once and
+   :func:`~intercascade_core.cascade.calibrate_levels` fixes the thresholds
+   (Jung's sequential rule, fixed-sequence testing at (α, δ));
+2. the *same* test stream, with the *same* thresholds, runs through three cascades:
+   ``jung`` (no strategies: the baseline), ``random`` (k random stored strategies) and
+   ``retrieval`` (the top-k most similar: Inter-Cascade), each from an empty repository;
+3. Table-2 metrics per variant, with token and cost reductions against ``jung``.
+
+:func:`results_document` and :func:`outcome_records` turn the result into the plain data
+that :mod:`intercascade_core.report` writes. :func:`make_levels` builds the cascade's
+levels from :class:`~intercascade_core.config.ModelConfig` records (real endpoints over
+HTTP, or the in-process simulator for ``base_url = "sim:<level>"``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+from .cascade import CalibrationRun, CascadeConfig, Level, Outcome, StreamResult, calibrate_levels, run_stream
+from .errors import IntercascadeError, InvalidArgumentError
+from .metrics import Metrics, compute_metrics
+from .tasks import Query
+
+if TYPE_CHECKING:  # pragma: no cover
+    import httpx
+
+    from .config import DataConfig, ModelConfig
+    from .embed import Embedder
+
+__all__ = [
+    "VARIANTS",
+    "CachedEmbedder",
+    "Evaluation",
+    "MissingAPIKeyError",
+    "evaluate",
+    "load_streams",
+    "TemplateAwareSim",
+    "make_levels",
+    "sim_client",
+    "outcome_records",
+    "results_document",
+    "variant_summary",
+]
+
+VARIANTS: Final = ("jung", "random", "retrieval")
+
+
+class MissingAPIKeyError(IntercascadeError):
+    """A configured ``api_key_env`` variable is not set."""
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+class CachedEmbedder:
+    """An :class:`~intercascade_core.embed.Embedder` that remembers every text's vector.
+
+    The three variants embed the same stream; :meth:`prime` embeds it once in batches
+    (much faster than one text per call) and later calls are dictionary lookups.
+    """
+
+    def __init__(self, inner: Embedder, *, batch_size: int = 64) -> None:
+        self.inner = inner
+        self.batch_size = batch_size
+        self._cache: dict[str, np.ndarray] = {}
+
+    @property
+    def dim(self) -> int:
+        return int(self.inner.dim)
+
+    @property
+    def model_id(self) -> str:
+        return str(getattr(self.inner, "model_id", type(self.inner).__name__))
+
+    def prime(self, texts: Sequence[str], *, progress: bool = False) -> None:
+        """Embed the texts not cached yet, ``batch_size`` at a time."""
+        from tqdm.auto import tqdm
+
+        todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        batches = range(0, len(todo), self.batch_size)
+        for start in tqdm(batches, desc="embedding", unit="batch", disable=not progress or not todo, leave=False):
+            chunk = todo[start : start + self.batch_size]
+            rows = np.asarray(self.inner.embed(chunk), dtype=np.float32)
+            for t, row in zip(chunk, rows, strict=True):
+                row = row.copy()
+                row.flags.writeable = False
+                self._cache[t] = row
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        self.prime(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.ascontiguousarray(np.stack([self._cache[t] for t in texts]))
+
+
+# --------------------------------------------------------------------------- models
+
+
+def make_levels(
+    models: Sequence[ModelConfig],
+    *,
+    environ: Mapping[str, str] | None = None,
+    client: httpx.Client | None = None,
+    sim_client: httpx.Client | None = None,
+) -> tuple[Level, ...]:
+    """Cascade levels for configured endpoints, weakest first.
+
+    A ``base_url`` of ``sim:<level>`` is served by the deterministic simulator through
+    ``sim_client`` (an ``httpx.Client`` over a ``MockTransport``: no socket, no key; see
+    :func:`sim_client`); its ``model`` (``sim-weak``, ``sim-mid``, ``sim-strong``) picks
+    the simulated profile. Other models are :class:`~intercascade_core.llm.ChatModel`
+    clients over ``client`` (default: their own); a model whose ``api_key_env`` names an
+    unset variable raises :class:`MissingAPIKeyError`.
+    """
+    from .llm import ChatModel, Price
+
+    env = os.environ if environ is None else environ
+    levels = []
+    for i, m in enumerate(models):
+        price = Price(m.price_input, m.price_output) if m.price_input is not None and m.price_output is not None else None
+        params = {"max_tokens": m.max_tokens, "temperature": m.temperature}
+        if m.simulated:
+            if sim_client is None:
+                raise InvalidArgumentError(f"models[{i}].base_url", "a simulated model needs sim_client=")
+            model = ChatModel("http://sim.invalid/v1", m.model, client=sim_client, price=price,
+                              confidence_span=m.confidence_span)  # type: ignore[arg-type]
+        else:
+            key = None
+            if m.api_key_env:
+                key = env.get(m.api_key_env)
+                if not key:
+                    raise MissingAPIKeyError(
+                        f"models[{i}] ({m.name}): environment variable {m.api_key_env} is not set"
+                    )
+            model = ChatModel(
+                m.base_url, m.model, api_key=key, client=client, timeout=m.timeout,
+                confidence_span=m.confidence_span,  # type: ignore[arg-type]
+                price=price,
+            )
+        levels.append(Level(model=model, name=m.name, params=params))
+    return tuple(levels)
+
+
+_PATTERN = re.compile(r"pattern (t[0-9a-f]{8})")
+
+
+class TemplateAwareSim:
+    """An ``httpx.MockTransport`` handler around :class:`~intercascade_core.sim.SimBackend`
+    for datasets whose templates vary more than numbers.
+
+    The simulator recognises a strategy as applicable when it names the new problem's
+    *signature* (its words without numbers). GSM-Symbolic variants of one template also
+    change names and objects ("A father eats 9 tacos" / "An uncle eats 7 sushi rolls"),
+    so here a problem's template is the dataset's group: before a request reaches the
+    simulator, a strategy written for a problem of the same group is made to name the new
+    problem's signature. Models and the cascade never see the group; only this adapter,
+    which stands in for "the weak model recognises the same kind of problem", does.
+    """
+
+    def __init__(self, backend: Any, groups: Mapping[str, str]) -> None:
+        from .sim import template_signature
+
+        self.backend = backend
+        self._signature = template_signature
+        self._group_of_question = dict(groups)
+        self._group_of_signature = {template_signature(q): g for q, g in groups.items()}
+
+    def rewrite(self, body: bytes) -> bytes:
+        """The request body with same-group strategies pointed at the new problem."""
+        try:
+            req = json.loads(body)
+            prompt = "\n".join(str(m["content"]) for m in req["messages"])
+        except (ValueError, KeyError, TypeError):
+            return body  # let the simulator answer the bad request as it would
+        if "pattern t" not in prompt:
+            return body
+        question, _ = self.backend._question(prompt)
+        group = self._group_of_question.get(question)
+        if group is None:
+            return body
+        sig = self._signature(question)
+
+        def same(m: re.Match[str]) -> str:
+            return f"pattern {sig}" if self._group_of_signature.get(m.group(1)) == group else m.group(0)
+
+        for msg in req["messages"]:
+            if isinstance(msg.get("content"), str):
+                msg["content"] = _PATTERN.sub(same, msg["content"])
+        return json.dumps(req).encode()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        import httpx
+
+        r = self.backend.respond(request.method, request.url.path, self.rewrite(request.content))
+        if r.timeout:
+            raise httpx.ReadTimeout("simulated read timeout", request=request)
+        return httpx.Response(r.status, headers=list(r.headers), content=r.body)
+
+
+def sim_client(problems: Sequence[Query], *, seed: int = 0, by_group: bool = True) -> httpx.Client:
+    """An ``httpx.Client`` whose transport is the simulator, knowing the gold answers of
+    ``problems`` (and, with ``by_group``, their templates: see :class:`TemplateAwareSim`)."""
+    import httpx
+
+    from .sim import SimBackend
+
+    answer_key = {q.text.strip(): q.gold for q in problems if q.gold is not None}
+    backend = SimBackend(seed=seed, answer_key=answer_key)
+    if by_group:
+        groups = {q.text.strip(): q.template for q in problems if q.template}
+        handler: Any = TemplateAwareSim(backend, groups)
+    else:
+        handler = backend.handler()
+    return httpx.Client(transport=httpx.MockTransport(handler))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_streams(
+    data: DataConfig, *, limit: int | None = None, progress: bool = False
+) -> tuple[tuple[Query, ...], tuple[Query, ...], dict[str, Any]]:
+    """The calibration split, the test stream and a description, from a ``[data]`` config.
+
+    ``gsm_symbolic`` is generated (templates × variants, calibration drawn separately);
+    the file datasets are loaded from ``path`` with calibration from ``calibration_path``
+    or a seeded random ``n_calibration`` items split off. The test stream is put in
+    ``order`` and then cut to ``limit`` (or ``data.limit``) queries.
+    """
+    from .datasets import gsm_symbolic_split, load_dataset, order_stream, split_problems, to_queries
+
+    cap = limit if limit is not None else (data.limit or None)
+    if data.dataset == "gsm_symbolic":
+        sp = gsm_symbolic_split(templates=data.templates, variants=data.variants,
+                                calibration_variants=data.calibration_variants, seed=data.seed, order=data.order)
+        cal, test = sp.calibration, sp.test
+        desc = (f"GSM-Symbolic (reasoning-gym): {data.templates} templates, {data.variants} test and "
+                f"{data.calibration_variants} calibration variants per template")
+    else:
+        kw: dict[str, Any] = {"seed": data.seed} if data.dataset == "nasa_history" else {}
+        problems = load_dataset(data.dataset, data.path, **kw)
+        if data.calibration_path:
+            cal = load_dataset(data.dataset, data.calibration_path, **kw)
+            test = problems
+        else:
+            sp = split_problems(problems, data.n_calibration, seed=data.seed)
+            cal, test = sp.calibration, sp.test
+        test = order_stream(test, data.order, seed=data.seed)
+        desc = f"{data.dataset} from {data.path}"
+    if cap is not None:
+        test = test[:cap]
+    info = {
+        "name": data.dataset,
+        "description": desc,
+        "n_test": len(test),
+        "n_calibration": len(cal),
+        "order": data.order,
+        "seed": data.seed,
+    }
+    return to_queries(cal), to_queries(test), info
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Evaluation:
+    """The calibration run, each variant's stream result and its Table-2 metrics."""
+
+    calibration: CalibrationRun
+    queries: tuple[Query, ...]
+    runs: Mapping[str, StreamResult]
+    metrics: Mapping[str, Metrics]
+    level_names: tuple[str, ...]
+    alpha: float
+    delta: float
+    k: int
+    backend: str
+    seed: int
+    split_delta: bool
+
+
+def evaluate(
+    calibration: Sequence[Query],
+    test: Sequence[Query],
+    levels: Sequence[Level],
+    embedder: Embedder,
+    *,
+    alpha: float,
+    delta: float,
+    k: int = 2,
+    backend: str = "numpy",
+    seed: int = 0,
+    split_delta: bool = True,
+    min_n: int = 30,
+    variants: Sequence[str] = VARIANTS,
+    progress: bool = True,
+    on_variant: Callable[[str], None] | None = None,
+) -> Evaluation:
+    """Calibrate once on ``calibration``, then run each variant on ``test``.
+
+    ``variants`` must include ``"jung"`` (the baseline of the reductions). The embedder
+    is wrapped in a :class:`CachedEmbedder` so the stream is embedded once.
+    """
+    if not test:
+        raise InvalidArgumentError("test", "the test stream is empty")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or "jung" not in variants:
+        raise InvalidArgumentError("variants", f"must include 'jung' and only {VARIANTS}; got {tuple(variants)}")
+    cal_run = calibrate_levels(
+        calibration, levels, alpha=alpha, delta=delta, split_delta=split_delta, min_n=min_n, progress=progress
+    )
+    cached = embedder if isinstance(embedder, CachedEmbedder) else CachedEmbedder(embedder)
+    if any(v != "jung" for v in variants):
+        cached.prime([q.text for q in test], progress=progress)
+    runs: dict[str, StreamResult] = {}
+    for v in [v for v in VARIANTS if v in variants]:
+        if on_variant is not None:
+            on_variant(v)
+        cfg = CascadeConfig(policy=v, k=k, backend=backend, seed=seed)  # type: ignore[arg-type]
+        runs[v] = run_stream(test, levels, cached, calibrations=cal_run.calibrations, config=cfg,
+                             progress=progress, desc=f"stream [{v}]")
+    base = runs["jung"].outcomes
+    metrics = {
+        v: compute_metrics(r.outcomes) if v == "jung" else compute_metrics(r.outcomes, baseline=base)
+        for v, r in runs.items()
+    }
+    return Evaluation(
+        calibration=cal_run,
+        queries=tuple(test),
+        runs=runs,
+        metrics=metrics,
+        level_names=tuple(lv.name for lv in levels),
+        alpha=float(alpha),
+        delta=float(delta),
+        k=k,
+        backend=backend,
+        seed=seed,
+        split_delta=split_delta,
+    )
+
+
+# --------------------------------------------------------------------------- plain data
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def variant_summary(metrics: Metrics, outcomes: Sequence[Outcome], *, baseline: bool) -> dict[str, Any]:
+    """The JSON summary of one variant (fractions in [0, 1]; counts; tokens; cost)."""
+    weak_acc = [o for o in outcomes if o.status == "accepted" and o.level == 0]
+    weak_wrong = sum(not o.correct for o in weak_acc)
+    out: dict[str, Any] = {
+        "pipeline_accuracy": _num(metrics.pipeline_accuracy),
+        "strong_call_rate": _num(metrics.strong_call_rate),
+        "coverage": _num(metrics.coverage),
+        "weak_accuracy": _num(metrics.weak_accuracy),
+        "weak_correct_accepted": _num(metrics.weak_correct_accepted),
+    }
+    if not baseline:
+        out.update(
+            token_reduction=_num(metrics.token_reduction),
+            cost_reduction=_num(metrics.cost_reduction),
+            token_reduction_total=_num(metrics.token_reduction_total),
+            cost_reduction_total=_num(metrics.cost_reduction_total),
+        )
+    out.update(
+        weak_accepted_risk=(weak_wrong / len(weak_acc)) if weak_acc else None,
+        n_queries=metrics.n,
+        weak_calls=metrics.calls_per_level[0],
+        strong_calls=metrics.calls_per_level[-1],
+        accepted_per_level=list(metrics.accepted_per_level),
+        correct_accepted_per_level=list(metrics.correct_accepted_per_level),
+        discarded=metrics.n_discarded,
+        failed=metrics.n_failed,
+        unparseable=metrics.n_unparseable,
+        repository_size=metrics.n_strategies_stored,
+        strong_tokens=metrics.strong_tokens,
+        total_tokens=metrics.total_tokens,
+        strong_cost=_num(metrics.strong_cost),
+        total_cost=_num(metrics.total_cost),
+    )
+    return out
+
+
+def results_document(
+    ev: Evaluation,
+    *,
+    dataset: Mapping[str, Any],
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``results.json``: ``{"variants": {...}, "calibration": ..., "dataset": ..., "settings": ...}``."""
+    levels = []
+    for name, cal, confs, corr in zip(ev.level_names, ev.calibration.calibrations, ev.calibration.confidences,
+                                      ev.calibration.correct, strict=True):
+        levels.append(
+            {
+                "name": name,
+                "threshold": _num(cal.threshold),
+                "abstained": cal.abstained,
+                "guaranteed": cal.guaranteed,
+                "alpha": cal.alpha,
+                "delta": cal.delta,
+                "n_calibration": cal.n_calibration,
+                "n_accepted": cal.n_accepted,
+                "n_errors": cal.n_errors,
+                "risk_bound": _num(cal.risk_bound),
+                "calibration_accuracy": (sum(corr) / len(corr)) if corr else None,
+                "n_items": len(confs),
+            }
+        )
+    st = {
+        "alpha": ev.alpha,
+        "delta": ev.delta,
+        "split_delta": ev.split_delta,
+        "k": ev.k,
+        "backend": ev.backend,
+        "seed": ev.seed,
+    }
+    st.update(settings or {})
+    return {
+        "schema": "intercascade.eval/1",
+        "dataset": dict(dataset),
+        "settings": st,
+        "calibration": {"levels": levels, "n_calibration": len(ev.calibration.confidences[0])},
+        "variants": {
+            v: variant_summary(ev.metrics[v], ev.runs[v].outcomes, baseline=(v == "jung")) for v in ev.runs
+        },
+    }
+
+
+def outcome_records(ev: Evaluation) -> list[dict[str, Any]]:
+    """One flat JSON record per (variant, query) for ``outcomes.jsonl``."""
+    recs = []
+    for v, run in ev.runs.items():
+        for q, o in zip(ev.queries, run.outcomes, strict=True):
+            last = o.n_levels - 1
+            recs.append(
+                {
+                    "variant": v,
+                    "index": o.index,
+                    "id": o.query_id,
+                    "template": o.template,
+                    "gold": q.gold,
+                    "decision": o.kind,
+                    "level": o.level,
+                    "answer": o.answer,
+                    "correct": o.correct,
+                    "weak_confidence": o.confidences[0],
+                    "weak_answer": o.level_answers[0],
+                    "weak_correct": o.level_correct[0],
+                    "strong_confidence": o.confidences[last],
+                    "strong_answer": o.level_answers[last],
+                    "strong_correct": o.level_correct[last],
+                    "confidences": list(o.confidences),
+                    "strategies": [
+                        [{"entry_id": s.entry_id, "similarity": round(s.similarity, 6)} for s in lvl]
+                        for lvl in o.strategies
+                    ],
+                    "stored_in": list(o.stored_in),
+                    "strategy_rejected": o.strategy_rejected,
+                    "failures": list(o.failures),
+                    "tokens": [u.tokens + t.tokens for u, t in zip(o.usage, o.teach_usage, strict=True)],
+                    "cost": [
+                        None if u.cost is None or t.cost is None else u.cost + t.cost
+                        for u, t in zip(o.usage, o.teach_usage, strict=True)
+                    ],
+                }
+            )
+    return recs
