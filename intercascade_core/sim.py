@@ -535,6 +535,7 @@ class SimServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out at once (no 40 ms stalls)
 
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
