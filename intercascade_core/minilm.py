@@ -161,6 +161,10 @@ class MiniLMEmbedder:
         Capacity of the LRU cache of embeddings keyed by text; 0 disables it.
     intra_op_threads:
         ONNX Runtime intra-op threads; default: the CPUs this process may run on.
+    allow_spinning:
+        Let ONNX Runtime's idle worker threads spin-wait (its own default is to spin). Off
+        by default here: the embedder shares few cores with LLM runtimes and other workers,
+        and spinning threads steal their CPU (see bench/results/embed.md).
     max_length:
         Truncation length in tokens, including ``[CLS]``/``[SEP]`` (default 256, the model's).
 
@@ -176,6 +180,7 @@ class MiniLMEmbedder:
         batch_size: int = 32,
         cache_size: int = 4096,
         intra_op_threads: int | None = None,
+        allow_spinning: bool = False,
         max_length: int = _MAX_LENGTH,
     ) -> None:
         self._batch_size = _positive_int("batch_size", batch_size)
@@ -183,6 +188,10 @@ class MiniLMEmbedder:
         threads = _cpu_count() if intra_op_threads is None else intra_op_threads
         self._threads = _positive_int("intra_op_threads", threads)
         self._max_length = _positive_int("max_length", max_length, minimum=2, maximum=512)
+        if not isinstance(allow_spinning, bool):
+            raise InvalidArgumentError(
+                "allow_spinning", f"expected a bool, got {allow_spinning!r}"
+            )
         if sha256 is not None and (
             not isinstance(sha256, str)
             or len(sha256) != 64
@@ -218,6 +227,9 @@ class MiniLMEmbedder:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self._threads
         so.inter_op_num_threads = 1
+        so.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if allow_spinning else "0"
+        )
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # errors only; warnings would go to stderr, not Python

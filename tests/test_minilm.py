@@ -269,6 +269,7 @@ def test_bad_input_raises_typed_error(emb: MiniLMEmbedder, texts: object, argume
         ({"max_length": 1}, "max_length"),
         ({"max_length": 513}, "max_length"),
         ({"sha256": "abc"}, "sha256"),
+        ({"allow_spinning": 1}, "allow_spinning"),
     ],
 )
 def test_bad_constructor_arguments(kwargs: dict[str, object], argument: str) -> None:
