@@ -52,7 +52,7 @@ def extensions() -> list[Extension]:
     import numpy as np
 
     debug = os.environ.get("INTERCASCADE_DEBUG_EXT", "")
-    cflags = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing"]
+    cflags = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing", "-ffp-contract=off"]
     ldflags: list[str] = []
     if debug:
         cflags += ["-O0", "-g", "-UNDEBUG"]
