@@ -322,6 +322,10 @@ class SimBackend:
     faults: Faults = field(default_factory=Faults)
     profiles: Mapping[str, SimProfile] = field(default_factory=lambda: dict(DEFAULT_PROFILES))
     answer_key: Mapping[str, str] | None = None
+    # How a model recognises "the same kind of problem" from the question text; default
+    # template_signature (words without numbers). Datasets whose variants also change names
+    # (GSM-Symbolic) can pass e.g. a lookup of the question's group.
+    template_key: Callable[[str], str] | None = None
     _attempts: dict[bytes, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -443,7 +447,7 @@ class SimBackend:
     def _complete(self, model: str, prompt: str, req: Mapping[str, Any]) -> dict[str, Any]:
         prof = self.profiles[model]
         question, shown = self._question(prompt)
-        sig = template_signature(question)
+        sig = self.template_key(question) if self.template_key else template_signature(question)
         gold = self._gold(question)
         teach = STRATEGY_REQUEST_MARK.lower() in prompt.lower()  # teacher or single-call
         shown_answer = re.search(r"your final answer was: (.*)$", prompt, re.MULTILINE)
@@ -470,7 +474,7 @@ class SimBackend:
         words = [_FILLER[(start + i) % len(_FILLER)] for i in range(n_words)]
         reasoning = " ".join(words)
         if teach:
-            t = _SIGNATURES.get(sig)
+            t = _SIGNATURES.get(template_signature(question))
             method = (
                 _STRUCTURES[t % len(_STRUCTURES)].method if t is not None
                 else "identify the quantities, relate them with the right operations and check the result"
@@ -606,9 +610,12 @@ def start_server(
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, *, seed: int = 0,
-          faults: Faults | None = None) -> None:
-    """Serve the simulator until interrupted (``intercascade sim-serve``)."""
+          faults: Faults | None = None, ready: Callable[[str], None] | None = None) -> None:
+    """Serve the simulator until interrupted (``intercascade sim-serve``); ``ready`` is
+    called with the base URL (``http://HOST:PORT/v1``, the real port when ``port=0``)."""
     server = SimServer(SimBackend(seed=seed, faults=faults or Faults()), host, port)
+    if ready is not None:
+        ready(server.base_url)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -165,3 +165,17 @@ def test_server_timeout_fault_is_a_real_timeout() -> None:
         m = ChatModel(server.base_url, "sim-weak", client=c, timeout=0.1, backoff_base=0.01)
         g = m.generate(msgs)
         assert g.attempts == 2 and math.isfinite(g.confidence)
+
+
+def test_template_key_hook(client_for) -> None:
+    # a key that merges two different templates: a strategy for one now teaches the other
+    qs = templated_math_stream(40, n_templates=2, seed=1)
+    sim = SimBackend(template_key=lambda q: "same")
+    strong = ChatModel("http://sim/v1", "sim-strong", client=client_for(sim))
+    weak = ChatModel("http://sim/v1", "sim-weak", client=client_for(sim))
+    g = strong.generate(as_messages(strategy_generation_prompt(qs[0], qs[0].gold or "")))
+    assert "pattern same" in g.text
+    e = Entry(qs[0].text, qs[0].gold or "", g.text.split("Strategy:", 1)[1].strip())
+    right = [bool(grade(weak.generate(as_messages(weak_prompt(q, [e]))).text, q.gold, "math").correct)
+             for q in qs]
+    assert sum(right) / len(right) > 0.6 and len({q.template for q in qs}) == 2
