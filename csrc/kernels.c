@@ -37,20 +37,20 @@ typedef void (*tile_i8_fn)(const int8_t *R, int nr, const float *Q, int nq, size
 static void kernel_scalar_f32(const float *R, int nr, const float *Q, int nq, size_t d, float *out) {
     for (int i = 0; i < nr; i++)
         for (int j = 0; j < nq; j++) {
-            float s = 0.0f;
+            double s = 0.0; /* double: the portable path is also the most accurate */
             for (size_t t = 0; t < d; t++)
-                s += R[i * d + t] * Q[j * d + t];
-            out[i * nq + j] = s;
+                s += (double)R[i * d + t] * Q[j * d + t];
+            out[i * nq + j] = (float)s;
         }
 }
 
 static void kernel_scalar_i8(const int8_t *R, int nr, const float *Q, int nq, size_t d, float *out) {
     for (int i = 0; i < nr; i++)
         for (int j = 0; j < nq; j++) {
-            float s = 0.0f;
+            double s = 0.0;
             for (size_t t = 0; t < d; t++)
-                s += (float)R[i * d + t] * Q[j * d + t];
-            out[i * nq + j] = s;
+                s += (double)R[i * d + t] * Q[j * d + t];
+            out[i * nq + j] = (float)s;
         }
 }
 

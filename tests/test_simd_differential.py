@@ -1,0 +1,193 @@
+"""The C kernels, each CPU path forced in turn, against the numpy reference.
+
+Indices must be equal and scores within 1e-5 (float32 sums in a different order).
+Dimensions are odd on purpose, so every SIMD tail path runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from intercascade_core import InvalidArgumentError, retrieve
+from intercascade_core._topk_numpy import topk as reference
+from tests.strategies import clustered_unit, random_unit
+
+retrieve_mod = sys.modules["intercascade_core.retrieve"]
+
+pytestmark = pytest.mark.needs_ext
+
+DIMS = [1, 3, 17, 97, 384, 385]
+ISAS = ["scalar", "avx2", "avx512"]
+
+
+@pytest.fixture(scope="module")
+def simd() -> ModuleType:
+    try:
+        from intercascade_core import _simd
+    except ImportError:
+        pytest.skip("C extension intercascade_core._simd is not built")
+    return _simd
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest, simd: ModuleType) -> str:
+    """Force each CPU path in turn (SimSIMD-style); skip the ones this CPU lacks."""
+    if request.param not in simd.capabilities():
+        pytest.skip(f"this CPU does not support {request.param}")
+    return str(request.param)
+
+
+def quantise(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The int8 scan copy exactly as retrieve.py builds it."""
+    from intercascade_core import Entry, empty_repository, update
+
+    repo = update(empty_repository(v.shape[1]), [Entry("q", "a", "s")] * len(v), v)
+    q, s, e = retrieve_mod._int8_copy(repo)
+    return np.ascontiguousarray(repo.vectors), q, s, e  # type: ignore[return-value]
+
+
+def check(simd: ModuleType, v: np.ndarray, q: np.ndarray, k: int, isa: str, **kw: object) -> None:
+    ri, rs = reference(v, q, k)
+    for threads in (1, 2):
+        i, s = simd.topk(v, q, k, isa=isa, threads=threads)
+        assert i.dtype == np.int64 and s.dtype == np.float32 and i.shape == ri.shape
+        np.testing.assert_array_equal(i, ri)
+        np.testing.assert_allclose(s, rs, rtol=1e-5, atol=1e-5)
+        if len(v):
+            vv, qv, sc, er = quantise(v)
+            i8, s8, ncand = simd.topk_int8(vv, qv, sc, er, q, k, isa=isa, threads=threads)
+            i32, s32 = simd.topk(vv, q, k, isa=isa, threads=threads)
+            np.testing.assert_array_equal(i8, i32)  # same top-k as the float32 scan ...
+            np.testing.assert_array_equal(s8, s32)  # ... bit for bit
+            assert ncand >= i8.size
+
+
+@pytest.mark.parametrize("dim", DIMS)
+def test_random_inputs(simd: ModuleType, isa: str, dim: int) -> None:
+    rng = np.random.default_rng(1000 + dim)
+    for n in (0, 1, 5, 64, 301):
+        v = random_unit(rng, n, dim)
+        q = random_unit(rng, 7, dim)
+        for k in (0, 1, 5, n, n + 3):
+            check(simd, v, q, k, isa)
+
+
+@pytest.mark.parametrize("dim", DIMS)
+def test_duplicates_and_exact_ties(simd: ModuleType, isa: str, dim: int) -> None:
+    rng = np.random.default_rng(2000 + dim)
+    base = random_unit(rng, 4, dim)
+    v = np.ascontiguousarray(base[rng.integers(0, 4, 203)])  # every row duplicated many times
+    q = np.ascontiguousarray(base[[0, 1, 2, 3, 0, 1, 2]])  # 7 queries: odd tile edges
+    for k in (1, 10, 60, 203):
+        check(simd, v, q, k, isa)
+
+
+@pytest.mark.parametrize("dim", [3, 384])
+def test_identical_rows_all_tie(simd: ModuleType, isa: str, dim: int) -> None:
+    v = np.tile(random_unit(np.random.default_rng(3), 1, dim), (50, 1))
+    q = random_unit(np.random.default_rng(4), 3, dim)
+    i, s = simd.topk(v, q, 7, isa=isa)
+    np.testing.assert_array_equal(i, np.tile(np.arange(7), (3, 1)))
+    assert (s == s[:, :1]).all()
+
+
+def test_clustered_real_like_int8_equality(simd: ModuleType, isa: str) -> None:
+    """Tight clusters (many near-ties) are where an int8 scan would go wrong without
+    the re-score: the top-k must still equal the float32 scan's."""
+    rng = np.random.default_rng(5)
+    v = clustered_unit(rng, 20000, 384, clusters=30, spread=0.25)
+    q = clustered_unit(rng, 9, 384, clusters=30, spread=0.25)
+    vv, qv, sc, er = quantise(v)
+    for k in (1, 5, 50):
+        i8, s8, _ = simd.topk_int8(vv, qv, sc, er, q, k, isa=isa)
+        i32, s32 = simd.topk(vv, q, k, isa=isa)
+        np.testing.assert_array_equal(i8, i32)
+        np.testing.assert_array_equal(s8, s32)
+        ri, rs = reference(vv, q, k)
+        np.testing.assert_array_equal(i32, ri)
+        np.testing.assert_allclose(s32, rs, rtol=1e-5, atol=1e-5)
+
+
+def test_tenant_codes(simd: ModuleType, isa: str) -> None:
+    rng = np.random.default_rng(6)
+    v = random_unit(rng, 500, 97)
+    q = random_unit(rng, 5, 97)
+    codes = (np.arange(500) % 3).astype(np.int32)
+    vv, qv, sc, er = quantise(v)
+    for k in (1, 10, 400):
+        allowed = codes == 2
+        ri, rs = reference(v, q, k, allowed)
+        i, s = simd.topk(v, q, k, codes, 2, isa=isa)
+        np.testing.assert_array_equal(i, ri)
+        np.testing.assert_allclose(s, rs, rtol=1e-5, atol=1e-5)
+        i8, s8, _ = simd.topk_int8(vv, qv, sc, er, q, k, codes, 2, isa=isa)
+        np.testing.assert_array_equal(i8, simd.topk(vv, q, k, codes, 2, isa=isa)[0])
+    assert simd.topk(v, q, 3, codes, 7, isa=isa)[0].shape == (5, 0)
+
+
+def test_nan_rejected(simd: ModuleType, isa: str) -> None:
+    v = random_unit(np.random.default_rng(7), 10, 17)
+    q = random_unit(np.random.default_rng(8), 2, 17)
+    q[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        simd.topk(v, q, 3, isa=isa)
+    from intercascade_core import Entry, empty_repository, update
+
+    repo = update(empty_repository(17), [Entry("q", "a", "s")] * 10, v)
+    with pytest.raises(InvalidArgumentError):
+        retrieve(repo, q, 3)
+    v[2, 2] = np.nan
+    with pytest.raises(InvalidArgumentError):
+        update(empty_repository(17), [Entry("q", "a", "s")] * 10, v)
+
+
+def test_argument_validation(simd: ModuleType) -> None:
+    v = random_unit(np.random.default_rng(9), 10, 8)
+    q = v[:2].copy()
+    with pytest.raises(TypeError, match="float32"):
+        simd.topk(v.astype(np.float64), q, 1)
+    with pytest.raises(TypeError, match="numpy array"):
+        simd.topk(v.tolist(), q, 1)
+    with pytest.raises(ValueError, match="columns"):
+        simd.topk(v, q[:, :4].copy(), 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        simd.topk(v[:, ::2], q[:, ::2].copy(), 1)
+    with pytest.raises(ValueError, match="2-dimensional"):
+        simd.topk(v, q[0], 1)
+    with pytest.raises(ValueError, match="k must be"):
+        simd.topk(v, q, -1)
+    with pytest.raises(ValueError, match="isa"):
+        simd.topk(v, q, 1, isa="amx")
+    with pytest.raises(ValueError, match="threads"):
+        simd.topk(v, q, 1, threads=3)
+    with pytest.raises(ValueError, match="codes"):
+        simd.topk(v, q, 1, np.zeros(3, np.int32), 0)
+    with pytest.raises(TypeError, match="int32"):
+        simd.topk(v, q, 1, np.zeros(10, np.int64), 0)
+    _, qv, sc, er = quantise(v)
+    with pytest.raises(ValueError, match="match"):
+        simd.topk_int8(v, qv[:5], sc, er, q, 1)
+    with pytest.raises(TypeError, match="int8"):
+        simd.topk_int8(v, qv.astype(np.int16), sc, er, q, 1)
+
+
+def test_capabilities(simd: ModuleType) -> None:
+    caps = simd.capabilities()
+    assert caps[-1] == "scalar" and set(caps) <= set(ISAS)
+
+
+def test_multi_phase_init_gives_fresh_module(simd: ModuleType) -> None:
+    """Re-importing after removal yields a new module object (PEP 489, markupsafe's test)."""
+    name = "intercascade_core._simd"
+    saved = sys.modules.pop(name)
+    try:
+        fresh = importlib.import_module(name)
+        assert fresh is not saved
+        assert fresh.capabilities() == saved.capabilities()
+    finally:
+        sys.modules[name] = saved
