@@ -270,6 +270,8 @@ def _cmd_calibrate(args: argparse.Namespace, con: Console) -> int:
         con.result(f"{lv['level']:<10} {thr:>10} {acc:>13} {lv['n_errors']:>7} {emp:>10} "
                    f"{lv['risk_bound']:>11.4f}  {g}")
     con.result("")
+    if any(c.abstained for c in cals):
+        con.result("An abstaining level (threshold inf) accepts nothing: every query passes it by.")
     if all_guaranteed:
         con.result(f"Certified: accepting an answer iff its confidence >= its level's threshold keeps "
                    f"P(wrong | accepted) <= {args.alpha:g} at every level, with probability >= "
@@ -326,7 +328,7 @@ def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated:
 
 def _cmd_run(args: argparse.Namespace, con: Console) -> int:
     from .cascade import CascadeConfig, calibrate_levels, run_stream
-    from .evaluate import CachedEmbedder, variant_summary
+    from .evaluate import CachedEmbedder, check_calibration_run, variant_summary
     from .metrics import compute_metrics
     from .report import format_percent
 
@@ -338,6 +340,7 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
     con.info(f"calibrating on {len(cal)} queries (alpha = {cfg.cascade.alpha}, delta = {cfg.cascade.delta})")
     cal_run = calibrate_levels(cal, levels, alpha=cfg.cascade.alpha, delta=cfg.cascade.delta,
                                split_delta=cfg.cascade.split_delta, min_n=cfg.cascade.min_n, progress=not con.quiet)
+    check_calibration_run(cal_run, [lv.name for lv in levels])
     for lv, c in zip(levels, cal_run.calibrations, strict=True):
         con.info(f"  {lv.name}: threshold {c.threshold:.4f} ({c.n_accepted}/{c.n_calibration} accepted, "
                  f"risk bound {c.risk_bound:.4f})")

@@ -14,7 +14,7 @@ Layout::
     [embedder]           kind ("minilm" | "hashing"), model_path, tokenizer_path
     [[models]]           weakest first, at least two: name, base_url, model, api_key_env,
                          price_input, price_output (USD per 1M tokens), max_tokens,
-                         temperature, timeout, confidence_span
+                         temperature, timeout, max_retries, confidence_span
 
 A model whose ``base_url`` is ``sim:weak``/``sim:strong``/... is served in-process by the
 deterministic simulator (no network, no key).
@@ -75,6 +75,7 @@ class ModelConfig:
     max_tokens: int = 512
     temperature: float = 0.0
     timeout: float = 60.0
+    max_retries: int = 6
     confidence_span: str = "all"
 
     @property
@@ -289,6 +290,7 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "<config>", base_dir: 
             max_tokens=m.integer("max_tokens", 512, low=1),
             temperature=m.number("temperature", 0.0, low=0.0, high=2.0),
             timeout=m.number("timeout", 60.0, low=0.0, open_low=True),
+            max_retries=m.integer("max_retries", 6, low=0),
             confidence_span=m.choice("confidence_span", ("all", "answer"), "all"),
         )
         if not mc.model:

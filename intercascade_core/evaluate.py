@@ -42,8 +42,10 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "VARIANTS",
     "CachedEmbedder",
+    "EndpointError",
     "Evaluation",
     "MissingAPIKeyError",
+    "check_calibration_run",
     "evaluate",
     "load_streams",
     "TemplateAwareSim",
@@ -59,6 +61,18 @@ VARIANTS: Final = ("jung", "random", "retrieval")
 
 class MissingAPIKeyError(IntercascadeError):
     """A configured ``api_key_env`` variable is not set."""
+
+
+class EndpointError(IntercascadeError):
+    """Every calibration call to a level failed: the endpoint is unusable."""
+
+
+def check_calibration_run(run: CalibrationRun, names: Sequence[str]) -> None:
+    """Raise :class:`EndpointError` when every calibration call of some level failed
+    (a wrong URL, key or model name), instead of silently deferring everything."""
+    for name, fails in zip(names, run.failures, strict=True):
+        if fails and all(f is not None for f in fails):
+            raise EndpointError(f"every calibration call to level {name!r} failed; first error: {fails[0]}")
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -147,7 +161,7 @@ def make_levels(
                     )
             model = ChatModel(
                 m.base_url, m.model, api_key=key, client=client, timeout=m.timeout,
-                confidence_span=m.confidence_span,  # type: ignore[arg-type]
+                max_retries=m.max_retries, confidence_span=m.confidence_span,  # type: ignore[arg-type]
                 price=price,
             )
         levels.append(Level(model=model, name=m.name, params=params))
@@ -323,6 +337,7 @@ def evaluate(
     cal_run = calibrate_levels(
         calibration, levels, alpha=alpha, delta=delta, split_delta=split_delta, min_n=min_n, progress=progress
     )
+    check_calibration_run(cal_run, [lv.name for lv in levels])
     cached = embedder if isinstance(embedder, CachedEmbedder) else CachedEmbedder(embedder)
     if any(v != "jung" for v in variants):
         cached.prime([q.text for q in test], progress=progress)

@@ -1,0 +1,305 @@
+"""The command line, run for real in subprocesses (``python -m intercascade_core ...``).
+
+Every test is seeded and deterministic; none compares timings. The demo test runs the
+whole main job (simulated models, reasoning-gym problems, real MiniLM embeddings) into a
+temporary folder and checks every table, file and plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from intercascade_core.calibrate import calibrate_cascade
+from intercascade_core.cli import main
+from intercascade_core.datasets import load_confidences
+
+ROOT = Path(__file__).parents[1]
+EXAMPLES = ROOT / "intercascade_core" / "data" / "examples"
+VARIANT_LABELS = {
+    "jung": "Jung (baseline)",
+    "random": "Inter-Cascade (Random)",
+    "retrieval": "Inter-Cascade (Retrieval)",
+}
+COLUMNS = {
+    "Pipeline Acc. (%)": "pipeline_accuracy",
+    "Strong Call (%)": "strong_call_rate",
+    "Cov. (%)": "coverage",
+    "Weak Acc. (%)": "weak_accuracy",
+    "Weak Corr. Accpt. (%)": "weak_correct_accepted",
+    "Token Reduction (%)": "token_reduction",
+    "Cost Reduction (%)": "cost_reduction",
+}
+PLOTS = ("weak_accuracy_vs_threshold.png", "confidence_histograms.png", "strong_calls_along_stream.png")
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    full_env.pop("INTERCASCADE_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "intercascade_core", *args],
+        cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("(see ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- help / usage
+
+
+def test_help_for_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    top = cli("--help")
+    assert top.returncode == 0
+    for cmd in ("calibrate", "run", "eval", "demo"):
+        assert cmd in top.stdout
+    assert "Exit codes" in top.stdout
+    expected = {
+        "calibrate": ("--alpha", "--delta", "--min-n", "--grid", "--json", "--example", "--quiet"),
+        "run": ("--config", "--policy", "--limit", "--out", "--quiet"),
+        "eval": ("--config", "--out", "--limit", "--no-plots", "--quiet"),
+        "demo": ("--out", "--templates", "--variants", "--calibration-variants", "--embedder", "--quiet"),
+    }
+    assert cli("demo", "--help").returncode == 0  # one subcommand through a real process
+    for cmd, options in expected.items():  # the others in-process (same parser, faster)
+        with pytest.raises(SystemExit) as info:
+            main([cmd, "--help"])
+        assert info.value.code == 0
+        text = capsys.readouterr().out
+        for opt in options:
+            assert opt in text, (cmd, opt)
+
+
+def test_usage_errors_exit_2_with_one_line() -> None:
+    assert cli().returncode == 2
+    proc = cli("frobnicate")
+    assert proc.returncode == 2 and "invalid choice" in one_line_error(proc)
+    proc = cli("calibrate", "--example", "--alpha", "1.5")
+    assert proc.returncode == 2 and "--alpha" in one_line_error(proc)
+    proc = cli("eval", "--config", "x.toml")
+    assert proc.returncode == 2 and "--out" in one_line_error(proc)
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def test_calibrate_example_matches_library() -> None:
+    proc = cli("calibrate", "--example", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    data = load_confidences(EXAMPLES / "confidences.csv")
+    cals = calibrate_cascade(list(data.confidences), list(data.correct), alpha=0.2, delta=0.1)
+    assert [lv["level"] for lv in doc["levels"]] == ["weak", "strong"]
+    for lv, cal in zip(doc["levels"], cals, strict=True):
+        assert lv["threshold"] == pytest.approx(cal.threshold)
+        assert (lv["n_accepted"], lv["n_errors"]) == (cal.n_accepted, cal.n_errors)
+        assert lv["risk_bound"] <= 0.2 and lv["guaranteed"]
+    text = cli("calibrate", "--example")
+    assert text.returncode == 0
+    assert "Certified" in text.stdout
+    assert f"{cals[0].threshold:.4f}" in text.stdout
+
+
+def test_calibrate_file_and_abstention(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    conf = rng.random(300)
+    ok = rng.random(300) < conf
+    path = tmp_path / "c.csv"
+    path.write_text("confidence,correct\n" + "".join(f"{c:.5f},{int(y)}\n" for c, y in zip(conf, ok, strict=True)))
+    proc = cli("calibrate", str(path), "--alpha", "0.1", "--delta", "0.05", "--json", "--grid", "unique")
+    assert proc.returncode == 0, proc.stderr
+    (lv,) = json.loads(proc.stdout)["levels"]
+    assert lv["threshold"] is not None and lv["risk_bound"] <= 0.1
+    assert lv["empirical_risk"] <= 0.1
+    # a target that nothing certifies: abstain (threshold inf), still exit 0
+    strict = cli("calibrate", str(path), "--alpha", "0.001")
+    assert strict.returncode == 0 and "abstains" in strict.stdout
+
+
+def test_calibrate_bad_file_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text("confidence,correct\n0.5,1\n0.7,perhaps\n")
+    proc = cli("calibrate", str(path))
+    assert proc.returncode == 2
+    line = one_line_error(proc)
+    assert f"{path}:3" in line and "correct" in line
+    missing = cli("calibrate", str(tmp_path / "none.csv"))
+    assert missing.returncode == 2 and "no such file" in one_line_error(missing)
+
+
+# --------------------------------------------------------------------------- run / eval with a config
+
+
+def _config(tmp_path: Path, extra_cascade: str = "", models: str | None = None) -> Path:
+    text = (EXAMPLES / "config.toml").read_text()
+    text = text.replace("templates = 8 ", "templates = 3 ").replace("variants = 20 ", "variants = 8 ")
+    text = text.replace("calibration_variants = 40", "calibration_variants = 60")
+    text = text.replace('kind = "minilm"', 'kind = "hashing"')
+    text = text.replace("[cascade]\n", "[cascade]\n" + extra_cascade)
+    if models is not None:
+        text = text[: text.index("\n[[models]]") + 1] + models
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_run_with_the_example_config(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    out = tmp_path / "run"
+    proc = cli("run", "--config", str(cfg), "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # --quiet: no progress bars, no status lines
+    assert proc.stdout.startswith("retrieval: 24 queries")
+    doc = json.loads((out / "results.json").read_text())
+    assert list(doc["variants"]) == ["retrieval"]
+    outcomes = [json.loads(x) for x in (out / "outcomes.jsonl").read_text().splitlines()]
+    assert len(outcomes) == 24
+    assert {o["decision"] for o in outcomes} <= {"weak_accepted", "strong_accepted", "discarded"}
+    jung = cli("run", "--config", str(cfg), "--policy", "jung", "--limit", "5", "--quiet")
+    assert jung.returncode == 0 and jung.stdout.startswith("jung: 5 queries")
+
+
+def test_eval_with_config_writes_a_consistent_report(tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    proc = cli("eval", "--config", str(_config(tmp_path)), "--out", str(out), "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    results = check_report(out, plots=False)
+    assert results["dataset"]["n_test"] == 24
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [("alpha = 3\n", "cascade.alpha"), ('policy = "clever"\n', "cascade.policy")],
+)
+def test_config_errors_exit_2(tmp_path: Path, extra: str, key: str) -> None:
+    text = _config(tmp_path).read_text().replace("alpha = 0.2 ", "").replace('policy = "retrieval"', "")
+    path = tmp_path / "bad.toml"
+    path.write_text(text.replace("[cascade]\n", "[cascade]\n" + extra))
+    proc = cli("run", "--config", str(path))
+    assert proc.returncode == 2
+    assert key in one_line_error(proc)
+
+
+def test_missing_key_exits_2_and_dead_endpoint_exits_1(tmp_path: Path) -> None:
+    models = (
+        '[[models]]\nname = "weak"\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m"\nmax_retries = 0\ntimeout = 5\n'
+        '[[models]]\nname = "strong"\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m2"\n'
+        'api_key_env = "INTERCASCADE_TEST_UNSET_KEY"\nmax_retries = 0\ntimeout = 5\n'
+    )
+    cfg = _config(tmp_path, models=models)
+    env = {k: v for k, v in os.environ.items() if k != "INTERCASCADE_TEST_UNSET_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "intercascade_core", "run", "--config", str(cfg), "-q"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "INTERCASCADE_TEST_UNSET_KEY" in one_line_error(proc)
+    proc = cli("run", "--config", str(cfg), "-q", "--limit", "2", env={"INTERCASCADE_TEST_UNSET_KEY": "x"})
+    assert proc.returncode == 1
+    assert "every calibration call" in one_line_error(proc)
+
+
+# --------------------------------------------------------------------------- demo, end to end
+
+
+def parse_tables(markdown: str) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    header: list[str] | None = None
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == "Pipeline":
+            header = cells
+        elif header and not set(line) <= set("|-: "):
+            for name, cell in zip(header[1:], cells[1:], strict=True):
+                out.setdefault(cells[0], {})[COLUMNS[name]] = cell
+    return out
+
+
+def png_size_and_text(path: Path) -> tuple[tuple[int, int], str]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    pos, size, text = 8, (0, 0), ""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        assert zlib.crc32(kind + body) == struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0]
+        if kind == b"IHDR":
+            size = struct.unpack(">II", body[:8])
+        elif kind in (b"tEXt", b"iTXt"):
+            text += body.decode("utf-8", "replace") + "\n"
+        pos += 12 + length
+    return size, text
+
+
+def check_report(folder: Path, *, plots: bool = True) -> dict[str, Any]:
+    md = (folder / "report.md").read_text()
+    results = json.loads((folder / "results.json").read_text())
+    for title in ("Table 3", "Table 4", "Table 5", "Calibration"):
+        assert title in md, title
+    assert set(results["variants"]) == {"jung", "random", "retrieval"}
+    tables = parse_tables(md)
+    for variant, values in results["variants"].items():
+        row = tables[VARIANT_LABELS[variant]]
+        keys = ["pipeline_accuracy", "strong_call_rate", "coverage", "weak_accuracy", "weak_correct_accepted"]
+        if variant != "jung":
+            keys += ["token_reduction", "cost_reduction"]
+        for key in keys:
+            value = values[key]
+            assert value is not None
+            if key not in ("token_reduction", "cost_reduction"):
+                assert 0.0 <= value <= 1.0, (variant, key, value)
+            assert row[key] == f"{100 * value:.2f}", (variant, key, row[key], value)
+    outcomes = [json.loads(x) for x in (folder / "outcomes.jsonl").read_text().splitlines()]
+    n = results["dataset"]["n_test"]
+    assert len(outcomes) == 3 * n
+    for v in ("jung", "random", "retrieval"):
+        mine = [o for o in outcomes if o["variant"] == v]
+        assert [o["index"] for o in mine] == list(range(n))
+        strong = sum(o["decision"] != "weak_accepted" for o in mine)
+        assert strong / n == pytest.approx(results["variants"][v]["strong_call_rate"])
+    if plots:
+        assert results["plots"] == list(PLOTS)
+        for name in PLOTS:
+            assert f"]({name})" in md
+            (w, h), text = png_size_and_text(folder / name)
+            assert 600 <= w <= 2000 and 300 <= h <= 1200, (name, w, h)
+            assert (folder / name).stat().st_size > 20_000
+            if name != "confidence_histograms.png":
+                for label in VARIANT_LABELS.values():
+                    assert label in text, (name, label)
+    return results
+
+
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = cli("demo", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = check_report(out)
+    # the printed tables are the report's tables
+    md = (out / "report.md").read_text()
+    for row in re.findall(r"^\| Inter-Cascade \(Retrieval\) \|.*$", proc.stdout, re.MULTILINE):
+        assert row in md
+    assert "Table 3" in proc.stdout and "Table 5" in proc.stdout
+    assert "it/s" in proc.stderr or "q/s" in proc.stderr  # progress bars on stderr
+    # the demo's embedded default: real MiniLM, simulated models, real problems
+    assert "MiniLM" in results["settings"]["embedder"] or "minilm" in results["settings"]["embedder"].lower()
+    assert results["settings"]["simulated"] is True
+    v = results["variants"]
+    # the teacher effect: retrieval beats random beats (or ties) Jung on strong calls
+    assert v["retrieval"]["strong_call_rate"] < v["random"]["strong_call_rate"] <= v["jung"]["strong_call_rate"]
+    assert v["retrieval"]["weak_accuracy"] > v["jung"]["weak_accuracy"]
+    assert v["retrieval"]["token_reduction"] > 0 and v["retrieval"]["cost_reduction"] > 0
