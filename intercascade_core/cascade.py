@@ -481,7 +481,7 @@ def run_stream(
     strategy-free calibration split). Thresholds never change during a run.
     ``progress`` shows a tqdm bar on stderr.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if (state is None) == (calibrations is None):
         raise InvalidArgumentError("state", "pass exactly one of state= or calibrations=")
@@ -525,7 +525,7 @@ def calibrate_levels(
 ) -> CalibrationRun:
     """Ask every level the strategy-free prompt on a calibration split (gold answers
     required) and calibrate the thresholds with Jung's sequential rule."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     items = list(queries)
     if not items:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -305,3 +306,22 @@ def test_validation_names_the_bad_value(sim: Sim, cals) -> None:
     with pytest.raises(InvalidArgumentError, match="queries"):
         calibrate_levels([Query("x")], sim.levels, alpha=ALPHA, delta=DELTA)
     assert isinstance(init_state(cals, EMB.dim), CascadeState)
+
+
+@pytest.mark.parametrize("backend", ["exact", "hnsw"])
+def test_backends_agree_with_numpy(sim: Sim, cals, backend: str) -> None:
+    if backend == "hnsw" and importlib.util.find_spec("intercascade_core._ann") is None:
+        pytest.skip("the hnsw adapter (intercascade_core._ann) is not available")
+
+    def run(b: str) -> list[Any]:
+        return decisions(run_stream(STREAM[:80], sim.levels, EMB, calibrations=cals,
+                                    config=CascadeConfig(backend=b), progress=False).outcomes)
+
+    # hnsw is approximate, but at this size (< 80 entries) it finds the same neighbours
+    assert run(backend) == run("numpy")
+
+
+def test_progress_bar_goes_to_stderr(sim: Sim, cals, capsys: pytest.CaptureFixture[str]) -> None:
+    run_stream(STREAM[:3], sim.levels, EMB, calibrations=cals, desc="demo-bar")
+    err = capsys.readouterr().err
+    assert "demo-bar" in err
