@@ -1,0 +1,89 @@
+"""Static vs in-situ calibration with a weak model that copies wrong strategies.
+
+``sim_copying.CopyingProcess`` draws a weak model's (confidence, correct) pairs with and
+without strategies: a wrong strategy in the prompt is copied (wrong with probability 0.8)
+with confidence ~ Beta(32, 1) (mean 0.97), the measured copying behaviour. Its selective
+risk R(λ) is known in closed form, so each run's violation — R_deployed(λ̂) > α, where
+deployment always has strategies — is exact, not estimated.
+
+Per run (R = 2000, N = 600 calibration items, α = 0.15, δ = 0.1):
+
+* static: the paper's rule, λ̂ calibrated on strategy-free pairs;
+* in-situ: λ̂ calibrated on strategy-augmented pairs (what the replay records).
+
+Assertions, each with false-failure probability <= 1e-6:
+
+* in-situ violates in at most δ of the runs: V_insitu <= binom.ppf(1 − 1e-6, R, δ) = 267;
+* static violates in *more* than δ of the runs: V_static > 267, i.e. a rule whose
+  violation rate were <= δ would exceed that count with probability <= 1e-6;
+* (sanity) static is valid where it was calibrated: strategy-free violations <= 267.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from intercascade_core.calibrate import calibrate
+from intercascade_core.sim_copying import CopyingProcess
+
+pytestmark = pytest.mark.statistical
+
+R, N = 2000, 600
+ALPHA, DELTA = 0.15, 0.1
+GRID = np.linspace(0, 1, 201)
+FALSE_FAILURE = 1e-6
+
+
+def allowed() -> int:
+    return int(stats.binom.ppf(1 - FALSE_FAILURE, R, DELTA))  # 267
+
+
+def thresholds(conf: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    return np.array([calibrate(conf[r], correct[r], alpha=ALPHA, delta=DELTA, grid=GRID).threshold
+                     for r in range(conf.shape[0])])
+
+
+def test_static_calibration_breaks_insitu_holds() -> None:
+    """Seed 2026: static violates in 1972 of 2000 runs, in-situ in 99 (abstaining in
+    17% of runs, accepting 51% of queries at its median threshold); static judged on
+    strategy-free deployment, where it is valid, 95."""
+    proc = CopyingProcess()
+    rng = np.random.default_rng(2026)
+    conf_free, ok_free = proc.draw(rng, (R, N), strategies=False)
+    conf_mix, ok_mix = proc.draw(rng, (R, N), strategies=True)
+    lam_static = thresholds(conf_free, ok_free)
+    lam_insitu = thresholds(conf_mix, ok_mix)
+
+    v_static = int((proc.risk(lam_static, strategies=True) > ALPHA).sum())
+    v_insitu = int((proc.risk(lam_insitu, strategies=True) > ALPHA).sum())
+    v_static_free = int((proc.risk(lam_static, strategies=False) > ALPHA).sum())
+
+    assert v_insitu <= allowed()
+    assert v_static > allowed()
+    assert v_static_free <= allowed()
+    # in-situ is not trivially safe: it usually accepts a good share of the queries
+    assert np.isfinite(lam_insitu).mean() > 0.5
+    median_accept = float(np.median(proc.accept_rate(lam_insitu, strategies=True)))
+    assert median_accept > 0.3
+
+
+def test_copying_process_matches_its_closed_form() -> None:
+    """The vectorised draws follow the closed-form risk (a guard on the oracle itself):
+    at λ = 0.9 the empirical risk of 400,000 draws lies within 5 binomial sd of R(λ)."""
+    proc = CopyingProcess()
+    rng = np.random.default_rng(1)
+    for strategies in (False, True):
+        conf, ok = proc.draw(rng, 400_000, strategies=strategies)
+        acc = conf >= 0.9
+        emp = float((acc & ~ok).sum() / acc.sum())
+        r = float(proc.risk(0.9, strategies=strategies))
+        assert abs(emp - r) <= 5 * math.sqrt(r * (1 - r) / acc.sum())
+        assert abs(acc.mean() - float(proc.accept_rate(0.9, strategies=strategies))) < 0.005
+    # the copying shift itself: mean confidence of wrong answers rises with strategies
+    conf_f, ok_f = proc.draw(rng, 200_000, strategies=False)
+    conf_s, ok_s = proc.draw(rng, 200_000, strategies=True)
+    assert conf_s[~ok_s].mean() > conf_f[~ok_f].mean() + 0.05
