@@ -318,12 +318,25 @@ def _levels_for(cfg: Any, queries: Sequence[Any]) -> tuple[Any, ...]:
 
 
 def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated: bool) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "models": [{"name": m.name, "model": m.model, "base_url": m.base_url} for m in cfg_models],
         "simulated": simulated,
         "embedder": str(getattr(embedder, "model_id", type(embedder).__name__)),
         "backend": backend,
     }
+    sims = [m.model for m in cfg_models if m.simulated]
+    if simulated and sims:
+        from .sim import DEFAULT_PROFILES
+
+        weak, strong = DEFAULT_PROFILES.get(sims[0]), DEFAULT_PROFILES.get(sims[-1])
+        if weak is not None and strong is not None:
+            out["simulator"] = {
+                "weak_base_accuracy": weak.base_accuracy,
+                "weak_taught_accuracy": weak.taught_accuracy,
+                "strong_base_accuracy": strong.base_accuracy,
+                "template_aware": True,
+            }
+    return out
 
 
 def _cmd_run(args: argparse.Namespace, con: Console) -> int:

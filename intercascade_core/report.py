@@ -127,6 +127,23 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = PLOTS) ->
         f"- Risk control: α = {st.get('alpha')}, δ = {st.get('delta')}"
         f"{' (δ split across levels)' if st.get('split_delta', True) else ''}; k = {st.get('k')} strategies per query; "
         f"embeddings: {st.get('embedder', '?')}; retrieval backend: {st.get('backend', '?')}.",
+    ]
+    if st.get("simulated"):
+        sim = st.get("simulator", {})
+        taught = sim.get("weak_taught_accuracy")
+        lines.append(
+            "- The models are **simulated** (`intercascade_core.sim`, in-process): deterministic stand-ins that "
+            "answer real problem text with a per-template skill and logprob-based confidences"
+            + (f" (weak base accuracy ≈ {sim.get('weak_base_accuracy'):.2f}, strong ≈ {sim.get('strong_base_accuracy'):.2f}; "
+               f"a weak model shown a strategy written for a problem of the same template answers with accuracy "
+               f"{taught:.2f})" if taught is not None else "")
+            + (". The simulator is told each question's template (models and cascade are not), so a strategy "
+               "helps exactly when retrieval brings one from the same template"
+               if sim.get("template_aware") else "")
+            + ". The numbers exercise the whole mechanism — calibration, routing, embedding retrieval, teaching, "
+            "token and cost accounting — but they are not measurements of real LLMs."
+        )
+    lines += [
         "",
         "## Calibration (strategy-free, shared by all three pipelines)",
         "",
