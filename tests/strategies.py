@@ -66,3 +66,30 @@ def clustered_unit(
     x = centres[which] + spread * rng.standard_normal((rows, dim)) / np.sqrt(dim)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32)
+
+
+def assert_topk_matches(
+    indices: np.ndarray,
+    scores: np.ndarray,
+    ref_indices: np.ndarray,
+    ref_scores: np.ndarray,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    *,
+    tie_tol: float = 1e-6,
+) -> None:
+    """Top-k equality against the reference: same shape, scores within 1e-5 and
+    indices **equal**, except where two rows' true (float64) scores differ by less
+    than ``tie_tol`` — below float32 resolution (one ulp at 0.9 is 6e-8), where a
+    float32 kernel may legitimately order them either way. Every such swap must
+    involve rows whose true scores are within ``tie_tol`` of the reference's."""
+    assert indices.shape == ref_indices.shape
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    for row in np.flatnonzero((indices != ref_indices).any(axis=1)):
+        q = queries[row].astype(np.float64)
+        true_got = vectors[indices[row]].astype(np.float64) @ q
+        true_ref = vectors[ref_indices[row]].astype(np.float64) @ q
+        bad = indices[row] != ref_indices[row]
+        gap = np.abs(true_got[bad] - true_ref[bad])
+        assert (gap <= tie_tol).all(), f"query {row}: indices differ beyond a near-tie ({gap.max():.3g})"
+        assert len(set(indices[row].tolist())) == indices.shape[1]

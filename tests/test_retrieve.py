@@ -98,9 +98,9 @@ def test_old_version_sees_only_its_rows(impl: dict[str, str]) -> None:
 
 def test_matches_reference_on_clustered_data(impl: dict[str, str]) -> None:
     rng = np.random.default_rng(11)
-    v = clustered_unit(rng, 3000, 384, clusters=20)
+    x = clustered_unit(rng, 3016, 384, clusters=20)
+    v, q = x[:3000], x[3000:]
     repo = _repo(v)
-    q = clustered_unit(rng, 16, 384, clusters=20)
     ref = retrieve(repo, q, 10, backend="numpy")
     got = retrieve(repo, q, 10, **impl)  # type: ignore[arg-type]
     np.testing.assert_array_equal(got.indices, ref.indices)

@@ -1,6 +1,8 @@
 """The C kernels, each CPU path forced in turn, against the numpy reference.
 
-Indices must be equal and scores within 1e-5 (float32 sums in a different order).
+Indices must be equal and scores within 1e-5 (float32 sums in a different order);
+on the large clustered set only, positions whose true scores tie below float32
+resolution (< 1e-6) may be ordered either way (``assert_topk_matches``).
 Dimensions are odd on purpose, so every SIMD tail path runs.
 """
 
@@ -15,7 +17,7 @@ import pytest
 
 from intercascade_core import InvalidArgumentError, retrieve
 from intercascade_core._topk_numpy import topk as reference
-from tests.strategies import clustered_unit, random_unit
+from tests.strategies import assert_topk_matches, clustered_unit, random_unit
 
 retrieve_mod = sys.modules["intercascade_core.retrieve"]
 
@@ -100,8 +102,8 @@ def test_clustered_real_like_int8_equality(simd: ModuleType, isa: str) -> None:
     """Tight clusters (many near-ties) are where an int8 scan would go wrong without
     the re-score: the top-k must still equal the float32 scan's."""
     rng = np.random.default_rng(5)
-    v = clustered_unit(rng, 20000, 384, clusters=30, spread=0.25)
-    q = clustered_unit(rng, 9, 384, clusters=30, spread=0.25)
+    x = clustered_unit(rng, 20009, 384, clusters=30, spread=0.25)
+    v, q = np.ascontiguousarray(x[:20000]), np.ascontiguousarray(x[20000:])
     vv, qv, sc, er = quantise(v)
     for k in (1, 5, 50):
         i8, s8, _ = simd.topk_int8(vv, qv, sc, er, q, k, isa=isa)
@@ -109,8 +111,8 @@ def test_clustered_real_like_int8_equality(simd: ModuleType, isa: str) -> None:
         np.testing.assert_array_equal(i8, i32)
         np.testing.assert_array_equal(s8, s32)
         ri, rs = reference(vv, q, k)
-        np.testing.assert_array_equal(i32, ri)
-        np.testing.assert_allclose(s32, rs, rtol=1e-5, atol=1e-5)
+        # 20000 rows in 30 tight clusters hold true near-ties below float32 resolution
+        assert_topk_matches(i32, s32, ri, rs, vv, q)
 
 
 def test_tenant_codes(simd: ModuleType, isa: str) -> None:

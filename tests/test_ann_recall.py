@@ -1,0 +1,98 @@
+"""backend="hnsw": recall against exact search, version bounds, tenant filter.
+
+Recall threshold (scipy-style slack): over m·k = 200·10 = 2000 (query, rank) slots,
+if the true per-slot recall were p = 0.97 the count of hits is ~ Binomial(2000, p)
+(slots are not independent, so this is a heuristic), and binom.ppf(1e-6, 2000, 0.97)
+= 1904, i.e. recall >= 0.952: asserting recall >= 0.95 fails with probability below
+1e-6 for an index that is at least that good. The index is built single-threaded
+with a fixed seed, so the measured value is also reproducible (pinned loosely).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from intercascade_core import Entry, empty_repository, retrieve, update
+from intercascade_core._ann import HnswParams, ensure_index, index_stats
+from tests.strategies import clustered_unit
+
+pytest.importorskip("hnswlib")
+
+PARAMS = HnswParams(M=16, ef_construction=100, ef=64, seed=7, threads=1)
+
+
+def _repo(v: np.ndarray, tenants: list[str] | None = None):  # type: ignore[no-untyped-def]
+    es = [Entry(f"q{i}", "a", "s", tenant=tenants[i] if tenants else "default") for i in range(len(v))]
+    return update(empty_repository(v.shape[1]), es, v)
+
+
+def recall(approx: np.ndarray, exact: np.ndarray) -> float:
+    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
+    return hits / exact.size
+
+
+@pytest.fixture(scope="module")
+def clustered() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(2024)
+    x = clustered_unit(rng, 6200, 384, clusters=40, spread=0.5)
+    return x[:6000], x[6000:]  # queries drawn around the same centres
+
+
+def test_recall_on_clustered_data(clustered: tuple[np.ndarray, np.ndarray]) -> None:
+    v, q = clustered
+    repo = _repo(v)
+    ensure_index(repo, PARAMS)
+    approx = retrieve(repo, q, 10, backend="hnsw")
+    exact = retrieve(repo, q, 10, backend="numpy")
+    r = recall(approx.indices, exact.indices)
+    assert r >= 0.95, r
+    assert (np.diff(approx.scores, axis=1) <= 0).all()
+    # scores returned are the true cosines of the returned rows
+    np.testing.assert_allclose(
+        approx.scores, np.einsum("mkd,md->mk", repo.vectors[approx.indices], q), atol=1e-5
+    )
+
+
+def test_grows_incrementally_and_respects_versions(clustered: tuple[np.ndarray, np.ndarray]) -> None:
+    v, q = clustered
+    r1 = _repo(v[:3000])
+    ensure_index(r1, PARAMS)
+    index = r1._arena.cache["hnsw"]
+    r2 = update(r1, [Entry("n", "a", "s")] * 3000, v[3000:])
+    got2 = retrieve(r2, q, 5, backend="hnsw")
+    assert r2._arena.cache["hnsw"] is index  # same index object: grown, not rebuilt
+    assert index_stats(r2)["count"] == 6000
+    assert got2.indices.max() >= 3000  # the newer rows are findable from r2 ...
+    got1 = retrieve(r1, q, 5, backend="hnsw")
+    assert got1.indices.max() < 3000  # ... but never from r1
+    exact1 = retrieve(r1, q, 5, backend="numpy")
+    assert recall(got1.indices, exact1.indices) >= 0.95
+    # rows near the old version's queries that only exist in r2 force the filter path
+    r3 = update(r1, [Entry("b", "a", "s")] * 1, q[:1])  # branch: its own arena and index
+    assert retrieve(r3, q[0], 1, backend="hnsw").indices[0, 0] == 3000
+    tiny = retrieve(r1, q[0], 3000, backend="hnsw", ef=8)
+    assert tiny.indices.shape == (1, 3000) and tiny.indices.max() < 3000
+
+
+def test_tenant_filter(clustered: tuple[np.ndarray, np.ndarray]) -> None:
+    v, q = clustered
+    tenants = ["a" if i % 4 else "b" for i in range(2000)]
+    repo = _repo(v[:2000], tenants)
+    ensure_index(repo, PARAMS)
+    got = retrieve(repo, q, 5, backend="hnsw", tenant="b")
+    assert all(tenants[i] == "b" for i in got.indices.ravel())
+    exact = retrieve(repo, q, 5, backend="numpy", tenant="b")
+    assert recall(got.indices, exact.indices) >= 0.95
+    assert retrieve(repo, q, 5, backend="hnsw", tenant="zzz").indices.shape == (200, 0)
+
+
+def test_k_larger_than_repo_and_empty() -> None:
+    v = clustered_unit(np.random.default_rng(3), 20, 16, clusters=2)
+    repo = _repo(v)
+    got = retrieve(repo, v[:2], 50, backend="hnsw")
+    assert got.indices.shape == (2, 20)
+    assert sorted(got.indices[0].tolist()) == list(range(20))
+    assert retrieve(empty_repository(16), v[0], 3, backend="hnsw").indices.shape == (1, 0)
+    with pytest.raises(ValueError):
+        retrieve(repo, v[0], 3, backend="hnsw", ef=0)
