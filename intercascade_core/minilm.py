@@ -99,8 +99,11 @@ def _cpu_count() -> int:
 
 
 def _positive_int(name: str, value: object, *, minimum: int = 1, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
-        maximum is not None and value > maximum
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
     ):
         bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
         raise InvalidArgumentError(name, f"expected an int {bound}, got {value!r}")
@@ -189,9 +192,7 @@ class MiniLMEmbedder:
         self._threads = _positive_int("intra_op_threads", threads)
         self._max_length = _positive_int("max_length", max_length, minimum=2, maximum=512)
         if not isinstance(allow_spinning, bool):
-            raise InvalidArgumentError(
-                "allow_spinning", f"expected a bool, got {allow_spinning!r}"
-            )
+            raise InvalidArgumentError("allow_spinning", f"expected a bool, got {allow_spinning!r}")
         if sha256 is not None and (
             not isinstance(sha256, str)
             or len(sha256) != 64
@@ -362,8 +363,10 @@ class MiniLMEmbedder:
         """``{"hits", "misses", "size", "maxsize"}`` of the embedding cache."""
         with self._lock:
             return {
-                "hits": self._hits, "misses": self._misses,
-                "size": len(self._cache), "maxsize": self._cache_size,
+                "hits": self._hits,
+                "misses": self._misses,
+                "size": len(self._cache),
+                "maxsize": self._cache_size,
             }
 
     def cache_clear(self) -> None:

@@ -46,7 +46,11 @@ def test_hashing_empty_batch() -> None:
 
 def test_hashing_similarity_tracks_word_overlap() -> None:
     v = HashingEmbedder().embed(
-        ["Tom has 3 apples and buys 5 more", "Tom has 3 apples and buys 7 more", "capital of France"]
+        [
+            "Tom has 3 apples and buys 5 more",
+            "Tom has 3 apples and buys 7 more",
+            "capital of France",
+        ]
     )
     assert v[0] @ v[1] > v[0] @ v[2]
 
@@ -64,7 +68,9 @@ def test_hashing_stable_across_processes() -> None:
     outs = {
         subprocess.run(
             [sys.executable, "-c", code],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
             env={"PYTHONHASHSEED": str(s)},
         ).stdout
         for s in (1, 2)
