@@ -18,10 +18,8 @@ HTTP, or the in-process simulator for ``base_url = "sim:<level>"``).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -48,7 +46,6 @@ __all__ = [
     "check_calibration_run",
     "evaluate",
     "load_streams",
-    "TemplateAwareSim",
     "make_levels",
     "sim_client",
     "outcome_records",
@@ -168,77 +165,31 @@ def make_levels(
     return tuple(levels)
 
 
-_PATTERN = re.compile(r"pattern (t[0-9a-f]{8})")
-
-
-class TemplateAwareSim:
-    """An ``httpx.MockTransport`` handler around :class:`~intercascade_core.sim.SimBackend`
-    for datasets whose templates vary more than numbers.
-
-    The simulator recognises a strategy as applicable when it names the new problem's
-    *signature* (its words without numbers). GSM-Symbolic variants of one template also
-    change names and objects ("A father eats 9 tacos" / "An uncle eats 7 sushi rolls"),
-    so here a problem's template is the dataset's group: before a request reaches the
-    simulator, a strategy written for a problem of the same group is made to name the new
-    problem's signature. Models and the cascade never see the group; only this adapter,
-    which stands in for "the weak model recognises the same kind of problem", does.
-    """
-
-    def __init__(self, backend: Any, groups: Mapping[str, str]) -> None:
-        from .sim import template_signature
-
-        self.backend = backend
-        self._signature = template_signature
-        self._group_of_question = dict(groups)
-        self._group_of_signature = {template_signature(q): g for q, g in groups.items()}
-
-    def rewrite(self, body: bytes) -> bytes:
-        """The request body with same-group strategies pointed at the new problem."""
-        try:
-            req = json.loads(body)
-            prompt = "\n".join(str(m["content"]) for m in req["messages"])
-        except (ValueError, KeyError, TypeError):
-            return body  # let the simulator answer the bad request as it would
-        if "pattern t" not in prompt:
-            return body
-        question, _ = self.backend._question(prompt)
-        group = self._group_of_question.get(question)
-        if group is None:
-            return body
-        sig = self._signature(question)
-
-        def same(m: re.Match[str]) -> str:
-            return f"pattern {sig}" if self._group_of_signature.get(m.group(1)) == group else m.group(0)
-
-        for msg in req["messages"]:
-            if isinstance(msg.get("content"), str):
-                msg["content"] = _PATTERN.sub(same, msg["content"])
-        return json.dumps(req).encode()
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        import httpx
-
-        r = self.backend.respond(request.method, request.url.path, self.rewrite(request.content))
-        if r.timeout:
-            raise httpx.ReadTimeout("simulated read timeout", request=request)
-        return httpx.Response(r.status, headers=list(r.headers), content=r.body)
-
-
 def sim_client(problems: Sequence[Query], *, seed: int = 0, by_group: bool = True) -> httpx.Client:
-    """An ``httpx.Client`` whose transport is the simulator, knowing the gold answers of
-    ``problems`` (and, with ``by_group``, their templates: see :class:`TemplateAwareSim`)."""
+    """An ``httpx.Client`` whose transport is the in-process simulator (no socket).
+
+    The simulator knows the gold answers of ``problems``. With ``by_group`` it also
+    recognises "the same kind of problem" by the problems' group (``Query.template``: the
+    GSM-Symbolic template, the GSM-Plus seed question...) instead of its default, the
+    question's words without numbers: GSM-Symbolic variants of one template also change
+    names and objects ("A father eats 9 tacos" / "An uncle eats 7 sushi rolls"). The
+    models and the cascade never see the group; only the simulator's notion of "this
+    strategy fits this problem" does.
+    """
     import httpx
 
-    from .sim import SimBackend
+    from .sim import SimBackend, template_signature
 
     answer_key = {q.text.strip(): q.gold for q in problems if q.gold is not None}
-    backend = SimBackend(seed=seed, answer_key=answer_key)
+    template_key = None
     if by_group:
-        groups = {q.text.strip(): q.template for q in problems if q.template}
-        handler: Any = TemplateAwareSim(backend, groups)
-    else:
-        handler = backend.handler()
-    return httpx.Client(transport=httpx.MockTransport(handler))
+        groups = {q.text.strip(): f"g-{q.template}" for q in problems if q.template}
+
+        def template_key(question: str) -> str:
+            return groups.get(question.strip()) or template_signature(question)
+
+    backend = SimBackend(seed=seed, answer_key=answer_key, template_key=template_key)
+    return httpx.Client(transport=httpx.MockTransport(backend.handler()))
 
 
 # --------------------------------------------------------------------------- data

@@ -17,7 +17,6 @@ from intercascade_core.evaluate import (
     CachedEmbedder,
     EndpointError,
     MissingAPIKeyError,
-    TemplateAwareSim,
     evaluate,
     load_streams,
     make_levels,
@@ -25,7 +24,7 @@ from intercascade_core.evaluate import (
     results_document,
     sim_client,
 )
-from intercascade_core.sim import SimBackend, template_signature
+from intercascade_core.sim import template_signature
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 SIM_MODELS = (
@@ -146,19 +145,27 @@ def test_cached_embedder_embeds_each_text_once() -> None:
     assert cached.embed([]).shape == (0, 16)
 
 
-def test_template_aware_sim_points_same_group_strategies_at_the_new_problem() -> None:
-    a1, a2, b1 = "Tom has 3 red apples.", "Ann has 5 green pears.", "A train goes 4 miles."
-    sim = TemplateAwareSim(SimBackend(), {a1: "A", a2: "A", b1: "B"})
-    prompt = (
-        "<<<EXAMPLE 1>>>\nStrategy: like this (pattern " + template_signature(a1) + "): add\n<<<END EXAMPLE 1>>>\n"
-        "<<<EXAMPLE 2>>>\nStrategy: like that (pattern " + template_signature(b1) + "): go\n<<<END EXAMPLE 2>>>\n"
-        "Solve it.\n\nProblem: " + a2 + "\n"
-    )
-    body = json.dumps({"model": "sim-weak", "messages": [{"role": "user", "content": prompt}]}).encode()
-    content = json.loads(sim.rewrite(body))["messages"][0]["content"]
-    assert f"pattern {template_signature(a2)}" in content  # same group: now names the new problem
-    assert f"pattern {template_signature(b1)}" in content  # other group: untouched
-    assert sim.rewrite(b"not json") == b"not json"
+def test_sim_client_recognises_templates_by_group() -> None:
+    from intercascade_core.prompts import weak_prompt
+    from intercascade_core.tasks import grade
+
+    qs = to_queries(gsm_symbolic_split(templates=1, variants=30, calibration_variants=0, seed=5).test)
+    assert len({template_signature(q.text) for q in qs}) > 1  # names/objects vary within a template
+
+    class Item:  # a stored strategy written for the first variant
+        query, answer = qs[0].text, qs[0].gold or ""
+        strategy = f"For problems like these (pattern g-{qs[0].template}): do it."
+
+    def n_correct(client: httpx.Client, with_strategy: bool) -> int:
+        weak = make_levels(SIM_MODELS, sim_client=client)[0].model
+        gens = [weak.generate([{"role": "user", "content": weak_prompt(q, [Item()] if with_strategy else [])}])
+                for q in qs[1:]]
+        return sum(bool(grade(g.text, q.gold, "math").correct) for g, q in zip(gens, qs[1:], strict=True))
+
+    by_group = sim_client(qs)
+    assert n_correct(by_group, True) >= n_correct(by_group, False) + 10  # taught on other variants
+    by_words = sim_client(qs, by_group=False)
+    assert n_correct(by_words, True) <= n_correct(by_words, False) + 5  # wording differs: rarely taught
 
 
 def test_load_streams_file_dataset_and_limit() -> None:
