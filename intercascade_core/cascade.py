@@ -69,6 +69,7 @@ Policy = Literal["jung", "random", "retrieval"]
 Teach = Literal["all_weaker", "previous"]
 StrategyMode = Literal["two_call", "single_call"]
 Status = Literal["accepted", "discarded"]
+RetrievalBackend = Literal["exact", "numpy", "hnsw"]  # retrieve.Backend, without importing it
 
 
 # ----------------------------------------------------------------------------- config
@@ -107,7 +108,7 @@ class CascadeConfig:
 
     policy: Policy = "retrieval"
     k: int = 2
-    backend: str = "exact"
+    backend: RetrievalBackend = "exact"
     teach: Teach = "all_weaker"
     strategy_mode: StrategyMode = "two_call"
     seed: int = 0
@@ -115,11 +116,19 @@ class CascadeConfig:
 
     def __post_init__(self) -> None:
         if self.policy not in get_args(Policy):
-            raise InvalidArgumentError("policy", f"expected one of {get_args(Policy)}, got {self.policy!r}")
+            raise InvalidArgumentError(
+                "policy", f"expected one of {get_args(Policy)}, got {self.policy!r}"
+            )
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
             raise InvalidArgumentError("k", f"must be an int >= 0, got {self.k!r}")
+        if self.backend not in get_args(RetrievalBackend):
+            raise InvalidArgumentError(
+                "backend", f"expected one of {get_args(RetrievalBackend)}, got {self.backend!r}"
+            )
         if self.teach not in get_args(Teach):
-            raise InvalidArgumentError("teach", f"expected one of {get_args(Teach)}, got {self.teach!r}")
+            raise InvalidArgumentError(
+                "teach", f"expected one of {get_args(Teach)}, got {self.teach!r}"
+            )
         if self.strategy_mode not in get_args(StrategyMode):
             raise InvalidArgumentError(
                 "strategy_mode",
@@ -532,7 +541,9 @@ def calibrate_levels(
         raise InvalidArgumentError("queries", "the calibration split is empty")
     for q in items:
         if q.gold is None:
-            raise InvalidArgumentError("queries", f"calibration query {q.id or q.text[:40]!r} has no gold answer")
+            raise InvalidArgumentError(
+                "queries", f"calibration query {q.id or q.text[:40]!r} has no gold answer"
+            )
     confs: list[list[float]] = [[] for _ in levels]
     corr: list[list[bool]] = [[] for _ in levels]
     fails: list[list[str | None]] = [[] for _ in levels]

@@ -36,7 +36,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 
 from .errors import IntercascadeError, InvalidArgumentError
 
@@ -207,8 +207,17 @@ class TextModel(Protocol):
 
 # ----------------------------------------------------------------------------- client
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
-_CONTEXT_HINTS = ("context length", "context_length", "maximum context", "too many tokens",
-                  "context window", "prompt is too long", "exceeds the context")
+_CONTEXT_HINTS = (  # OpenAI, vLLM, Gemini, llama.cpp, Ollama wordings
+    "context length",
+    "context_length",
+    "maximum context",
+    "too many tokens",
+    "context window",
+    "context size",
+    "prompt is too long",
+    "exceeds the context",
+    "input token count",
+)
 
 
 def _retry_after_s(value: str | None, now: float) -> float | None:
@@ -317,7 +326,7 @@ class ChatModel:
         if self._owns_client:
             self._client.close()
 
-    def __enter__(self) -> ChatModel:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -353,7 +362,8 @@ class ChatModel:
                 t0 = time.perf_counter()
                 resp = self._client.post(url, json=body, headers=headers, timeout=t)
                 latency = time.perf_counter() - t0
-            except (httpx.TimeoutException, httpx.ConnectError, httpx.RemoteProtocolError) as e:
+            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as e:
+                # connect/read/write timeouts, refused or reset connections, dropped replies
                 last = f"{type(e).__name__}: {e}"
             else:
                 status = resp.status_code
@@ -370,7 +380,9 @@ class ChatModel:
                         if any(h in text.lower() for h in _CONTEXT_HINTS)
                         else BadRequestError
                     )
-                    raise cls(f"{self.model}: HTTP {status}: {text}", model=self.model, status=status)
+                    raise cls(
+                        f"{self.model}: HTTP {status}: {text}", model=self.model, status=status
+                    )
                 last = f"HTTP {status}: {text[:200]}"
                 retry_after = _retry_after_s(resp.headers.get("retry-after"), time.time())
             if attempt >= self.max_retries:

@@ -19,6 +19,7 @@ outcome of the relevant kind has a gold answer. A failed call still counts as a 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,12 +141,10 @@ def compute_metrics(
             "baseline", f"baseline has {len(base)} outcomes, this run has {n}: not the same stream"
         )
     b = compute_metrics(base)
-    return Metrics(
-        **{
-            **metrics.as_dict(),
-            "token_reduction": reduction(b.strong_tokens, metrics.strong_tokens),
-            "cost_reduction": reduction(b.strong_cost, metrics.strong_cost),
-            "token_reduction_total": reduction(b.total_tokens, metrics.total_tokens),
-            "cost_reduction_total": reduction(b.total_cost, metrics.total_cost),
-        }
+    return dataclasses.replace(
+        metrics,
+        token_reduction=reduction(b.strong_tokens, metrics.strong_tokens),
+        cost_reduction=reduction(b.strong_cost, metrics.strong_cost),
+        token_reduction_total=reduction(b.total_tokens, metrics.total_tokens),
+        cost_reduction_total=reduction(b.total_cost, metrics.total_cost),
     )

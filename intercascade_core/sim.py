@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidArgumentError
 from .prompts import EXAMPLE_CLOSE, STRATEGY_REQUEST_MARK
-from .tasks import Query, extract_answer
+from .tasks import Query
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -134,54 +134,62 @@ _STRUCTURES: tuple[_Structure, ...] = (
     _Structure(
         "{name} has {n0} {obj}. {name2} gives {name} {n1} more {obj}, and then {name} gives "
         "away {n2} {obj}. How many {obj} does {name} have now?",
-        _nums_addsub, lambda n: n[0] + n[1] - n[2],
+        _nums_addsub,
+        lambda n: n[0] + n[1] - n[2],
         "track one running total: start from the initial amount, add what is received and "
         "subtract what is given away, in the order the events happen",
     ),
     _Structure(
         "{name} buys {n0} boxes of {obj}. Each box holds {n1} {obj}. {name} already had {n2} "
         "{obj}. How many {obj} does {name} have in total?",
-        lambda r: (r(2, 12), r(3, 24), r(1, 40)), lambda n: n[0] * n[1] + n[2],
+        lambda r: (r(2, 12), r(3, 24), r(1, 40)),
+        lambda n: n[0] * n[1] + n[2],
         "multiply the number of groups by the size of each group, then add the amount that "
         "was there before",
     ),
     _Structure(
         "{name} puts {n0} {obj} equally into {n1} baskets. Then {name2} adds {n2} {obj} to "
         "one basket. How many {obj} are in that basket now?",
-        _nums_div, lambda n: n[0] / n[1] + n[2],
+        _nums_div,
+        lambda n: n[0] / n[1] + n[2],
         "divide the total equally to get the amount per group, then add the extra amount "
         "only to the single group the question asks about",
     ),
     _Structure(
         "A store has {n0} {obj} and {name} sells {n1} percent of them on Monday. How many "
         "{obj} are left in the store?",
-        _nums_pct, lambda n: n[0] * (100 - n[1]) / 100,
+        _nums_pct,
+        lambda n: n[0] * (100 - n[1]) / 100,
         "convert the percentage sold into the percentage kept (100 minus it) and multiply the "
         "total by that fraction",
     ),
     _Structure(
         "{name} has {n0} {obj}. {name2} has {n1} times as many {obj} as {name}, minus {n2}. "
         "How many {obj} do {name} and {name2} have together?",
-        lambda r: (r(3, 30), r(2, 6), r(1, 9)), lambda n: n[0] + n[0] * n[1] - n[2],
+        lambda r: (r(3, 30), r(2, 6), r(1, 9)),
+        lambda n: n[0] + n[0] * n[1] - n[2],
         "compute the second person's amount from the first (multiply, then subtract), and "
         "add both amounts at the end",
     ),
     _Structure(
         "{name} collected {n0}, {n1} and {n2} {obj} over three days. What is the average "
         "number of {obj} {name} collected per day?",
-        _nums_avg, lambda n: (n[0] + n[1] + n[2]) / 3,
+        _nums_avg,
+        lambda n: (n[0] + n[1] + n[2]) / 3,
         "add the amounts of all days and divide by the number of days",
     ),
     _Structure(
         "{name} earns {n0} dollars per day selling {obj} and spends {n1} dollars per day on "
         "supplies. How many dollars does {name} save in {n2} days?",
-        _nums_save, lambda n: (n[0] - n[1]) * n[2],
+        _nums_save,
+        lambda n: (n[0] - n[1]) * n[2],
         "find the daily saving as earnings minus spending, then multiply by the number of days",
     ),
     _Structure(
         "There are {n0} {obj} in a crate. {name} takes half of them, then {name2} takes {n1} "
         "of the remaining {obj}. How many {obj} are left in the crate?",
-        _nums_half, lambda n: n[0] / 2 - n[1],
+        _nums_half,
+        lambda n: n[0] / 2 - n[1],
         "halve the total first, then subtract the second amount from what remains",
     ),
 )
@@ -198,7 +206,9 @@ N_BUILTIN_TEMPLATES = len(_STRUCTURES) * len(_CAST)
 def _render(t: int, nums: tuple[int, ...]) -> str:
     s = _STRUCTURES[t % len(_STRUCTURES)]
     name, name2, obj = _CAST[t // len(_STRUCTURES)]
-    return s.text.format(name=name, name2=name2, obj=obj, **{f"n{i}": v for i, v in enumerate(nums)})
+    return s.text.format(
+        name=name, name2=name2, obj=obj, **{f"n{i}": v for i, v in enumerate(nums)}
+    )
 
 
 def _solve_number(value: float) -> str:
@@ -227,10 +237,13 @@ def templated_math_stream(
     if not (isinstance(n, int) and n >= 0):
         raise InvalidArgumentError("n", f"must be an int >= 0, got {n!r}")
     # spread templates over structures first, so few templates are still varied
-    order = [(t % len(_CAST)) * len(_STRUCTURES) + t // len(_CAST) for t in range(N_BUILTIN_TEMPLATES)]
+    order = [
+        (t % len(_CAST)) * len(_STRUCTURES) + t // len(_CAST) for t in range(N_BUILTIN_TEMPLATES)
+    ]
     order = [(first_template + i) % N_BUILTIN_TEMPLATES for i in order]
     out = []
     for j in range(n):
+
         def r(lo: int, hi: int, _j: int = j, _c: list[int] = [0]) -> int:  # noqa: B006
             _c[0] += 1
             return lo + int(_u(seed, "num", _j, _c[0]) * (hi - lo + 1))
@@ -240,8 +253,13 @@ def templated_math_stream(
         text = _render(t, nums)
         gold = _STRUCTURES[t % len(_STRUCTURES)].solve(tuple(float(x) for x in nums))
         out.append(
-            Query(text=text, gold=_solve_number(gold), family="math",
-                  id=f"sim-{seed}-{j}", template=f"builtin-{t}")
+            Query(
+                text=text,
+                gold=_solve_number(gold),
+                family="math",
+                id=f"sim-{seed}-{j}",
+                template=f"builtin-{t}",
+            )
         )
     return tuple(out)
 
@@ -283,8 +301,13 @@ class Faults:
     timeout_s: float = 0.5  # server mode: how long a "timeout" stalls the reply
 
     def __post_init__(self) -> None:
-        rates = (self.rate_429, self.rate_500, self.rate_timeout, self.rate_malformed,
-                 self.rate_missing_logprobs)
+        rates = (
+            self.rate_429,
+            self.rate_500,
+            self.rate_timeout,
+            self.rate_malformed,
+            self.rate_missing_logprobs,
+        )
         if any(not 0.0 <= r <= 1.0 for r in rates) or sum(rates) > 1.0 + 1e-12:
             raise InvalidArgumentError("rates", f"must be in [0,1] with sum <= 1, got {rates}")
 
@@ -298,10 +321,39 @@ def _tokenize(text: str) -> list[str]:
 
 
 _FILLER = (
-    "First,", "read", "the", "problem", "carefully", "and", "list", "the", "given",
-    "quantities.", "Next,", "decide", "which", "operation", "connects", "them.", "Then",
-    "compute", "step", "by", "step", "and", "check", "the", "units.", "So", "the", "result",
-    "follows", "from", "the", "previous", "step.",
+    "First,",
+    "read",
+    "the",
+    "problem",
+    "carefully",
+    "and",
+    "list",
+    "the",
+    "given",
+    "quantities.",
+    "Next,",
+    "decide",
+    "which",
+    "operation",
+    "connects",
+    "them.",
+    "Then",
+    "compute",
+    "step",
+    "by",
+    "step",
+    "and",
+    "check",
+    "the",
+    "units.",
+    "So",
+    "the",
+    "result",
+    "follows",
+    "from",
+    "the",
+    "previous",
+    "step.",
 )
 
 
@@ -373,14 +425,20 @@ class SimBackend:
             if seen < self.faults.transient_attempts:
                 if fault == "429":
                     return self._error(
-                        429, "rate limited", "rate_limit_exceeded",
+                        429,
+                        "rate limited",
+                        "rate_limit_exceeded",
                         (("Retry-After", f"{self.faults.retry_after:g}"),),
                     )
                 if fault == "500":
                     return self._error(500, "internal error", "server_error")
                 return SimResponse(0, b"", timeout=True)
         if fault == "malformed":
-            return SimResponse(200, b'{"id": "x", "choices": [{"message": ', (("content-type", "application/json"),))
+            return SimResponse(
+                200,
+                b'{"id": "x", "choices": [{"message": ',
+                (("content-type", "application/json"),),
+            )
         completion = self._complete(model, prompt, req)
         if fault == "missing_logprobs":
             completion["choices"][0]["logprobs"] = None
@@ -389,9 +447,13 @@ class SimBackend:
     def _fault(self, key: bytes) -> str | None:
         f = self.faults
         u = _u(key, "fault")
-        for name, rate in (("429", f.rate_429), ("500", f.rate_500), ("timeout", f.rate_timeout),
-                           ("malformed", f.rate_malformed),
-                           ("missing_logprobs", f.rate_missing_logprobs)):
+        for name, rate in (
+            ("429", f.rate_429),
+            ("500", f.rate_500),
+            ("timeout", f.rate_timeout),
+            ("malformed", f.rate_malformed),
+            ("missing_logprobs", f.rate_missing_logprobs),
+        ):
             if u < rate:
                 return name
             u -= rate
@@ -403,9 +465,12 @@ class SimBackend:
             status, json.dumps(obj).encode(), (("content-type", "application/json"), *headers)
         )
 
-    def _error(self, status: int, message: str, code: str,
-               headers: tuple[tuple[str, str], ...] = ()) -> SimResponse:
-        return self._json(status, {"error": {"message": message, "type": code, "code": code}}, headers)
+    def _error(
+        self, status: int, message: str, code: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> SimResponse:
+        return self._json(
+            status, {"error": {"message": message, "type": code, "code": code}}, headers
+        )
 
     # -- the simulated model -------------------------------------------------------------
     def _gold(self, question: str) -> str | None:
@@ -453,7 +518,11 @@ class SimBackend:
         shown_answer = re.search(r"your final answer was: (.*)$", prompt, re.MULTILINE)
         taught = any(f"pattern {sig}" in s for s in shown)
         skill = _u(self.seed, model, "skill", sig)
-        p = prof.taught_accuracy if taught else prof.base_accuracy + prof.skill_spread * (skill - 0.5)
+        p = (
+            prof.taught_accuracy
+            if taught
+            else prof.base_accuracy + prof.skill_spread * (skill - 0.5)
+        )
         luck = _u(self.seed, model, "luck", question)
         right = gold is not None and luck < min(1.0, max(0.0, p))
         if shown_answer:  # a strategy call: restate the answer the teacher already gave
@@ -476,12 +545,13 @@ class SimBackend:
         if teach:
             t = _SIGNATURES.get(template_signature(question))
             method = (
-                _STRUCTURES[t % len(_STRUCTURES)].method if t is not None
+                _STRUCTURES[t % len(_STRUCTURES)].method
+                if t is not None
                 else "identify the quantities, relate them with the right operations and check the result"
             )
             topic = " ".join(w for w in _NUMBER.sub(" ", question).split()[:6])
             strategy = (
-                f"For problems like \"{topic} ...\" (pattern {sig}): {method}. Pitfalls: "
+                f'For problems like "{topic} ..." (pattern {sig}): {method}. Pitfalls: '
                 "misreading which quantity the question asks for; check the final unit."
             )
             body = f"Solution: {reasoning}"
@@ -501,8 +571,9 @@ class SimBackend:
             mean = math.fsum(noise) / len(noise) if noise else 0.0
             for tok, e in zip(part, noise, strict=True):
                 lp = log_c + abs(log_c) * 0.5 * (e - mean)  # zero-sum, never above 0
-                content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()),
-                                "top_logprobs": []})
+                content.append(
+                    {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
+                )
         # order tokens as in the text: body, answer line, then tail
         nb = len(body_tokens)
         na = len(answer_tokens)
@@ -517,14 +588,19 @@ class SimBackend:
             "object": "chat.completion",
             "created": 0,
             "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": {"content": ordered},
-                "finish_reason": "stop",
-            }],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(ordered),
-                      "total_tokens": prompt_tokens + len(ordered)},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": {"content": ordered},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(ordered),
+                "total_tokens": prompt_tokens + len(ordered),
+            },
         }
 
 
@@ -560,7 +636,7 @@ class SimServer:
 
             do_GET = do_POST = _serve
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet: tests and benchmarks read stdout
 
         class Server(ThreadingHTTPServer):
@@ -571,7 +647,7 @@ class SimServer:
 
         self.backend = backend
         self.httpd = Server((host, port), Handler)
-        self.host, self.port = self.httpd.server_address[:2]
+        self.host, self.port = str(self.httpd.server_address[0]), int(self.httpd.server_address[1])
         self._thread: threading.Thread | None = None
 
     @property
@@ -582,8 +658,9 @@ class SimServer:
         self.httpd.serve_forever()
 
     def start(self) -> SimServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
-                                        name=f"sim-serve:{self.port}")
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, daemon=True, name=f"sim-serve:{self.port}"
+        )
         self._thread.start()
         return self
 
@@ -596,7 +673,11 @@ class SimServer:
 
 @contextmanager
 def start_server(
-    host: str = "127.0.0.1", port: int = 0, *, seed: int = 0, faults: Faults | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    seed: int = 0,
+    faults: Faults | None = None,
     backend: SimBackend | None = None,
 ) -> Iterator[SimServer]:
     """Run the simulator on a background thread for the ``with`` block (port 0 = any free
@@ -609,8 +690,14 @@ def start_server(
         server.close()
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, *, seed: int = 0,
-          faults: Faults | None = None, ready: Callable[[str], None] | None = None) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    seed: int = 0,
+    faults: Faults | None = None,
+    ready: Callable[[str], None] | None = None,
+) -> None:
     """Serve the simulator until interrupted (``intercascade sim-serve``); ``ready`` is
     called with the base URL (``http://HOST:PORT/v1``, the real port when ``port=0``)."""
     server = SimServer(SimBackend(seed=seed, faults=faults or Faults()), host, port)

@@ -101,9 +101,9 @@ def parse_number(text: str) -> float | None:
         return sign * float(frac.group(2)) / den if den != 0 else None
     s = s.replace(",", "").replace(" ", "").rstrip("%")
     if "/" in s:
-        num, _, den = s.partition("/")
+        num, _, den_text = s.partition("/")
         try:
-            value = Fraction(num) / Fraction(den)
+            value = Fraction(num) / Fraction(den_text)
         except (ValueError, ZeroDivisionError):
             return None
         return float(value)

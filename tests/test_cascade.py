@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from intercascade_core.calibrate import Calibration, calibrate
+from intercascade_core.calibrate import Calibration
 from intercascade_core.cascade import (
     CascadeConfig,
     CascadeState,
@@ -37,11 +37,17 @@ EMB = HashingEmbedder(dim=64)
 class Sim:
     """Clients, models and calibrations for one simulator backend; closes its clients."""
 
-    def __init__(self, backend: SimBackend, names: Sequence[str] = ("sim-weak", "sim-strong"),
-                 base_url: str = "http://sim/v1", transport: bool = True) -> None:
+    def __init__(
+        self,
+        backend: SimBackend,
+        names: Sequence[str] = ("sim-weak", "sim-strong"),
+        base_url: str = "http://sim/v1",
+        transport: bool = True,
+    ) -> None:
         self.client = httpx.Client(transport=backend.transport()) if transport else httpx.Client()
-        self.levels = [Level(ChatModel(base_url, n, client=self.client, sleep=lambda s: None))
-                       for n in names]
+        self.levels = [
+            Level(ChatModel(base_url, n, client=self.client, sleep=lambda s: None)) for n in names
+        ]
 
     def close(self) -> None:
         self.client.close()
@@ -57,8 +63,9 @@ def sim() -> Iterator[Sim]:
 @pytest.fixture(scope="module")
 def cals(sim: Sim) -> tuple[Calibration, ...]:
     # a separate, strategy-free calibration split (its own seed), as in the paper
-    run = calibrate_levels(templated_math_stream(400, n_templates=10, seed=100), sim.levels,
-                           alpha=ALPHA, delta=DELTA)
+    run = calibrate_levels(
+        templated_math_stream(400, n_templates=10, seed=100), sim.levels, alpha=ALPHA, delta=DELTA
+    )
     assert all(c.threshold < 1 for c in run.calibrations)  # both levels can accept
     return run.calibrations
 
@@ -71,7 +78,9 @@ def decisions(outs: Sequence[Outcome]) -> list[tuple[Any, ...]]:
 
 
 # ------------------------------------------------------------------ invariants 20-22
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     policy=st.sampled_from(["jung", "random", "retrieval"]),
     k=st.integers(0, 3),
@@ -79,8 +88,9 @@ def decisions(outs: Sequence[Outcome]) -> list[tuple[Any, ...]]:
     seed=st.integers(0, 10**6),
     n=st.integers(1, 40),
 )
-def test_stream_invariants(sim: Sim, cals, policy: str, k: int, n_templates: int, seed: int,
-                           n: int) -> None:
+def test_stream_invariants(
+    sim: Sim, cals, policy: str, k: int, n_templates: int, seed: int, n: int
+) -> None:
     queries = templated_math_stream(n, n_templates=n_templates, seed=seed)
     state0 = init_state(cals, EMB.dim)
     state = state0
@@ -112,14 +122,26 @@ def test_stream_invariants(sim: Sim, cals, policy: str, k: int, n_templates: int
 
 
 def test_k0_equals_jung_decision_for_decision(sim: Sim, cals) -> None:
-    jung = run_stream(STREAM, sim.levels, EMB, calibrations=cals,
-                      config=CascadeConfig(policy="jung"), progress=False)
+    jung = run_stream(
+        STREAM,
+        sim.levels,
+        EMB,
+        calibrations=cals,
+        config=CascadeConfig(policy="jung"),
+        progress=False,
+    )
     for cfg in (CascadeConfig(policy="retrieval", k=0), CascadeConfig(policy="random", k=0)):
         inter = run_stream(STREAM, sim.levels, EMB, calibrations=cals, config=cfg, progress=False)
         assert decisions(inter.outcomes) == decisions(jung.outcomes)
         a, b = compute_metrics(inter.outcomes), compute_metrics(jung.outcomes)
-        for f in ("pipeline_accuracy", "strong_call_rate", "coverage", "weak_accuracy",
-                  "weak_correct_accepted", "calls_per_level"):
+        for f in (
+            "pipeline_accuracy",
+            "strong_call_rate",
+            "coverage",
+            "weak_accuracy",
+            "weak_correct_accepted",
+            "calls_per_level",
+        ):
             assert getattr(a, f) == getattr(b, f)
         assert len(inter.state.repositories[0]) > 0  # it did teach, the weak just never looked
 
@@ -127,13 +149,23 @@ def test_k0_equals_jung_decision_for_decision(sim: Sim, cals) -> None:
 def test_paper_ordering_on_templated_stream(sim: Sim, cals) -> None:
     """Seeded and deterministic (no false failures). The margins are wide: over 20 other
     sim/stream seeds (checked when writing this test) every inequality held."""
-    runs = {p: run_stream(STREAM, sim.levels, EMB, calibrations=cals,
-                          config=CascadeConfig(policy=p, seed=3), progress=False)  # type: ignore[arg-type]
-            for p in ("jung", "random", "retrieval")}
+    runs = {
+        p: run_stream(
+            STREAM,
+            sim.levels,
+            EMB,
+            calibrations=cals,
+            config=CascadeConfig(policy=p, seed=3),
+            progress=False,
+        )  # type: ignore[arg-type]
+        for p in ("jung", "random", "retrieval")
+    }
     base = runs["jung"].outcomes
     m = {p: compute_metrics(r.outcomes, baseline=base) for p, r in runs.items()}
     assert m["retrieval"].weak_accuracy > m["random"].weak_accuracy > m["jung"].weak_accuracy
-    assert m["retrieval"].strong_call_rate < m["random"].strong_call_rate <= m["jung"].strong_call_rate
+    assert (
+        m["retrieval"].strong_call_rate < m["random"].strong_call_rate <= m["jung"].strong_call_rate
+    )
     assert m["retrieval"].token_reduction > 0 and m["retrieval"].cost_reduction > 0
     assert m["retrieval"].pipeline_accuracy >= m["jung"].pipeline_accuracy - 0.02
     # 25: the teachable weak model makes strictly fewer strong calls than the baseline
@@ -142,11 +174,19 @@ def test_paper_ordering_on_templated_stream(sim: Sim, cals) -> None:
 
 def test_recurring_duplicates_make_strictly_fewer_strong_calls(sim: Sim, cals) -> None:
     stream = templated_math_stream(40, n_templates=4, seed=7) * 2  # exact repeats too
-    jung = run_stream(stream, sim.levels, EMB, calibrations=cals,
-                      config=CascadeConfig(policy="jung"), progress=False)
+    jung = run_stream(
+        stream,
+        sim.levels,
+        EMB,
+        calibrations=cals,
+        config=CascadeConfig(policy="jung"),
+        progress=False,
+    )
     inter = run_stream(stream, sim.levels, EMB, calibrations=cals, progress=False)
-    assert (compute_metrics(inter.outcomes).strong_call_rate
-            < compute_metrics(jung.outcomes).strong_call_rate)
+    assert (
+        compute_metrics(inter.outcomes).strong_call_rate
+        < compute_metrics(jung.outcomes).strong_call_rate
+    )
 
 
 def test_retrieved_strategies_are_similar_and_recorded(sim: Sim, cals) -> None:
@@ -169,14 +209,21 @@ def test_resume_from_a_state_equals_one_run(sim: Sim, cals) -> None:
     rest = run_stream(STREAM[25:60], sim.levels, EMB, state=first.state, config=cfg, progress=False)
     assert decisions(first.outcomes + rest.outcomes) == decisions(whole.outcomes)
     assert [o.index for o in rest.outcomes] == list(range(25, 60))
-    assert len(first.state.repositories[0]) + sum(o.kind == "strong_accepted" for o in rest.outcomes) \
-        == len(rest.state.repositories[0])
+    assert len(first.state.repositories[0]) + sum(
+        o.kind == "strong_accepted" for o in rest.outcomes
+    ) == len(rest.state.repositories[0])
 
 
 def test_random_policy_is_seeded(sim: Sim, cals) -> None:
     def run(seed: int) -> list[Any]:
-        r = run_stream(STREAM[:60], sim.levels, EMB, calibrations=cals,
-                       config=CascadeConfig(policy="random", seed=seed), progress=False)
+        r = run_stream(
+            STREAM[:60],
+            sim.levels,
+            EMB,
+            calibrations=cals,
+            config=CascadeConfig(policy="random", seed=seed),
+            progress=False,
+        )
         return [tuple(s.entry_id for s in o.strategies[0]) for o in r.outcomes]
 
     assert run(1) == run(1) and run(1) != run(2)
@@ -201,8 +248,12 @@ def test_real_sockets_give_identical_outcomes(cals) -> None:
 
 def test_transient_faults_are_retried_and_change_nothing(sim: Sim, cals) -> None:
     clean = run_stream(STREAM[:80], sim.levels, EMB, calibrations=cals, progress=False)
-    faulty = Sim(SimBackend(seed=1, faults=Faults(rate_429=0.15, rate_500=0.15, rate_timeout=0.15,
-                                                  transient_attempts=2)))
+    faulty = Sim(
+        SimBackend(
+            seed=1,
+            faults=Faults(rate_429=0.15, rate_500=0.15, rate_timeout=0.15, transient_attempts=2),
+        )
+    )
     try:
         got = run_stream(STREAM[:80], faulty.levels, EMB, calibrations=cals, progress=False)
     finally:
@@ -232,8 +283,9 @@ def test_persistent_faults_are_recorded_not_lost(cals) -> None:
 def test_three_levels_teach_topologies(cals) -> None:
     s = Sim(SimBackend(seed=2), names=("sim-weak", "sim-mid", "sim-strong"))
     try:
-        run = calibrate_levels(templated_math_stream(300, n_templates=10, seed=101), s.levels,
-                               alpha=ALPHA, delta=DELTA)
+        run = calibrate_levels(
+            templated_math_stream(300, n_templates=10, seed=101), s.levels, alpha=ALPHA, delta=DELTA
+        )
         for teach in ("all_weaker", "previous"):
             state = init_state(run.calibrations, EMB.dim)
             for q in STREAM[:120]:
@@ -254,8 +306,14 @@ def test_three_levels_teach_topologies(cals) -> None:
 
 
 def test_single_call_mode(sim: Sim, cals) -> None:
-    r = run_stream(STREAM[:60], sim.levels, EMB, calibrations=cals,
-                   config=CascadeConfig(strategy_mode="single_call"), progress=False)
+    r = run_stream(
+        STREAM[:60],
+        sim.levels,
+        EMB,
+        calibrations=cals,
+        config=CascadeConfig(strategy_mode="single_call"),
+        progress=False,
+    )
     strong = [o for o in r.outcomes if o.kind == "strong_accepted"]
     assert strong and all(o.stored_in == (0,) for o in strong)
     assert all(o.teach_usage[1].calls == 0 for o in r.outcomes)
@@ -271,12 +329,15 @@ class Stub:
     def generate(self, messages: Sequence[Mapping[str, str]], **params: Any) -> Generation:
         text = self.replies.pop(0)
         lps = (-0.01,) * 3
-        return Generation(text, ("a", "b", "c"), lps, confidence_from_logprobs(lps), 10, 3,
-                          self.model, 0.0)
+        return Generation(
+            text, ("a", "b", "c"), lps, confidence_from_logprobs(lps), 10, 3, self.model, 0.0
+        )
 
 
 def test_malformed_strategy_is_rejected_with_reason_never_stored() -> None:
-    cal_w = Calibration(float("inf"), ALPHA, DELTA, 0, 0, 0, 1.0, "grid", 30, True, True, "abstain", 0)
+    cal_w = Calibration(
+        float("inf"), ALPHA, DELTA, 0, 0, 0, 1.0, "grid", 30, True, True, "abstain", 0
+    )
     cal_s = Calibration(0.5, ALPHA, DELTA, 100, 50, 0, 0.05, "grid", 30, False, True, "abstain", 1)
     weak = Stub("w", ["Answer: 1"])
     strong = Stub("s", ["Answer: 4", "Solution: trust me\nAnswer: 4"])  # no Strategy section
@@ -314,8 +375,16 @@ def test_backends_agree_with_numpy(sim: Sim, cals, backend: str) -> None:
         pytest.skip("the hnsw adapter (intercascade_core._ann) is not available")
 
     def run(b: str) -> list[Any]:
-        return decisions(run_stream(STREAM[:80], sim.levels, EMB, calibrations=cals,
-                                    config=CascadeConfig(backend=b), progress=False).outcomes)
+        return decisions(
+            run_stream(
+                STREAM[:80],
+                sim.levels,
+                EMB,
+                calibrations=cals,
+                config=CascadeConfig(backend=b),
+                progress=False,
+            ).outcomes
+        )
 
     # hnsw is approximate, but at this size (< 80 entries) it finds the same neighbours
     assert run(backend) == run("numpy")

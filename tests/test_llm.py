@@ -32,11 +32,15 @@ from intercascade_core.llm import (
 def completion(tokens: list[str], lps: list[float], **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": "m",
-        "choices": [{
-            "message": {"role": "assistant", "content": "".join(tokens)},
-            "logprobs": {"content": [{"token": t, "logprob": lp} for t, lp in zip(tokens, lps)]},
-            "finish_reason": "stop",
-        }],
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": "".join(tokens)},
+                "logprobs": {
+                    "content": [{"token": t, "logprob": lp} for t, lp in zip(tokens, lps)]
+                },
+                "finish_reason": "stop",
+            }
+        ],
         "usage": {"prompt_tokens": 100, "completion_tokens": len(tokens)},
     }
     body.update(extra)
@@ -72,8 +76,16 @@ def make() -> Iterator[Callable[..., tuple[ChatModel, Clock, list[httpx.Request]
         client = httpx.Client(transport=httpx.MockTransport(h))
         clients.append(client)
         clock = Clock()
-        model = ChatModel("http://x/v1", "gpt-4o-mini", api_key="k", client=client,
-                          sleep=clock.sleep, clock=clock, jitter_seed=0, **kw)
+        model = ChatModel(
+            "http://x/v1",
+            "gpt-4o-mini",
+            api_key="k",
+            client=client,
+            sleep=clock.sleep,
+            clock=clock,
+            jitter_seed=0,
+            **kw,
+        )
         return model, clock, seen
 
     yield _make
@@ -100,8 +112,9 @@ def test_generation_fields_and_request(make) -> None:
 
 def test_answer_span_confidence_option(make) -> None:
     toks, lps = ["Work", "\nAnswer:", " 4"], [-3.0, -0.1, -0.3]
-    model, _, _ = make(lambda r: httpx.Response(200, json=completion(toks, lps)),
-                       confidence_span="answer")
+    model, _, _ = make(
+        lambda r: httpx.Response(200, json=completion(toks, lps)), confidence_span="answer"
+    )
     assert model.generate(MSG).confidence == pytest.approx(math.exp(-0.2))
 
 
@@ -123,8 +136,13 @@ def test_missing_logprobs_is_typed_never_one(make) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [b"not json", b'{"choices": []}', b'{"choices": [{"message": {}}]', b"{}",
-     json.dumps(completion(["a"], [0.5])).encode()],  # a positive logprob is corrupt
+    [
+        b"not json",
+        b'{"choices": []}',
+        b'{"choices": [{"message": {}}]',
+        b"{}",
+        json.dumps(completion(["a"], [0.5])).encode(),
+    ],  # a positive logprob is corrupt
 )
 def test_malformed_bodies_are_typed(make, content: bytes) -> None:
     model, clock, _ = make(lambda r: httpx.Response(200, content=content))
@@ -195,8 +213,9 @@ def test_retries_exhausted(make) -> None:
 
 
 def test_total_deadline(make) -> None:
-    model, clock, _ = make(lambda r: httpx.Response(429, headers={"Retry-After": "40"}),
-                           deadline=100.0)
+    model, clock, _ = make(
+        lambda r: httpx.Response(429, headers={"Retry-After": "40"}), deadline=100.0
+    )
     with pytest.raises(DeadlineExceeded):
         model.generate(MSG)
     assert sum(clock.sleeps) <= 100.0

@@ -25,15 +25,23 @@ def outcomes(draw: st.DrawFn, n_levels: int = 2) -> Outcome:
     def usage(i: int, teach: bool = False) -> Usage:
         if i >= asked or (teach and (i != accepted_at or i == 0)):  # only levels >= 1 teach
             return Usage()
-        return Usage(1, draw(st.integers(0, 2000)), draw(st.integers(0, 500)),
-                     draw(st.floats(0, 1)))
+        return Usage(
+            1, draw(st.integers(0, 2000)), draw(st.integers(0, 500)), draw(st.floats(0, 1))
+        )
 
     return Outcome(
-        index=0, query_id="", status="discarded" if accepted_at is None else "accepted",
-        level=accepted_at, answer=None if accepted_at is None else "1",
-        correct=None if accepted_at is None else corr[accepted_at], unparseable=False,
-        confidences=conf, level_answers=answers, level_correct=corr,
-        strategies=((),) * n_levels, usage=tuple(usage(i) for i in range(n_levels)),
+        index=0,
+        query_id="",
+        status="discarded" if accepted_at is None else "accepted",
+        level=accepted_at,
+        answer=None if accepted_at is None else "1",
+        correct=None if accepted_at is None else corr[accepted_at],
+        unparseable=False,
+        confidences=conf,
+        level_answers=answers,
+        level_correct=corr,
+        strategies=((),) * n_levels,
+        usage=tuple(usage(i) for i in range(n_levels)),
         teach_usage=tuple(usage(i, True) for i in range(n_levels)),
         failures=(None,) * n_levels,
     )
@@ -47,8 +55,13 @@ runs = st.lists(outcomes(), min_size=1, max_size=60)
 def test_invariants_26_to_29(outs: list[Outcome]) -> None:
     m = compute_metrics(outs)
     n = len(outs)
-    for f in ("pipeline_accuracy", "strong_call_rate", "coverage", "weak_accuracy",
-              "weak_correct_accepted"):
+    for f in (
+        "pipeline_accuracy",
+        "strong_call_rate",
+        "coverage",
+        "weak_accuracy",
+        "weak_correct_accepted",
+    ):
         assert 0.0 <= getattr(m, f) <= 1.0, f  # 26
     assert m.weak_correct_accepted <= m.weak_accuracy  # 27
     assert m.coverage == pytest.approx(1 - m.n_discarded / n)  # 28
@@ -70,12 +83,17 @@ def test_invariant_30_reductions(outs: list[Outcome], extra: Outcome) -> None:
     bigger = [o for o in outs]
     o = bigger[0]
     u = o.usage[1] + Usage(1, 1000, 1000, 1.0)
-    bigger[0] = Outcome(**{**{f: getattr(o, f) for f in o.__dataclass_fields__},
-                           "usage": (o.usage[0], u)})
+    bigger[0] = Outcome(
+        **{**{f: getattr(o, f) for f in o.__dataclass_fields__}, "usage": (o.usage[0], u)}
+    )
     m = compute_metrics(bigger, baseline=outs)
     b = compute_metrics(outs)
-    for f, base in (("token_reduction", b.strong_tokens), ("cost_reduction", b.strong_cost),
-                    ("token_reduction_total", b.total_tokens), ("cost_reduction_total", b.total_cost)):
+    for f, base in (
+        ("token_reduction", b.strong_tokens),
+        ("cost_reduction", b.strong_cost),
+        ("token_reduction_total", b.total_tokens),
+        ("cost_reduction_total", b.total_cost),
+    ):
         v = getattr(m, f)
         assert v < 0 if base else math.isnan(v), f  # NaN only against a baseline that spent 0
 
@@ -84,18 +102,32 @@ def test_table2_by_hand() -> None:
     def o(level: int | None, weak_ok: bool, ok: bool | None, strong_tokens: int = 0) -> Outcome:
         asked = 2 if level != 0 else 1
         return Outcome(
-            index=0, query_id="", status="discarded" if level is None else "accepted",
-            level=level, answer=None, correct=ok, unparseable=False,
-            confidences=(0.5, 0.5 if asked == 2 else None), level_answers=(None, None),
+            index=0,
+            query_id="",
+            status="discarded" if level is None else "accepted",
+            level=level,
+            answer=None,
+            correct=ok,
+            unparseable=False,
+            confidences=(0.5, 0.5 if asked == 2 else None),
+            level_answers=(None, None),
             level_correct=(weak_ok, None if asked == 1 else bool(ok)),
-            strategies=((), ()), usage=(Usage(1, 10, 10, 0.1),
-                                        Usage(1, strong_tokens, 0, strong_tokens / 100)
-                                        if asked == 2 else Usage()),
-            teach_usage=(Usage(), Usage()), failures=(None, None),
+            strategies=((), ()),
+            usage=(
+                Usage(1, 10, 10, 0.1),
+                Usage(1, strong_tokens, 0, strong_tokens / 100) if asked == 2 else Usage(),
+            ),
+            teach_usage=(Usage(), Usage()),
+            failures=(None, None),
         )
 
-    outs = [o(0, True, True), o(0, False, False), o(1, False, True, 100), o(1, True, False, 100),
-            o(None, False, None, 100)]
+    outs = [
+        o(0, True, True),
+        o(0, False, False),
+        o(1, False, True, 100),
+        o(1, True, False, 100),
+        o(None, False, None, 100),
+    ]
     m = compute_metrics(outs)
     assert m.pipeline_accuracy == pytest.approx(2 / 4)  # (C_w + C_s) / (N - N_u)
     assert m.coverage == pytest.approx(4 / 5)

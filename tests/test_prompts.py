@@ -33,9 +33,9 @@ def test_empty_strategy_list_is_byte_identical(text: str, family: str) -> None:
 
 
 def test_prompts_ask_for_a_parsable_answer_line() -> None:
-    assert 'Answer: <number>' in strategy_free_prompt(Query("2+2?"))
+    assert "Answer: <number>" in strategy_free_prompt(Query("2+2?"))
     mcq = strategy_free_prompt(Query("Who?", family="mcq", options=("a", "b", "c", "d")))
-    assert 'Answer: <letter>' in mcq and "\nA. a\nB. b\nC. c\nD. d\n" in mcq
+    assert "Answer: <letter>" in mcq and "\nA. a\nB. b\nC. c\nD. d\n" in mcq
 
 
 def test_augmented_prompt_delimits_items_then_the_unchanged_base() -> None:
@@ -86,7 +86,10 @@ def test_parse_strategy_keeps_sections_apart() -> None:
         ("Solution: x\nAnswer: 7", "no 'Strategy:' section"),
         ("Strategy: too short", "too short"),
         ("Strategy: " + "x" * 5000, "too long"),
-        ("Strategy: Use method one carefully.\nStrategy: again a second one here", "more than once"),
+        (
+            "Strategy: Use method one carefully.\nStrategy: again a second one here",
+            "more than once",
+        ),
         ("Strategy: add 12 and 35 then remove 17 to get it", "instance's numbers"),
         ("", "no 'Strategy:' section"),
     ],

@@ -16,9 +16,13 @@ from intercascade_core.llm import (
     LogprobsUnavailable,
     MalformedResponse,
     answer_span_confidence,
-    confidence_from_logprobs,
 )
-from intercascade_core.prompts import as_messages, strategy_free_prompt, strategy_generation_prompt, weak_prompt
+from intercascade_core.prompts import (
+    as_messages,
+    strategy_free_prompt,
+    strategy_generation_prompt,
+    weak_prompt,
+)
 from intercascade_core.repository import Entry
 from intercascade_core.sim import (
     Faults,
@@ -27,7 +31,7 @@ from intercascade_core.sim import (
     template_signature,
     templated_math_stream,
 )
-from intercascade_core.tasks import grade
+from intercascade_core.tasks import Query, grade
 
 
 def body(model: str, prompt: str) -> bytes:
@@ -60,9 +64,15 @@ def test_stream_is_seeded_and_templated() -> None:
 
 def test_deterministic_given_seed_and_request() -> None:
     q = templated_math_stream(1, seed=1)[0]
-    r1 = SimBackend(seed=7).respond("POST", "/v1/chat/completions", body("sim-weak", strategy_free_prompt(q)))
-    r2 = SimBackend(seed=7).respond("POST", "/v1/chat/completions", body("sim-weak", strategy_free_prompt(q)))
-    r3 = SimBackend(seed=8).respond("POST", "/v1/chat/completions", body("sim-weak", strategy_free_prompt(q)))
+    r1 = SimBackend(seed=7).respond(
+        "POST", "/v1/chat/completions", body("sim-weak", strategy_free_prompt(q))
+    )
+    r2 = SimBackend(seed=7).respond(
+        "POST", "/v1/chat/completions", body("sim-weak", strategy_free_prompt(q))
+    )
+    r3 = SimBackend(seed=8).respond(
+        "POST", "/v1/chat/completions", body("sim-weak", strategy_free_prompt(q))
+    )
     assert r1 == r2 and r1.body != r3.body
 
 
@@ -108,10 +118,15 @@ def test_weak_learns_only_from_a_same_template_strategy_in_its_prompt(client_for
     other = {t: next(e for u, e in teacher.items() if u != t) for t in teacher}
     base = same = cross = 0
     for q in stream:
-        def right(prompt: str) -> bool:
+
+        def right(prompt: str, q: Query = q) -> bool:
             return bool(grade(weak.generate(as_messages(prompt)).text, q.gold, "math").correct)
-        b, s, c = (right(strategy_free_prompt(q)), right(weak_prompt(q, [teacher[q.template or ""]])),
-                   right(weak_prompt(q, [other[q.template or ""]])))
+
+        b, s, c = (
+            right(strategy_free_prompt(q)),
+            right(weak_prompt(q, [teacher[q.template or ""]])),
+            right(weak_prompt(q, [other[q.template or ""]])),
+        )
         assert c == b  # an unrelated strategy changes nothing (same luck per question)
         assert s or not b  # a fitting strategy never hurts
         base, same, cross = base + b, same + s, cross + c
@@ -121,7 +136,10 @@ def test_weak_learns_only_from_a_same_template_strategy_in_its_prompt(client_for
 def test_routes_and_unknown_model(client_for) -> None:
     client = client_for(SimBackend())
     assert [m["id"] for m in client.get("http://sim/v1/models").json()["data"]] == [
-        "sim-mid", "sim-strong", "sim-weak"]
+        "sim-mid",
+        "sim-strong",
+        "sim-weak",
+    ]
     with pytest.raises(BadRequestError, match="404"):
         ChatModel("http://sim/v1", "gpt-5", client=client).generate(as_messages("hi"))
 
@@ -138,8 +156,10 @@ def test_faults_transient_then_ok_and_persistent(client_for) -> None:
         assert g == clean and g.attempts == 3  # retried, then the very same completion
         if kind == "rate_429":
             assert sleeps == [0.01, 0.01]  # Retry-After honoured
-    for kind, exc in (("rate_malformed", MalformedResponse),
-                      ("rate_missing_logprobs", LogprobsUnavailable)):
+    for kind, exc in (
+        ("rate_malformed", MalformedResponse),
+        ("rate_missing_logprobs", LogprobsUnavailable),
+    ):
         sim = SimBackend(faults=Faults(**{kind: 1.0}))
         with pytest.raises(exc):
             ChatModel("http://sim/v1", "sim-weak", client=client_for(sim)).generate(msgs)
@@ -161,7 +181,10 @@ def test_server_over_sockets_matches_mock_transport(client_for) -> None:
 def test_server_timeout_fault_is_a_real_timeout() -> None:
     q = templated_math_stream(1)[0]
     msgs = as_messages(strategy_free_prompt(q))
-    with start_server(faults=Faults(rate_timeout=1.0, timeout_s=0.4)) as server, httpx.Client() as c:
+    with (
+        start_server(faults=Faults(rate_timeout=1.0, timeout_s=0.4)) as server,
+        httpx.Client() as c,
+    ):
         m = ChatModel(server.base_url, "sim-weak", client=c, timeout=0.1, backoff_base=0.01)
         g = m.generate(msgs)
         assert g.attempts == 2 and math.isfinite(g.confidence)
@@ -176,6 +199,8 @@ def test_template_key_hook(client_for) -> None:
     g = strong.generate(as_messages(strategy_generation_prompt(qs[0], qs[0].gold or "")))
     assert "pattern same" in g.text
     e = Entry(qs[0].text, qs[0].gold or "", g.text.split("Strategy:", 1)[1].strip())
-    right = [bool(grade(weak.generate(as_messages(weak_prompt(q, [e]))).text, q.gold, "math").correct)
-             for q in qs]
+    right = [
+        bool(grade(weak.generate(as_messages(weak_prompt(q, [e]))).text, q.gold, "math").correct)
+        for q in qs
+    ]
     assert sum(right) / len(right) > 0.6 and len({q.template for q in qs}) == 2

@@ -91,7 +91,7 @@ def test_last_answer_line_wins() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    value=st.integers(min_value=-10**9, max_value=10**9),
+    value=st.integers(min_value=-(10**9), max_value=10**9),
     dollar=st.booleans(),
     commas=st.booleans(),
 )
