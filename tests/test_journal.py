@@ -162,13 +162,22 @@ def test_journal_fsync_policy_validated(tmp_path: Path) -> None:
         Journal(tmp_path / "j", dim=DIM, model_id=MODEL, fsync="sometimes")  # type: ignore[arg-type]
 
 
+_FUZZ_SRC: list = []
+
+
 @settings(max_examples=120)
 @given(data=st.data())
 def test_fuzz_journal_never_crashes(tmp_path_factory, data) -> None:
     """Random damage to a journal gives either a clean recovery of a prefix of the
     records (possibly with a torn-tail warning) or a typed error, never anything else."""
+    import shutil
+
+    if not _FUZZ_SRC:
+        src = tmp_path_factory.mktemp("jsrc") / "s"
+        _FUZZ_SRC.extend([src, _fill(src, 3, fsync="never")])
+    src, repo = _FUZZ_SRC
     root = tmp_path_factory.mktemp("jf")
-    repo = _fill(root / "s", 3, fsync="never")
+    shutil.copytree(src, root / "s")
     j = root / "s" / JOURNAL
     raw = bytearray(j.read_bytes())
     for _ in range(data.draw(st.integers(1, 3))):
@@ -180,7 +189,7 @@ def test_fuzz_journal_never_crashes(tmp_path_factory, data) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TornJournalWarning)
         try:
-            ds = DurableStore.open(root / "s", dim=DIM, model_id=MODEL)
+            ds = DurableStore.open(root / "s", dim=DIM, model_id=MODEL, fsync="never")
         except (CorruptStoreError, IncompatibleStoreError):
             return
     got = list(ds.repository.entries)
