@@ -8,13 +8,23 @@ pgserver itself creates (``useradd``) an unprivileged ``pgserver`` system user, 
 traversable (``chmod o+rx``); nothing else is needed here. As a normal user it runs as
 that user. The data directory lives under the test's ``tmp_path`` and the server listens
 only on a unix socket in it.
+
+One catch when running as root on a machine where other pytest sessions run at the same
+time: every pytest session resets ``/tmp/pytest-of-root`` to mode 0700, which cuts the
+``pgserver`` user off from a data directory below it (a restart then dies with
+"could not open file global/pg_control: Permission denied"). So as root the data
+directory goes into a fresh ``mkdtemp`` folder under the system temp dir instead (made
+traversable, removed after the test); as a normal user it stays under ``tmp_path``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +40,15 @@ def import_pgserver() -> Any:
         import pgserver._commands  # noqa: F401
 
     return pgserver
+
+
+def data_dir(tmp_path: Path) -> Path:
+    """Where a test's PostgreSQL data directory goes (see the module docstring)."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        base = Path(tempfile.mkdtemp(prefix="intercascade-pg-"))
+        base.chmod(0o755)
+        return base / "data"
+    return tmp_path / "data"
 
 
 def start_server(pgdata: Path) -> Any:
@@ -51,9 +70,13 @@ def restart_server(srv: Any) -> None:
 
 
 def shutdown(srv: Any) -> None:
+    """Stop the server; remove a root-mode data directory (see :func:`data_dir`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         srv.cleanup()
+    parent = Path(srv.pgdata).parent
+    if parent.name.startswith("intercascade-pg-"):
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def unit_vector(key: str, dim: int = 384) -> np.ndarray:

@@ -33,7 +33,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
         allow_module_level=True,
     )
 
-from _pg_worker import restart_server, shutdown, start_server, stop_server, unit_vector
+from _pg_worker import data_dir, shutdown, start_server
 
 from intercascade_core import pgvector_store as pgs
 from intercascade_core.errors import InvalidArgumentError
@@ -54,7 +54,7 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    srv = start_server(tmp_path_factory.mktemp("pg") / "data")
+    srv = start_server(data_dir(tmp_path_factory.mktemp("pg")))
     yield srv
     shutdown(srv)
 
