@@ -340,7 +340,9 @@ def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated:
 
 
 def _cmd_run(args: argparse.Namespace, con: Console) -> int:
-    from .cascade import CascadeConfig, calibrate_levels, run_stream
+    from dataclasses import replace
+
+    from .cascade import CascadeConfig, calibrate_levels, init_state, run_stream
     from .evaluate import CachedEmbedder, check_calibration_run, variant_summary
     from .metrics import compute_metrics
     from .report import format_percent
@@ -360,7 +362,15 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
     if policy != "jung":
         embedder.prime([q.text for q in test], progress=not con.quiet)
     conf = CascadeConfig(policy=policy, k=cfg.cascade.k, backend=backend, seed=cfg.cascade.seed)  # type: ignore[arg-type]
-    result = run_stream(test, levels, embedder, calibrations=cal_run.calibrations, config=conf,
+    state = init_state(cal_run.calibrations, embedder.dim)
+    repo_path = cfg.cascade.repository if policy != "jung" else ""
+    if repo_path and Path(repo_path).exists():
+        from .store import open_repository
+
+        stored = open_repository(repo_path, model_id=embedder.model_id, dim=embedder.dim)
+        state = replace(state, repositories=tuple(stored.repository for _ in state.repositories))
+        con.info(f"loaded the strategy repository {repo_path} ({len(stored.repository)} entries)")
+    result = run_stream(test, levels, embedder, state=state, config=conf,
                         progress=not con.quiet, desc=f"stream [{policy}]")
     m = compute_metrics(result.outcomes)
     summary = variant_summary(m, result.outcomes, baseline=True)
@@ -384,23 +394,13 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
         _atomic_write(args.out / "outcomes.jsonl",
                       "".join(json.dumps(_finite(r), allow_nan=False) + "\n" for r in outcome_records(ev)))
         con.info(f"wrote {args.out / 'results.json'} and {args.out / 'outcomes.jsonl'}")
-    if cfg.cascade.repository and policy != "jung":
-        _save_repository(result.state, cfg.cascade.repository, con)
+    if repo_path:
+        from .store import save
+
+        repo = result.state.repositories[0]
+        save(repo_path, repo, model_id=embedder.model_id, overwrite=True)
+        con.info(f"saved the strategy repository ({len(repo)} entries) to {repo_path}")
     return EXIT_OK
-
-
-def _save_repository(state: Any, path: str, con: Console) -> None:
-    try:
-        from . import store  # type: ignore[attr-defined]
-    except ImportError:
-        con.info(f"note: repository persistence is not available in this build; not saved to {path}")
-        return
-    save = getattr(store, "save", None)
-    if save is None:
-        con.info(f"note: intercascade_core.store has no save(); repository not saved to {path}")
-        return
-    save(state.repositories[0], path)
-    con.info(f"saved the strategy repository ({len(state.repositories[0])} entries) to {path}")
 
 
 def _evaluate_and_report(

@@ -149,7 +149,7 @@ def _config(tmp_path: Path, extra_cascade: str = "", models: str | None = None) 
     text = text.replace("templates = 8 ", "templates = 3 ").replace("variants = 20 ", "variants = 8 ")
     text = text.replace("calibration_variants = 40", "calibration_variants = 60")
     text = text.replace('kind = "minilm"', 'kind = "hashing"')
-    text = text.replace("[cascade]\n", "[cascade]\n" + extra_cascade)
+    text = text.replace('repository = ""', "").replace("[cascade]\n", "[cascade]\n" + extra_cascade)
     if models is not None:
         text = text[: text.index("\n[[models]]") + 1] + models
     path = tmp_path / "config.toml"
@@ -171,6 +171,20 @@ def test_run_with_the_example_config(tmp_path: Path) -> None:
     assert {o["decision"] for o in outcomes} <= {"weak_accepted", "strong_accepted", "discarded"}
     jung = cli("run", "--config", str(cfg), "--policy", "jung", "--limit", "5", "--quiet")
     assert jung.returncode == 0 and jung.stdout.startswith("jung: 5 queries")
+
+
+def test_run_saves_and_resumes_the_repository(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, extra_cascade='repository = "strategies"\n')
+    first = cli("run", "--config", str(cfg), "--limit", "10")
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads((tmp_path / "strategies" / "manifest.json").read_text())
+    stored = manifest["count"]
+    assert stored >= 1 and f"saved the strategy repository ({stored} entries)" in first.stderr
+    second = cli("run", "--config", str(cfg), "--limit", "10")
+    assert second.returncode == 0, second.stderr
+    assert f"loaded the strategy repository {tmp_path / 'strategies'} ({stored} entries)" in second.stderr
+    # the same ten queries again: now the weak model is taught from the start
+    assert json.loads((tmp_path / "strategies" / "manifest.json").read_text())["count"] >= stored
 
 
 def test_eval_with_config_writes_a_consistent_report(tmp_path: Path) -> None:
