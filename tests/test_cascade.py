@@ -25,7 +25,12 @@ from intercascade_core.cascade import (
 )
 from intercascade_core.embed import HashingEmbedder
 from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.llm import ChatModel, Generation, confidence_from_logprobs
+from intercascade_core.llm import (
+    ChatModel,
+    Generation,
+    LogprobsUnavailable,
+    confidence_from_logprobs,
+)
 from intercascade_core.metrics import compute_metrics
 from intercascade_core.sim import Faults, SimBackend, start_server, templated_math_stream
 from intercascade_core.tasks import Query
@@ -394,3 +399,24 @@ def test_progress_bar_goes_to_stderr(sim: Sim, cals, capsys: pytest.CaptureFixtu
     run_stream(STREAM[:3], sim.levels, EMB, calibrations=cals, desc="demo-bar")
     err = capsys.readouterr().err
     assert "demo-bar" in err
+
+
+@dataclass
+class Broken:
+    model: str = "broken"
+
+    def generate(self, messages: Sequence[Mapping[str, str]], **params: Any) -> Generation:
+        raise LogprobsUnavailable("broken: no logprobs", model=self.model)
+
+
+def test_a_failed_level_defers_and_a_failed_last_level_discards_with_reason() -> None:
+    cal = Calibration(0.5, ALPHA, DELTA, 100, 50, 0, 0.05, "grid", 30, False, True, "abstain", 1)
+    q = Query("What is 2+2?", "4")
+    strong = Stub("s", ["Answer: 4", "Solution: s\nAnswer: 4\nStrategy: add the two numbers up."])
+    state = init_state([cal, cal], EMB.dim)
+    _, o = step(state, q, [Level(Broken()), Level(strong)], EMB)
+    assert o.kind == "strong_accepted" and o.failures[0] is not None and o.failures[1] is None
+    assert "LogprobsUnavailable" in (o.failure or "") and o.stored_in == (0,)
+    new, o = step(state, q, [Level(Broken()), Level(Broken())], EMB)
+    assert o.kind == "discarded" and all(o.failures) and o.answer is None
+    assert new.n_discarded == 1 and new.n_failed_calls == 2 and new.calls == (1, 1)
