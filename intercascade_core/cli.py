@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "exact", "numpy", "hnsw"), default="auto",
                    help="retrieval backend (default auto: the C extension if built, else numpy)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--readme", type=Path, metavar="FILE",
+                   help="also rewrite the results block of FILE (between the markers "
+                   "<!-- intercascade-demo-results:start/end -->) with the tables and a plot")
     return parser
 
 
@@ -481,6 +484,20 @@ def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
         backend=backend, seed=args.seed, split_delta=True, min_n=30, out=args.out, plots=not args.no_plots,
         dataset=dataset, settings=settings, con=con,
     )
+    if args.readme is not None:
+        from .report import readme_section, update_readme
+
+        doc = json.loads((args.out / "results.json").read_text(encoding="utf-8"))
+        plot_file = args.out / "strong_calls_along_stream.png"
+        plot = None
+        if plot_file.exists():
+            try:
+                plot = plot_file.resolve().relative_to(args.readme.resolve().parent).as_posix()
+            except ValueError:
+                plot = plot_file.resolve().as_posix()
+        command = "intercascade demo" + (f" --out {args.out.as_posix()}" if args.out != Path("intercascade-demo") else "")
+        changed = update_readme(args.readme, readme_section(doc, plot=plot, command=command + f" --readme {args.readme.as_posix()}"))
+        con.info(f"{'updated' if changed else 'unchanged'}: the results block of {args.readme}")
     con.info(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return rc
 

@@ -300,9 +300,14 @@ def check_report(folder: Path, *, plots: bool = True) -> dict[str, Any]:
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    proc = cli("demo", "--out", str(out), cwd=tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- intercascade-demo-results:start -->\nstale\n<!-- intercascade-demo-results:end -->\n")
+    proc = cli("demo", "--out", "demo", "--readme", "README.md", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = check_report(out)
+    block = readme.read_text()
+    assert "stale" not in block and "](demo/strong_calls_along_stream.png)" in block
+    assert parse_tables(block) == parse_tables((out / "report.md").read_text())
     # the printed tables are the report's tables
     md = (out / "report.md").read_text()
     for row in re.findall(r"^\| Inter-Cascade \(Retrieval\) \|.*$", proc.stdout, re.MULTILINE):

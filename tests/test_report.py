@@ -19,7 +19,11 @@ from intercascade_core.report import (
     PLOTS,
     confidence_histograms_figure,
     format_percent,
+    README_END,
+    README_START,
+    readme_section,
     render_tables,
+    update_readme,
     stream_figure,
     threshold_accuracy_figure,
     write_report,
@@ -219,3 +223,22 @@ def test_no_plots_option(tmp_path: Path) -> None:
     assert files.plots == () and not any(tmp_path.glob("*.png"))
     assert "## Plots" not in files.report.read_text()
     assert re.search(r"\| Inter-Cascade \(Retrieval\) \|", files.report.read_text())
+
+
+def test_readme_block_is_regenerated_between_markers(tmp_path: Path) -> None:
+    results, _ = _synthetic(30)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n## Results\n{README_START}\nold text\n{README_END}\n\n## After\n")
+    section = readme_section(results, plot="docs/demo/strong_calls_along_stream.png", command="intercascade demo")
+    assert update_readme(readme, section) is True
+    text = readme.read_text()
+    assert "old text" not in text and text.startswith("# Title") and text.endswith("## After\n")
+    assert "![Strong-LLM calls along the stream](docs/demo/strong_calls_along_stream.png)" in text
+    rows = parse_tables(text)
+    for v, values in results["variants"].items():
+        assert rows[LABELS[v]]["strong_call_rate"] == format_percent(values["strong_call_rate"])
+    assert update_readme(readme, section) is False  # idempotent
+    bare = tmp_path / "R2.md"
+    bare.write_text("no markers\n")
+    with pytest.raises(InvalidArgumentError, match="markers"):
+        update_readme(bare, section)
