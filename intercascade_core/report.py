@@ -199,6 +199,15 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
             + ", ".join(f"{LABELS.get(v, v)} {variants[v].get('repository_size', 0)}" for v in ("random", "retrieval") if v in variants)
             + "."
         )
+    negative = [v for v in ("random", "retrieval") if v in variants
+                and (variants[v].get("token_reduction") or 0) < 0]
+    if negative:
+        out.append(
+            "- A negative reduction means the pipeline spent *more* strong-LLM tokens than Jung: "
+            + ", ".join(LABELS.get(v, v) for v in negative)
+            + " writes a strategy (a second strong call) for every strong-accepted query, and too few "
+            "of the strategies it shows the weak model fit the problem to repay that cost."
+        )
     out.append(
         "- Token and cost reductions count the strong LLM's tokens and fees (answers and strategy "
         "generation), as the paper's Table 5 does; `results.json` also has `token_reduction_total` and "
