@@ -29,30 +29,31 @@ from .calibrate import (
     normal_approx_upper_bound,
     risk_upper_bound,
 )
+from .embed import Embedder, HashingEmbedder
 from .errors import IntercascadeError, InvalidArgumentError
+from .repository import Entry, Repository, empty_repository, update
+from .retrieve import TopK, retrieve
 
 # Adapters and heavier modules: public name -> submodule, imported on first access (PEP 562)
 _EXPORTS: dict[str, str] = {
-    # strategy repository and retrieval
-    "Entry": "repository",
-    "Repository": "repository",
-    "empty_repository": "repository",
-    "update": "repository",
-    "TopK": "retrieve",
-    "retrieve": "retrieve",
-    # embeddings
-    "Embedder": "embed",
-    "HashingEmbedder": "embed",
+    # embeddings (onnxruntime, tokenizers)
     "MiniLMEmbedder": "minilm",
     # model access
     "ChatModel": "llm",
     "Generation": "llm",
     "LogprobsUnavailable": "llm",
     "ModelError": "llm",
+    # tasks
+    "Query": "tasks",
+    "grade": "tasks",
     # the cascade
     "CascadeState": "cascade",
     "Outcome": "cascade",
     "Level": "cascade",
+    "CascadeConfig": "cascade",
+    "StreamResult": "cascade",
+    "init_state": "cascade",
+    "calibrate_levels": "cascade",
     "step": "cascade",
     "run_stream": "cascade",
     # metrics
@@ -62,9 +63,11 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(
     [
-        "Calibration", "IntercascadeError", "InvalidArgumentError", "alpha_gain_normal_approx",
+        "Calibration", "Embedder", "Entry", "HashingEmbedder", "IntercascadeError",
+        "InvalidArgumentError", "Repository", "TopK", "alpha_gain_normal_approx",
         "alpha_gain_same_coverage_approx", "calibrate", "calibrate_cascade", "certify", "defer",
-        "normal_approx_upper_bound", "risk_upper_bound", *_EXPORTS,
+        "empty_repository", "normal_approx_upper_bound", "retrieve", "risk_upper_bound", "update",
+        *_EXPORTS,
     ]
 )
 

@@ -35,9 +35,16 @@ from typing import Literal, overload
 
 import numpy as np
 import numpy.typing as npt
-from scipy import stats
+from scipy.special import betaincinv, ndtri
 
 from .errors import InvalidArgumentError
+
+try:  # the kernel behind scipy.stats.binom.cdf, without importing scipy.stats (seconds)
+    from scipy.special._ufuncs import _binom_cdf
+except ImportError:  # pragma: no cover - older/newer SciPy layouts
+    from scipy.stats import binom as _binom
+
+    _binom_cdf = _binom.cdf
 
 __all__ = [
     "Calibration",
@@ -173,7 +180,7 @@ def _cp_upper(k: np.ndarray | int, n: np.ndarray | int, delta: float) -> np.ndar
     n_arr = np.asarray(n, dtype=np.float64)
     degenerate = (n_arr == 0) | (k_arr >= n_arr)
     safe_n = np.where(degenerate, k_arr + 1.0, n_arr)  # keeps beta.ppf's b = n - k > 0
-    bound = stats.beta.ppf(1.0 - delta, k_arr + 1.0, safe_n - k_arr)
+    bound = betaincinv(k_arr + 1.0, safe_n - k_arr, 1.0 - delta)  # = beta.ppf(1 - δ, k+1, n-k)
     return np.where(degenerate, 1.0, bound)
 
 
@@ -231,7 +238,7 @@ def _calibrate_checked(
     # most conservative first: the testable thresholds from the highest down
     lambdas = grid[testable][::-1]
     n_seq, k_seq = n_all[testable][::-1], k_all[testable][::-1]
-    rejected = stats.binom.cdf(k_seq, n_seq, alpha) <= delta
+    rejected = _binom_cdf(k_seq.astype(np.float64), n_seq.astype(np.float64), alpha) <= delta
     n_pass = int(np.argmin(rejected)) if not rejected.all() else int(rejected.size)
     n_tested = n_pass + (1 if n_pass < rejected.size else 0)
 
@@ -454,7 +461,7 @@ def normal_approx_upper_bound(n_errors: int, n: int, *, delta: float) -> float:
     and 0.05 <= k/n <= 0.5.
     """
     n_i, k_i = _check_nk(n, n_errors)
-    z = float(stats.norm.ppf(1.0 - _check_unit_interval_open("delta", delta)))
+    z = float(ndtri(1.0 - _check_unit_interval_open("delta", delta)))
     mean, sd = _beta_moments(n_i, k_i)
     return mean + z * sd
 
@@ -467,7 +474,7 @@ def alpha_gain_normal_approx(n: int, n_errors: int, n_new: int, n_errors_new: in
     """
     n_i, k_i = _check_nk(n, n_errors)
     n2, k2 = _check_nk(n_new, n_errors_new, "n_new", "n_errors_new")
-    z = float(stats.norm.ppf(1.0 - _check_unit_interval_open("delta", delta)))
+    z = float(ndtri(1.0 - _check_unit_interval_open("delta", delta)))
     m1, s1 = _beta_moments(n_i, k_i)
     m2, s2 = _beta_moments(n2, k2)
     return (m1 - m2) + z * (s1 - s2)
@@ -481,7 +488,7 @@ def alpha_gain_same_coverage_approx(n: int, n_errors: int, epsilon: float, *, de
     n_i, k_i = _check_nk(n, n_errors)
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not (0.0 <= float(epsilon) <= 1.0):
         raise InvalidArgumentError("epsilon", f"must lie in [0, 1], got {epsilon!r}")
-    z = float(stats.norm.ppf(1.0 - _check_unit_interval_open("delta", delta)))
+    z = float(ndtri(1.0 - _check_unit_interval_open("delta", delta)))
     slope = 1.0 / (n_i + 1.0) + z * (n_i - 2.0 * k_i - 1.0) / (
         2.0 * (n_i + 1.0) * math.sqrt((n_i + 2.0) * (k_i + 1.0) * (n_i - k_i))
     )
