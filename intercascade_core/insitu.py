@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .calibrate import Calibration, calibrate_cascade, certify, risk_upper_bound
+from .calibrate import DEFAULT_GRID_SIZE, Calibration, calibrate_cascade, certify, risk_upper_bound
 from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,6 +101,10 @@ class InSituCalibration:
     ``outcomes``/``state``: the last replay's outcomes and final cascade state (its
     repositories hold the calibration split's strategies).
     ``thresholds_per_round``: the thresholds each replay ran with, then the final ones.
+    ``static_confidences``/``static_correct``: the weak level's strategy-free pilot data
+    (when the pilot was a ``CalibrationRun``); ``first_replay_*``: the weak level in the
+    first replay, which ran with the pilot (static) thresholds — the paper's deployment,
+    replayed on the calibration split.
     """
 
     calibrations: tuple[Calibration, ...]
@@ -116,6 +120,8 @@ class InSituCalibration:
     thresholds_per_round: tuple[tuple[float, ...], ...]
     static_confidences: tuple[float, ...] | None = None
     static_correct: tuple[bool, ...] | None = None
+    first_replay_confidences: tuple[float, ...] = ()
+    first_replay_correct: tuple[bool, ...] = ()
 
     @property
     def thresholds(self) -> tuple[float, ...]:
@@ -123,19 +129,20 @@ class InSituCalibration:
 
     def theorem_view(self, *, delta: float | None = None) -> dict[str, Any]:
         """Theorem 2.2's view at the *static* λ_w: the α it certifies on strategy-free
-        calibration data (u(n, k)) and on the strategy-augmented replay (u(n′, k′)); the
-        theorem predicts the second is smaller, copying can make it larger."""
+        calibration data (u(n, k)) and on the first replay, which deployed the static
+        thresholds with strategies (u(n′, k′)); the theorem predicts the second is smaller,
+        copying can make it larger."""
         d = self.static[0].delta if delta is None else delta
         lam = self.static[0].threshold
-        conf0 = np.asarray(self.confidences[0], dtype=np.float64)
-        ok0 = np.asarray(self.correct[0], dtype=np.bool_)
+        conf0 = np.asarray(self.first_replay_confidences, dtype=np.float64)
+        ok0 = np.asarray(self.first_replay_correct, dtype=np.bool_)
         acc = conf0 >= lam
         out: dict[str, Any] = {
             "static_threshold": None if not math.isfinite(lam) else lam,
             "alpha_certified_without_strategies": self.static[0].risk_bound,
             "n_without": self.static[0].n_accepted,
             "errors_without": self.static[0].n_errors,
-            "alpha_certified_with_strategies": certify(conf0, ok0, lam, delta=d),
+            "alpha_certified_with_strategies": certify(conf0, ok0, lam, delta=d) if math.isfinite(lam) else 1.0,
             "n_with": int(acc.sum()),
             "errors_with": int((acc & ~ok0).sum()),
             "insitu_threshold": None if not math.isfinite(self.thresholds[0]) else self.thresholds[0],
@@ -168,6 +175,16 @@ def replay_pairs(
     return confs, corr, asked, with_s
 
 
+def _grid_points(grid: Any, conf: np.ndarray) -> np.ndarray:
+    if grid is None:
+        return np.linspace(0.0, 1.0, DEFAULT_GRID_SIZE)
+    if isinstance(grid, str):
+        return np.unique(conf)
+    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
+        return np.linspace(0.0, 1.0, int(grid))
+    return np.asarray(grid, dtype=np.float64)
+
+
 def calibrate_replay(
     confidences: Sequence[npt.ArrayLike],
     correct: Sequence[npt.ArrayLike],
@@ -175,14 +192,55 @@ def calibrate_replay(
     alpha: float,
     delta: float,
     split_delta: bool = True,
+    floor: Sequence[float] | None = None,
     **calibrate_kw: Any,
 ) -> tuple[Calibration, ...]:
-    """Jung's sequential cascade calibration on replayed (strategy-augmented) pairs."""
-    return calibrate_cascade(
-        [np.asarray(c, dtype=np.float64) for c in confidences],
-        [np.asarray(c, dtype=np.bool_) for c in correct],
-        alpha=alpha, delta=delta, split_delta=split_delta, **calibrate_kw,
-    )
+    """Jung's sequential cascade calibration on replayed (strategy-augmented) pairs.
+
+    ``floor`` (one value per level, or None): a non-final level whose FST threshold λ̂
+    falls below its floor keeps the floor instead, *if* the floor is a grid point with at
+    least ``min_n`` accepted items. FST rejected every tested threshold from the top down
+    to λ̂ under one family-wise (1 − δ) event, so such a floor is certified by the same
+    run (no extra test); the record's bound and counts are the floor's. Later levels are
+    calibrated on the items the kept thresholds leave. Final levels (which never see
+    strategies) get no floor.
+    """
+    confs = [np.asarray(c, dtype=np.float64) for c in confidences]
+    oks = [np.asarray(c, dtype=np.bool_) for c in correct]
+    if floor is None:
+        return calibrate_cascade(confs, oks, alpha=alpha, delta=delta, split_delta=split_delta, **calibrate_kw)
+    m = len(confs)
+    if len(floor) != m:
+        raise InvalidArgumentError("floor", f"needs one value per level ({m}), got {len(floor)}")
+    d = delta / m if split_delta else delta
+    min_n = int(calibrate_kw.get("min_n", 30))
+    remaining = np.ones(confs[0].size, dtype=np.bool_)
+    out: list[Calibration] = []
+    for i in range(m):
+        ci, oi = confs[i][remaining], oks[i][remaining]
+        if ci.size == 0:
+            base = calibrate_cascade([confs[i]], [oks[i]], alpha=alpha, delta=d, split_delta=False, **calibrate_kw)[0]
+            cal = replace(base, threshold=math.inf, abstained=True, n_calibration=0, n_accepted=0, n_errors=0,
+                          risk_bound=1.0, n_tested=0, note="no calibration items left; deferring everything")
+        else:
+            cal = calibrate_cascade([ci], [oi], alpha=alpha, delta=d, split_delta=False, **calibrate_kw)[0]
+            f = float(floor[i])
+            if i < m - 1 and cal.guaranteed and cal.threshold < f:
+                grid = _grid_points(calibrate_kw.get("grid"), ci)
+                acc = ci >= f
+                n_acc = int(acc.sum())
+                if math.isinf(f) or (n_acc >= min_n and bool(np.any(grid == f))):
+                    k = int((acc & ~oi).sum())
+                    cal = replace(
+                        cal, threshold=f, abstained=math.isinf(f), n_accepted=n_acc if math.isfinite(f) else 0,
+                        n_errors=k if math.isfinite(f) else 0,
+                        risk_bound=risk_upper_bound(k, n_acc, delta=d) if math.isfinite(f) else 1.0,
+                        note=f"kept the previous round's threshold (FST rejected every tested threshold "
+                             f"down to {cal.threshold:.6g})",
+                    )
+        out.append(cal)
+        remaining &= ~(confs[i] >= cal.threshold)
+    return tuple(out)
 
 
 def insitu_calibrate(
@@ -197,6 +255,7 @@ def insitu_calibrate(
     pilot: CalibrationRun | Sequence[Calibration] | None = None,
     max_rounds: int = 4,
     tol: float = 0.01,
+    monotone: bool = True,
     progress: bool = False,
     **calibrate_kw: Any,
 ) -> InSituCalibration:
@@ -209,7 +268,11 @@ def insitu_calibrate(
     level was not asked), bare calibrations, or None to run the paper's strategy-free
     calibration on ``queries``. ``calibrate_kw`` go to ``calibrate`` (grid, min_n, on_fail).
     The rounds stop when no threshold moves by more than ``tol`` (an abstaining level
-    must stay abstaining) or after ``max_rounds`` replays.
+    must stay abstaining) or after ``max_rounds`` replays. ``monotone`` (from the second
+    round on) lets a weak level's threshold only rise, when the previous one is certified
+    by the new round's FST (:func:`calibrate_replay`'s ``floor``): without it the rounds
+    can cycle (a higher λ_w teaches more, the taught weak model earns a lower λ_w, which
+    teaches less, ...); with it they stop at a conservative fixed point.
     """
     from .cascade import CalibrationRun, CascadeConfig, calibrate_levels, run_stream
 
@@ -254,11 +317,15 @@ def insitu_calibrate(
         run = run_stream(items, levels, embedder, calibrations=current, config=cfg,
                          progress=progress, desc=f"in-situ replay {rounds}")
         confs, corr, asked, with_s = replay_pairs(run.outcomes, n_levels)
+        if rounds == 1:
+            first = (tuple(confs[0]), tuple(corr[0]))
         for i in range(n_levels):
             for j in range(len(items)):
                 if not asked[i][j]:
                     confs[i][j], corr[i][j] = fill_conf[i][j], fill_ok[i][j]
-        new = calibrate_replay(confs, corr, alpha=alpha, delta=delta, split_delta=split_delta, **calibrate_kw)
+        floor = tuple(c.threshold for c in current) if (monotone and rounds > 1) else None
+        new = calibrate_replay(confs, corr, alpha=alpha, delta=delta, split_delta=split_delta, floor=floor,
+                               **calibrate_kw)
         new_t = tuple(c.threshold for c in new)
         if _close(new_t, history[-1], tol):
             converged = True
@@ -280,6 +347,8 @@ def insitu_calibrate(
         thresholds_per_round=tuple(history),
         static_confidences=tuple(fill_conf[0]) if isinstance(pilot, CalibrationRun) else None,
         static_correct=tuple(fill_ok[0]) if isinstance(pilot, CalibrationRun) else None,
+        first_replay_confidences=first[0],
+        first_replay_correct=first[1],
     )
 
 
