@@ -337,6 +337,61 @@ def _parse_line(raw: bytes, path: Path, row: int) -> tuple[Entry, int]:
     return entry, obj["uses"]
 
 
+_FIELD_SET = frozenset(_ENTRY_FIELDS)
+
+
+def _parse_all(
+    data: bytes, offsets: np.ndarray, path: Path, tenants: tuple[str, ...],
+    codes: np.ndarray, uses: np.ndarray,
+) -> list[Entry]:
+    """Parse and cross-check every line (the ``verify="full"`` path): one C-level JSON
+    parse of the whole file, then a tight validation loop. On any problem the slow
+    per-line parser runs to name the first bad line."""
+    n = len(offsets) - 1
+    lines = data.split(b"\n")
+    if lines[-1] != b"" or len(lines) != n + 1:
+        raise CorruptStoreError(path, f"{len(lines) - 1} lines, expected {n} (bad line framing)")
+    lens = np.fromiter((len(x) for x in lines[:-1]), dtype=np.int64, count=n) + 1
+    if not np.array_equal(lens, np.diff(offsets)):
+        raise CorruptStoreError(path, "line lengths disagree with entries.offsets.npy")
+    try:
+        objs = json.loads(b"[" + b",".join(lines[:-1]) + b"]")
+        ok = isinstance(objs, list) and len(objs) == n
+    except (UnicodeDecodeError, ValueError):
+        ok = False
+    if not ok:
+        for j in range(n):  # locate the first bad line (raises)
+            _parse_line(lines[j], path, j)
+        raise CorruptStoreError(path, "lines do not form one JSON object each")
+    use_list = uses.tolist()
+    code_list = codes.tolist()
+    out: list[Entry] = []
+    append = out.append
+    for j, o in enumerate(objs):
+        if (
+            type(o) is not dict
+            or o.keys() != _FIELD_SET
+            or type(o["query"]) is not str
+            or type(o["answer"]) is not str
+            or type(o["strategy"]) is not str
+            or type(o["source_model"]) is not str
+            or type(o["tenant"]) is not str
+            or type(o["id"]) is not int
+            or type(o["source_level"]) is not int
+            or type(o["uses"]) is not int
+            or type(o["created_at"]) not in (float, int)
+        ):
+            _parse_line(lines[j], path, j)  # names the problem
+            raise CorruptStoreError(path, f"line {j + 1}: malformed entry")
+        if o["tenant"] != tenants[code_list[j]]:
+            raise CorruptStoreError(path, f"line {j + 1}: tenant disagrees with {TENANTS}")
+        if o["uses"] != use_list[j]:
+            raise CorruptStoreError(path, f"line {j + 1}: 'uses' disagrees with {USES}")
+        append(Entry(o["query"], o["answer"], o["strategy"], o["source_level"], o["source_model"],
+                     float(o["created_at"]), o["tenant"], o["id"]))
+    return out
+
+
 class _LazyEntries:
     """The arena's entry list for a version opened with ``verify="size"``: rows of the
     memory-mapped JSONL are parsed on first access (and cached); rows appended later
@@ -567,18 +622,7 @@ def open_repository(
         with open(epath, "rb") as f:
             emm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         if verify == "full":
-            entries = []
-            for j in range(n):
-                a, b = int(offsets[j]), int(offsets[j + 1])
-                raw = emm[a:b]
-                if not raw.endswith(b"\n") or b"\n" in raw[:-1]:
-                    raise CorruptStoreError(epath, f"line {j + 1}: bad line framing")
-                e, u = _parse_line(raw, epath, j)
-                if e.tenant != m.tenants[codes[j]]:
-                    raise CorruptStoreError(epath, f"line {j + 1}: tenant disagrees with {TENANTS}")
-                if u != uses[j]:
-                    raise CorruptStoreError(epath, f"line {j + 1}: 'uses' disagrees with {USES}")
-                entries.append(e)
+            entries = _parse_all(bytes(emm), offsets, epath, m.tenants, codes, uses)
             norms = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
             if not np.all(np.abs(norms - 1.0) <= 1e-3):
                 raise CorruptStoreError(root / VECTORS, "rows are not unit-norm (or not finite)")
