@@ -62,7 +62,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -73,11 +73,18 @@ from scipy import stats
 from .errors import IntercascadeError, InvalidArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cascade import CascadeState, Outcome
+    from .calibrate import Calibration
+    from .cascade import CascadeConfig, CascadeState, Level, Outcome
+    from .embed import Embedder
+    from .tasks import Query
 
 __all__ = [
     "AuditConfig",
     "AuditState",
+    "AuditedRun",
+    "audited_stream",
+    "gold_grader",
+    "strong_model_grader",
     "RiskAlarm",
     "RiskAlarmError",
     "apply_alarm",
@@ -457,3 +464,107 @@ def apply_alarm(state: CascadeState, event: RiskAlarm, *, level: int = 0) -> Cas
                       note=f"risk audit alarm at label {event.n_labels}: deferring everything")
     cals = tuple(abstain if i == level else c for i, c in enumerate(state.calibrations))
     return replace(state, calibrations=cals)
+
+
+# ----------------------------------------------------------------------------- audited stream
+Grader = Callable[["Query", "Outcome"], "bool | None"]
+
+
+def gold_grader(query: Query, outcome: Outcome) -> bool | None:
+    """Grade with the query's gold answer (evaluation streams); None when there is none."""
+    return outcome.correct
+
+
+def strong_model_grader(level: Level) -> Grader:
+    """A grader that asks ``level``'s model the strategy-free prompt and calls the audited
+    answer right iff the two answers match. A proxy: the strong model's own errors
+    blur the audit (they count as the weak model's). A failed call gives no label."""
+    from .llm import ModelError
+    from .prompts import as_messages, strategy_free_prompt
+    from .tasks import answers_match, extract_answer
+
+    def grade(query: Query, outcome: Outcome) -> bool | None:
+        if outcome.answer is None:
+            return None
+        try:
+            gen = level.model.generate(as_messages(strategy_free_prompt(query)), **level.params)
+        except ModelError:
+            return None
+        reference = extract_answer(gen.text, query.family)
+        if reference is None:
+            return None
+        return answers_match(outcome.answer, reference, query.family)
+
+    return grade
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AuditedRun:
+    """A stream run under the audit: outcomes, the final cascade and audit states, the
+    alarms with the stream index they fired at, and the indices that were labelled."""
+
+    outcomes: tuple[Outcome, ...]
+    state: CascadeState
+    audit: AuditState
+    events: tuple[tuple[int, RiskAlarm], ...]
+    labelled: tuple[int, ...]
+
+
+def audited_stream(
+    queries: Iterable[Query],
+    levels: Sequence[Level],
+    embedder: Embedder,
+    *,
+    audit: AuditConfig | AuditState,
+    calibrations: Sequence[Calibration] | None = None,
+    state: CascadeState | None = None,
+    config: CascadeConfig | None = None,
+    grader: Grader = gold_grader,
+    rate: float = 1.0,
+    seed: int = 0,
+    recalibrate: Callable[[CascadeState, RiskAlarm], CascadeState] | None = None,
+    level: int = 0,
+) -> AuditedRun:
+    """Fold ``cascade.step`` over ``queries`` with the audit watching ``level``'s accepted answers.
+
+    Accepted answers are sent to ``grader`` at ``rate`` (:func:`should_label` on the query
+    id or text, never on the answer). On an alarm the config's action is applied before
+    the next query: ``"defer_all"`` → :func:`apply_alarm`; ``"recalibrate"`` → the state
+    ``recalibrate(state, event)`` returns (e.g. in-situ calibration on fresh labelled data),
+    then a new audit epoch (:func:`reset`); ``"none"`` → only recorded. With
+    ``raise_on_alarm`` the :class:`RiskAlarmError` propagates.
+    """
+    from .cascade import CascadeConfig, init_state, step
+
+    cfg = CascadeConfig() if config is None else config
+    if (state is None) == (calibrations is None):
+        raise InvalidArgumentError("state", "pass exactly one of state= or calibrations=")
+    cstate = init_state(calibrations, int(embedder.dim)) if state is None else state  # type: ignore[arg-type]
+    astate = init_audit(audit) if isinstance(audit, AuditConfig) else audit
+    if not isinstance(astate, AuditState):
+        raise InvalidArgumentError("audit", f"expected an AuditConfig or AuditState, got {type(audit).__name__}")
+    if astate.config.action == "recalibrate" and recalibrate is None:
+        raise InvalidArgumentError("recalibrate", 'the audit action "recalibrate" needs a recalibrate= callback')
+    outcomes: list[Outcome] = []
+    events: list[tuple[int, RiskAlarm]] = []
+    labelled: list[int] = []
+    for i, q in enumerate(queries):
+        cstate, out = step(cstate, q, levels, embedder, cfg, index=i)
+        outcomes.append(out)
+        if out.status != "accepted" or out.level != level or not should_label(q.id or q.text, rate, seed=seed):
+            continue
+        verdict = grader(q, out)
+        if verdict is None:
+            continue
+        labelled.append(i)
+        astate, ev = observe(astate, bool(verdict))
+        if ev is None:
+            continue
+        events.append((i, ev))
+        if ev.action == "defer_all":
+            cstate = apply_alarm(cstate, ev, level=level)
+        elif ev.action == "recalibrate":
+            assert recalibrate is not None
+            cstate = recalibrate(cstate, ev)
+            astate = reset(astate)
+    return AuditedRun(tuple(outcomes), cstate, astate, tuple(events), tuple(labelled))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import httpx
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -17,6 +19,7 @@ from intercascade_core.audit import (
     RiskAlarmError,
     apply_alarm,
     audit_outcomes,
+    audited_stream,
     checkpoint_delta,
     first_alarm,
     init_audit,
@@ -24,10 +27,15 @@ from intercascade_core.audit import (
     observe_many,
     reset,
     should_label,
+    strong_model_grader,
 )
-from intercascade_core.calibrate import calibrate
-from intercascade_core.cascade import CascadeState, Outcome, init_state
+from intercascade_core.calibrate import Calibration, calibrate
+from intercascade_core.cascade import CascadeConfig, CascadeState, Level, Outcome, init_state
+from intercascade_core.embed import HashingEmbedder
 from intercascade_core.errors import InvalidArgumentError
+from intercascade_core.llm import ChatModel
+from intercascade_core.sim import DEFAULT_PROFILES, SimProfile, templated_math_stream
+from intercascade_core.sim_copying import CopyingSimBackend
 
 ALPHA, DELTA = 0.15, 0.1
 
@@ -209,3 +217,54 @@ def test_audit_state_is_frozen() -> None:
     assert isinstance(s, AuditState)
     with pytest.raises(AttributeError):
         s.n = 3  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------- the audited stream
+def _copying_world(client: httpx.Client) -> tuple[list[Level], tuple[Calibration, Calibration]]:
+    levels = [Level(ChatModel("http://sim/v1", n, client=client, sleep=lambda s: None))
+              for n in ("sim-weak", "sim-strong")]
+    base = calibrate(np.linspace(0.5, 1, 200), np.ones(200, dtype=bool), alpha=ALPHA, delta=DELTA)
+    # a weak threshold that is safe without strategies in the simulator (wrong answers
+    # there are at most 0.80 confident) but not against copied wrong strategies
+    cals = (dataclasses.replace(base, threshold=0.81), dataclasses.replace(base, threshold=0.3))
+    return levels, cals
+
+
+def test_audited_stream_defers_everything_after_an_alarm() -> None:
+    profiles = dict(DEFAULT_PROFILES)
+    profiles["sim-strong"] = SimProfile(0.6, 0.2, 0.9, wrong_conf=(0.5, 0.95, 1.0))
+    backend = CopyingSimBackend(seed=3, profiles=profiles, copy_rate=0.95)
+    stream = templated_math_stream(160, n_templates=4, seed=11)
+    with httpx.Client(transport=backend.transport()) as client:
+        levels, cals = _copying_world(client)
+        cfg = AuditConfig(alpha=ALPHA, delta=DELTA, every=10, action="defer_all")
+        run = audited_stream(stream, levels, HashingEmbedder(dim=32), audit=cfg, calibrations=cals,
+                             config=CascadeConfig(k=2, backend="numpy"))
+        assert len(run.events) == 1
+        at, ev = run.events[0]
+        assert ev.n_wrong / ev.n_window > ALPHA and run.audit.verdict == "alarm"
+        assert all(o.level != 0 for o in run.outcomes[at + 1:])  # everything deferred after
+        assert any(o.level == 0 for o in run.outcomes[: at + 1])
+        assert math.isinf(run.state.thresholds[0])
+        assert len(run.labelled) == run.audit.n
+
+        # "recalibrate": the callback's state is used and a new audit epoch starts
+        calls: list[int] = []
+
+        def recal(state: CascadeState, event: RiskAlarm) -> CascadeState:
+            calls.append(event.n_labels)
+            return apply_alarm(state, dataclasses.replace(event, action="defer_all"))
+
+        cfg2 = dataclasses.replace(cfg, action="recalibrate")
+        with pytest.raises(InvalidArgumentError, match="recalibrate"):
+            audited_stream(stream, levels, HashingEmbedder(dim=32), audit=cfg2, calibrations=cals)
+        run2 = audited_stream(stream, levels, HashingEmbedder(dim=32), audit=cfg2, calibrations=cals,
+                              config=CascadeConfig(k=2, backend="numpy"), recalibrate=recal)
+        assert calls == [ev.n_labels] and run2.audit.epoch == 1 and run2.audit.alarm is None
+
+        # labelling a sample through the strong model as the grader
+        run3 = audited_stream(stream[:60], levels, HashingEmbedder(dim=32), audit=AuditConfig(alpha=ALPHA, delta=DELTA),
+                              calibrations=cals, config=CascadeConfig(k=2, backend="numpy"),
+                              grader=strong_model_grader(levels[1]), rate=0.5, seed=1)
+        weak_acc = [i for i, o in enumerate(run3.outcomes) if o.level == 0]
+        assert set(run3.labelled) <= set(weak_acc) and 0 < len(run3.labelled) < len(weak_acc)
