@@ -298,6 +298,7 @@ def check_report(folder: Path, *, plots: bool = True) -> dict[str, Any]:
     return results
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     readme = tmp_path / "README.md"
