@@ -497,6 +497,31 @@ class PgVectorStore:
             ).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
+    # -- bulk loading
+    def drop_ann_index(self) -> None:
+        """Drop the HNSW index (before a large initial import: pgvector builds an index
+        much faster than it maintains one row by row). Search then scans exactly until
+        :meth:`create_ann_index` runs."""
+        from psycopg import sql
+
+        with self._conn() as conn:
+            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(f"{self.table}_embedding_hnsw")))
+
+    def create_ann_index(self, *, maintenance_work_mem: str = "1GB") -> None:
+        """(Re)create the HNSW index of migration 2 if it is missing."""
+        from psycopg import sql
+
+        if not re.fullmatch(r"[0-9]+\s*(kB|MB|GB)", maintenance_work_mem):
+            raise InvalidArgumentError("maintenance_work_mem", f"must look like '512MB', got {maintenance_work_mem!r}")
+        with self._conn() as conn:
+            conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
+            conn.execute(
+                sql.SQL(
+                    "CREATE INDEX IF NOT EXISTS {i} ON {t} USING hnsw (embedding vector_cosine_ops)"
+                    " WITH (m = 16, ef_construction = 64)"
+                ).format(i=sql.Identifier(f"{self.table}_embedding_hnsw"), t=sql.Identifier(self.table))
+            )
+
     # -- writes
     def push(self, entries: Sequence[Entry], vectors: npt.NDArray[np.float32]) -> int:
         """Insert ``entries`` (their ``id`` is ignored; the server assigns one) in one
@@ -658,7 +683,8 @@ class PgVectorStore:
         (default ``max(64, 2k)``, at most 1000); with a ``tenant`` filter HNSW can
         return fewer than ``k`` rows when the tenant is a small share of the table
         (pgvector filters after the index search) — missing slots are id ``-1``,
-        score ``-inf``. Shape ``(m, min(k, #rows of tenant))`` like :func:`retrieve`.
+        score ``-inf``. Shape ``(m, k')`` with ``k' = min(k, #rows of tenant)`` for the
+        exact path (like :func:`retrieve`), the longest answer for the HNSW path.
         """
         from psycopg import sql
 
@@ -680,30 +706,32 @@ class PgVectorStore:
         stmt = sql.SQL(
             "SELECT id, 1 - (embedding <=> %s) AS score FROM {t}{where} ORDER BY {order} LIMIT %s"
         ).format(t=t, where=where, order=order)
+        if k == 0 or m == 0:
+            return TopK(np.empty((m, 0), np.int64), np.empty((m, 0), np.float32))
+        results: list[list[tuple[int, float]]] = []
         with self._conn() as conn:
-            cnt_q = sql.SQL("SELECT count(*) FROM {t}{where}").format(t=t, where=where)
-            n = int(conn.execute(cnt_q, [tenant] if tenant is not None else []).fetchone()[0])  # type: ignore[index]
-            kk = min(k, n)
-            idx = np.full((m, kk), -1, np.int64)
-            sc = np.full((m, kk), -np.inf, np.float32)
-            if kk == 0 or m == 0:
-                return TopK(idx, sc)
             if exact:
                 conn.execute("SET LOCAL enable_indexscan = off")
                 conn.execute("SET LOCAL enable_bitmapscan = off")
             else:
-                ef = ef_search if ef_search is not None else min(1000, max(64, 2 * kk))
+                ef = ef_search if ef_search is not None else min(1000, max(64, 2 * k))
                 conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
             cur = conn.cursor(binary=True)
             for i in range(m):
                 v = _Vec(q[i])
-                params: list[Any] = [v] + ([tenant] if tenant is not None else []) + [v, kk]
-                rows = cur.execute(stmt, params).fetchall()
+                params: list[Any] = [v] + ([tenant] if tenant is not None else []) + [v, k]
+                rows = [(int(r[0]), float(r[1])) for r in cur.execute(stmt, params).fetchall()]
                 if not exact:  # ties to the lower id, like the local paths
-                    rows.sort(key=lambda r: (-float(r[1]), int(r[0])))
-                for j, (rid, s) in enumerate(rows[:kk]):
-                    idx[i, j] = int(rid)
-                    sc[i, j] = np.float32(s)
+                    rows.sort(key=lambda r: (-r[1], r[0]))
+                results.append(rows)
+        # exact returns min(k, #rows) per query; HNSW may return fewer (filtered search)
+        kk = max(len(r) for r in results)
+        idx = np.full((m, kk), -1, np.int64)
+        sc = np.full((m, kk), -np.inf, np.float32)
+        for i, rows in enumerate(results):
+            for j, (rid, s) in enumerate(rows):
+                idx[i, j] = rid
+                sc[i, j] = np.float32(s)
         return TopK(idx, sc)
 
     def search_entries(
