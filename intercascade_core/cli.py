@@ -275,6 +275,9 @@ def _cmd_calibrate(args: argparse.Namespace, con: Console) -> int:
     con.result("")
     if any(c.abstained for c in cals):
         con.result("An abstaining level (threshold inf) accepts nothing: every query passes it by.")
+    for lv in levels:
+        if lv["note"]:
+            con.result(f"  {lv['level']}: {lv['note']}")
     if all_guaranteed:
         con.result(f"Certified: accepting an answer iff its confidence >= its level's threshold keeps "
                    f"P(wrong | accepted) <= {args.alpha:g} at every level, with probability >= "
