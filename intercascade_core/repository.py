@@ -29,6 +29,7 @@ import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, overload
 
 import numpy as np
@@ -208,9 +209,10 @@ def _check_vectors(vectors: Any, count: int, dim: int) -> np.ndarray:
         )
     if count == 0:
         return vectors
-    if not np.isfinite(vectors).all():
-        raise InvalidArgumentError("vectors", "contains NaN or infinite values")
+    # a row holds NaN/inf iff its float64 sum of squares does (float32 squares cannot overflow it)
     sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+    if not np.isfinite(sq).all():
+        raise InvalidArgumentError("vectors", "contains NaN or infinite values")
     norms = np.sqrt(sq)
     bad = np.abs(norms - 1.0) > NORM_TOLERANCE
     if bad.any():
@@ -219,7 +221,7 @@ def _check_vectors(vectors: Any, count: int, dim: int) -> np.ndarray:
             "vectors",
             f"row {i} has L2 norm {norms[i]:.6g}; rows must be unit-norm (within {NORM_TOLERANCE})",
         )
-    return (vectors / norms[:, None]).astype(np.float32)
+    return vectors * (1.0 / norms).astype(np.float32)[:, None]
 
 
 def update(repo: Repository, entries: Sequence[Entry], vectors: np.ndarray) -> Repository:
@@ -257,19 +259,27 @@ def update(repo: Repository, entries: Sequence[Entry], vectors: np.ndarray) -> R
         return _append(arena, n, entries, rows, repo.dim)
 
 
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
+_entry_values = attrgetter(*_ENTRY_FIELDS)
+_ID_POS = _ENTRY_FIELDS.index("id")
+
+
+def _with_id(e: Entry, i: int) -> Entry:
+    """``dataclasses.replace(e, id=i)``, several times faster (bulk loads of 1M entries)."""
+    values = list(_entry_values(e))
+    values[_ID_POS] = i
+    return type(e)(*values)
+
+
 def _append(arena: _Arena, n: int, entries: Sequence[Entry], rows: np.ndarray, dim: int) -> Repository:
     count = len(entries)
     if n + count > arena.capacity:
         arena.grow(n + count)
     arena.rw[n : n + count] = rows
-    codes = arena.tenants
-    for j, e in enumerate(entries):
-        if e.id == -1:
-            e = dataclasses.replace(e, id=n + j)
-        code = codes.get(e.tenant)
-        if code is None:
-            code = codes[e.tenant] = len(codes)
-        arena.tenant_codes[n + j] = code
-        arena.entries.append(e)
+    tenants = arena.tenants
+    for tenant in {e.tenant for e in entries} - tenants.keys():
+        tenants[tenant] = len(tenants)
+    arena.tenant_codes[n : n + count] = [tenants[e.tenant] for e in entries]
+    arena.entries.extend(e if e.id != -1 else _with_id(e, n + j) for j, e in enumerate(entries))
     arena.length = n + count
     return Repository(dim, arena, n + count)

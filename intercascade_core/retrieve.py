@@ -101,9 +101,10 @@ def _check_queries(query_vectors: Any, dim: int) -> npt.NDArray[np.float32]:
         )
     if q.shape[0] == 0:
         return np.ascontiguousarray(q)
-    if not np.isfinite(q).all():
+    sq = np.einsum("ij,ij->i", q, q, dtype=np.float64)
+    if not np.isfinite(sq).all():  # NaN/inf in a row makes its float64 sum of squares non-finite
         raise InvalidArgumentError("query_vectors", "contains NaN or infinite values")
-    norms = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+    norms = np.sqrt(sq)
     bad = np.abs(norms - 1.0) > NORM_TOLERANCE
     if bad.any():
         i = int(np.argmax(bad))
@@ -111,7 +112,7 @@ def _check_queries(query_vectors: Any, dim: int) -> npt.NDArray[np.float32]:
             "query_vectors",
             f"row {i} has L2 norm {norms[i]:.6g}; queries must be unit-norm (within {NORM_TOLERANCE})",
         )
-    return np.ascontiguousarray((q / norms[:, None]).astype(np.float32))
+    return np.ascontiguousarray(q * (1.0 / norms).astype(np.float32)[:, None])
 
 
 def _check_k(k: Any) -> int:
