@@ -62,7 +62,7 @@ guarantee on labelled deployment feedback with a valid sequential test and raise
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +85,7 @@ __all__ = [
     "insitu_calibrate",
     "replay_pairs",
     "risk_summary",
+    "risk_table",
 ]
 
 
@@ -451,3 +452,33 @@ def risk_summary(
     elif audit is not None:
         raise InvalidArgumentError("audit", f"expected an AuditConfig or AuditState, got {type(audit).__name__}")
     return out
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100.0 * float(x):.2f}"
+
+
+def risk_table(summaries: Mapping[str, Mapping[str, Any]], *, labels: Mapping[str, str] | None = None) -> str:
+    """A Markdown table of :func:`risk_summary` results, one row per variant: the accepted
+    weak answers' empirical risk against α, the α certified at λ_w without and with
+    strategies (Theorem 2.2's view) and the audit's verdict. Percentages."""
+    head = (
+        "| Variant | λ_w | weak accepted | wrong | empirical risk (%) | α (%) | exceeds α | "
+        "α certified, no strategies (%) | α certified, with strategies (%) | audit |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    for v, s in summaries.items():
+        name = (labels or {}).get(v, v)
+        lam = s.get("threshold")
+        audit = s.get("audit")
+        verdict = "–" if not audit else str(audit.get("verdict"))
+        if audit and audit.get("alarm_at_label") is not None:
+            verdict += f" (label {audit['alarm_at_label']})"
+        rows.append(
+            f"| {name} | {'abstain' if lam is None else f'{float(lam):.4f}'} | {s.get('accepted')} | "
+            f"{s.get('errors')} | {_pct(s.get('empirical_risk'))} | {_pct(s.get('alpha'))} | "
+            f"{'**yes**' if s.get('exceeds_alpha') else 'no'} | {_pct(s.get('alpha_certified_without_strategies'))} | "
+            f"{_pct(s.get('alpha_certified_with_strategies'))} | {verdict} |"
+        )
+    return "\n".join(rows) + "\n"

@@ -31,6 +31,7 @@ from intercascade_core.insitu import (
     insitu_calibrate,
     replay_pairs,
     risk_summary,
+    risk_table,
 )
 from intercascade_core.llm import ChatModel
 from intercascade_core.prompts import as_messages, weak_prompt
@@ -245,3 +246,17 @@ def test_insitu_iv(world: World) -> None:
         risk_summary([], world.insitu.static[0], alpha=ALPHA, delta=DELTA, audit="yes")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="result"):
         deploy_state("x", 8)  # type: ignore[arg-type]
+
+
+def test_risk_table(world: World) -> None:
+    ins = world.insitu
+    audit = AuditConfig(alpha=ALPHA, delta=DELTA)
+    table = risk_table({
+        "retrieval": risk_summary(world.static_run.outcomes, ins.static[0], alpha=ALPHA, delta=DELTA, audit=audit),
+        "retrieval+insitu": risk_summary(world.insitu_run.outcomes, ins.calibrations[0], alpha=ALPHA, delta=DELTA,
+                                         audit=audit),
+    }, labels={"retrieval": "Inter-Cascade (static λ_w)"})
+    lines = table.strip().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| Inter-Cascade (static λ_w) |")
+    assert "**yes**" in lines[2] and "| no |" in lines[3]
+    assert "| 20.00 |" in lines[2]  # α in percent
