@@ -63,7 +63,7 @@ import hashlib
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
@@ -238,7 +238,6 @@ class AuditState:
     epoch: int = 0
     n_total: int = 0
     n_total_wrong: int = 0
-    history: tuple[tuple[int, float, float], ...] = field(default=(), repr=False)
 
     @property
     def verdict(self) -> Verdict:
@@ -343,7 +342,7 @@ def observe(state: AuditState, correct: bool) -> tuple[AuditState, RiskAlarm | N
     p = _p_value(k, m, c.alpha)
     lower, upper = _cp_lower(k, m, d_j), _cp_upper(k, m, d_j)
     new = replace(new, checkpoint_index=j, next_checkpoint=c.checkpoint(j + 1),
-                  risk_upper=upper, risk_lower=lower, history=state.history + ((n, lower, upper),))
+                  risk_upper=upper, risk_lower=lower)
     if p > d_j or state.alarm is not None:
         return new, None
     event = RiskAlarm(n_labels=n, checkpoint=j, n_window=m, n_wrong=k, alpha=c.alpha, delta_j=d_j,
@@ -377,12 +376,12 @@ def _critical_counts(sizes: np.ndarray, alpha: float, deltas: np.ndarray) -> np.
     return np.minimum(c, sizes + 1)
 
 
-def first_alarm(labels: npt.ArrayLike, config: AuditConfig) -> np.ndarray:
+def first_alarm(labels: npt.ArrayLike, config: AuditConfig) -> npt.NDArray[np.int64] | int:
     """Vectorised audit of many independent label streams at once.
 
     ``labels``: bool array ``(runs, n)`` (True = correct) or ``(n,)``. Returns, per run,
     the 1-based label count at which :func:`observe` would first raise its alarm, or
-    ``-1`` if it never does within the ``n`` labels (identical to folding
+    ``-1`` if it never does within the ``n`` labels (an int for a single 1-D stream) (identical to folding
     :func:`observe`; used by the statistical tests and for offline audits).
     """
     if not isinstance(config, AuditConfig):
@@ -412,7 +411,7 @@ def first_alarm(labels: npt.ArrayLike, config: AuditConfig) -> np.ndarray:
         any_fire = fire.any(axis=1)
         first = np.argmax(fire, axis=1)
         result = np.where(any_fire, cps[first], -1)
-    return result[0] if squeeze else result  # type: ignore[no-any-return]
+    return int(result[0]) if squeeze else result
 
 
 # ----------------------------------------------------------------------------- helpers
