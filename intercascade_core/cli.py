@@ -206,10 +206,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", type=Path, metavar="FILE",
                    help="also rewrite the results block of FILE (between the markers "
                    "<!-- intercascade-demo-results:start/end -->) with the tables and a plot")
+
+    # sim-serve ------------------------------------------------------------------------
+    p = sub.add_parser(
+        "sim-serve", parents=[common],
+        help="serve the simulated weak/strong models over HTTP on 127.0.0.1",
+        description="Serve the deterministic simulated models (sim-weak, sim-mid, sim-strong) as an "
+        "OpenAI-compatible endpoint (POST /v1/chat/completions with logprobs, GET /v1/models) "
+        "until interrupted. The same responses as the in-process MockTransport simulator.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_count(0), default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--seed", type=_count(0), default=0, help="simulator seed (default 0)")
     return parser
 
 
 # --------------------------------------------------------------------------- commands
+
+
+def _cmd_sim_serve(args: argparse.Namespace, con: Console) -> int:
+    from .sim import serve
+
+    def ready(base_url: str) -> None:
+        print(f"serving simulated models at {base_url} (Ctrl-C to stop)", flush=True)
+
+    serve(args.host, args.port, seed=args.seed, ready=ready)
+    return EXIT_OK
 
 
 def _cmd_calibrate(args: argparse.Namespace, con: Console) -> int:
@@ -505,7 +527,10 @@ def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
     return rc
 
 
-COMMANDS = {"calibrate": _cmd_calibrate, "run": _cmd_run, "eval": _cmd_eval, "demo": _cmd_demo}
+COMMANDS = {
+    "calibrate": _cmd_calibrate, "run": _cmd_run, "eval": _cmd_eval, "demo": _cmd_demo,
+    "sim-serve": _cmd_sim_serve,
+}
 
 
 # --------------------------------------------------------------------------- main
