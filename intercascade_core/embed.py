@@ -86,6 +86,7 @@ def validate_texts(texts: object, argument: str = "texts") -> list[str]:
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_EMPTY = "\x00<empty>"  # the single feature of a text without word characters
 
 
 @lru_cache(maxsize=65536)
@@ -131,20 +132,25 @@ class HashingEmbedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         items = validate_texts(texts)
-        out = np.zeros((len(items), self._dim), dtype=np.float64)
+        rows: list[int] = []
+        cols: list[int] = []
+        signs: list[float] = []
         for row, text in enumerate(items):
             words = _WORD.findall(text.lower())
-            feats = words + [f"{a} {b}" for a, b in pairwise(words)]
-            if not feats:
-                feats = ["\x00<empty>"]
+            feats = words + [f"{a} {b}" for a, b in pairwise(words)] or [_EMPTY]
             for f in feats:
-                j, s = _feature(f, self._seed, self._dim)
-                out[row, j] += s
-            n = np.linalg.norm(out[row])
-            if n == 0.0:  # all features cancelled out: fall back to the sentinel
-                out[row] = 0.0
-                j, s = _feature("\x00<empty>", self._seed, self._dim)
-                out[row, j] = s
-            else:
-                out[row] /= n
+                j, sgn = _feature(f, self._seed, self._dim)
+                rows.append(row)
+                cols.append(j)
+                signs.append(sgn)
+        out = np.zeros((len(items), self._dim), dtype=np.float64)
+        np.add.at(out, (np.asarray(rows, dtype=np.intp), np.asarray(cols, dtype=np.intp)), signs)
+        norms = np.linalg.norm(out, axis=1)
+        dead = norms == 0.0  # every feature cancelled out: fall back to the sentinel
+        if dead.any():
+            j, sgn = _feature(_EMPTY, self._seed, self._dim)
+            out[dead] = 0.0
+            out[dead, j] = sgn
+            norms[dead] = 1.0
+        out /= norms[:, None]
         return np.ascontiguousarray(out, dtype=np.float32)
