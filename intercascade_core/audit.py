@@ -82,20 +82,20 @@ __all__ = [
     "AuditConfig",
     "AuditState",
     "AuditedRun",
-    "audited_stream",
-    "gold_grader",
-    "strong_model_grader",
     "RiskAlarm",
     "RiskAlarmError",
     "apply_alarm",
     "audit_outcomes",
+    "audited_stream",
     "checkpoint_delta",
     "first_alarm",
+    "gold_grader",
     "init_audit",
     "observe",
     "observe_many",
     "reset",
     "should_label",
+    "strong_model_grader",
 ]
 
 Action = Literal["none", "defer_all", "recalibrate"]

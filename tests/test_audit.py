@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import httpx
@@ -86,7 +87,7 @@ def test_checkpoint_schedules() -> None:
     geo = AuditConfig(alpha=ALPHA, delta=DELTA, ratio=1.5, first=2)
     cps = geo.checkpoints_upto(20)
     assert cps == [2, 3, 5, 7, 11, 16]
-    assert all(b > a for a, b in zip(cps, cps[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(cps))
 
 
 def test_observe_is_pure_and_counts() -> None:

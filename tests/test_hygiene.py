@@ -26,7 +26,12 @@ from intercascade_core.hygiene import (
     refuted_ids,
 )
 from intercascade_core.llm import ChatModel, Generation
-from intercascade_core.prompts import as_messages, strategy_free_prompt, strategy_generation_prompt, weak_prompt
+from intercascade_core.prompts import (
+    as_messages,
+    strategy_free_prompt,
+    strategy_generation_prompt,
+    weak_prompt,
+)
 from intercascade_core.repository import Entry, Repository, empty_repository, update
 from intercascade_core.sim import SimBackend, templated_math_stream
 from intercascade_core.tasks import Query
