@@ -262,6 +262,10 @@ class MiniLMEmbedder:
                 "expected input_ids, attention_mask and optionally token_type_ids"
             )
         self._wants_token_types = "token_type_ids" in inputs
+        # int64 as exported by transformers; some exports take int32
+        self._input_dtypes = {
+            name: np.int32 if i.type == "tensor(int32)" else np.int64 for name, i in inputs.items()
+        }
         out = self._session.get_outputs()[0]
         self._output_name = out.name
         if len(out.shape) not in (2, 3):
@@ -441,6 +445,7 @@ class MiniLMEmbedder:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if self._wants_token_types:
             feeds["token_type_ids"] = types
+        feeds = {k: v.astype(self._input_dtypes[k], copy=False) for k, v in feeds.items()}
         (h,) = self._session.run([self._output_name], feeds)
         h = np.asarray(h, dtype=np.float32)
         if self._pooled_output:

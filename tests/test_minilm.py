@@ -103,6 +103,23 @@ def test_fidelity_fp32_onnx_user_path() -> None:
     assert e.model_id != MiniLMEmbedder(cache_size=0).model_id
 
 
+def test_user_model_with_pooled_output_and_int32_inputs() -> None:
+    """A user ONNX file may output pooled (batch, dim) vectors and take int32 inputs; the
+    dim is probed when the model declares it symbolically. The tiny stand-in model outputs
+    [n_tokens, sum(input_ids), 1] per text (tests/fixtures/make_minilm_reference.py)."""
+    path = ROOT / "tests/fixtures/minilm_reference.pooled_int32.onnx"
+    e = MiniLMEmbedder(model_path=path, cache_size=0)
+    assert e.dim == 3
+    texts = ["hello world", "", "x " * 400]
+    got = e.embed(texts)
+    assert got.dtype == np.float32 and got.shape == (3, 3) and got.flags.c_contiguous
+    for t, row in zip(texts, got):
+        ids = e._tokenizer.encode(t).ids
+        assert len(ids) <= 256
+        x = np.array([len(ids), sum(ids), 1.0])
+        np.testing.assert_allclose(row, x / np.linalg.norm(x), rtol=1e-5)
+
+
 # ---------------------------------------------------------------- contract
 def test_is_an_embedder_with_the_contract(emb: MiniLMEmbedder) -> None:
     assert isinstance(emb, Embedder)
