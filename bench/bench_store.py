@@ -32,7 +32,7 @@ from intercascade_core.repository import Entry, empty_repository, update
 from intercascade_core.retrieve import retrieve
 from intercascade_core.store import open_repository, save
 
-N = int(os.environ.get("BENCH_STORE_N", 1_000_000))
+N = int(os.environ.get("BENCH_STORE_N", "1000000"))
 DIM = 384
 STRATEGY = (
     "Track one running total: start from the initial amount, add what is received and "
@@ -42,9 +42,15 @@ STRATEGY = (
 
 def _entries(n: int) -> list[Entry]:
     return [
-        Entry(f"Problem {i}: Mia has {i % 97} apples and gives away {i % 13}. How many are left?",
-              str(i % 97 - i % 13), STRATEGY, source_level=1, source_model="sim-strong",
-              created_at=float(i), tenant=("a", "b", "c")[i % 3])
+        Entry(
+            f"Problem {i}: Mia has {i % 97} apples and gives away {i % 13}. How many are left?",
+            str(i % 97 - i % 13),
+            STRATEGY,
+            source_level=1,
+            source_model="sim-strong",
+            created_at=float(i),
+            tenant=("a", "b", "c")[i % 3],
+        )
         for i in range(n)
     ]
 
@@ -68,13 +74,15 @@ def saved():
     t_save = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in (root / "repo").iterdir())
     info = {"n": N, "build_in_memory_s": t_build, "save_s": t_save, "bytes": size}
-    print(f"\n[bench_store] n={N} build(update)={t_build:.2f}s save={t_save:.2f}s size={size / 1e9:.2f} GB")
+    print(
+        f"\n[bench_store] n={N} build(update)={t_build:.2f}s save={t_save:.2f}s size={size / 1e9:.2f} GB"
+    )
     yield repo, entries, vectors, root / "repo", info
     shutil.rmtree(root, ignore_errors=True)
 
 
 def test_open_size_verify(benchmark, saved):
-    repo, _, _, path, info = saved
+    _repo, _, _, path, info = saved
     benchmark.group = f"open n={N}"
     benchmark.extra_info.update(info)
     got = benchmark(open_repository, path, verify="size")
@@ -85,14 +93,18 @@ def test_open_full_verify(benchmark, saved):
     _, _, _, path, info = saved
     benchmark.group = f"open n={N}"
     benchmark.extra_info.update(info)
-    got = benchmark.pedantic(open_repository, args=(path,), kwargs={"verify": "full"}, rounds=1, iterations=1)
+    got = benchmark.pedantic(
+        open_repository, args=(path,), kwargs={"verify": "full"}, rounds=1, iterations=1
+    )
     assert len(got.repository) == N
 
 
 def test_open_baseline_update_from_ram(benchmark, saved):
     _, entries, vectors, _, _ = saved
     benchmark.group = f"open n={N}"
-    r = benchmark.pedantic(update, args=(empty_repository(DIM), entries, vectors), rounds=1, iterations=1)
+    r = benchmark.pedantic(
+        update, args=(empty_repository(DIM), entries, vectors), rounds=1, iterations=1
+    )
     assert len(r) == N
 
 

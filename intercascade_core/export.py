@@ -39,7 +39,9 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
-def chat_example(entry: Entry, *, system: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]]:
+def chat_example(
+    entry: Entry, *, system: str | None = DEFAULT_SYSTEM_PROMPT
+) -> list[dict[str, str]]:
     """The chat messages of one fine-tuning example (see the module docstring)."""
     q = sanitize_text(entry.query, max_chars=MAX_QUERY_CHARS)
     s = sanitize_text(entry.strategy, max_chars=MAX_STRATEGY_CHARS)
@@ -95,10 +97,17 @@ def export_finetune(
         msgs = template(e) if template is not None else chat_example(e, system=system)
         _check_messages(msgs, row)
         meta: Mapping[str, Any] = {
-            "id": e.id, "tenant": e.tenant, "source_model": e.source_model,
-            "source_level": e.source_level, "created_at": e.created_at, "uses": int(u[row]),
+            "id": e.id,
+            "tenant": e.tenant,
+            "source_model": e.source_model,
+            "source_level": e.source_level,
+            "created_at": e.created_at,
+            "uses": int(u[row]),
         }
-        lines.append(json.dumps({"messages": msgs, "metadata": meta}, ensure_ascii=True).encode("ascii") + b"\n")
+        lines.append(
+            json.dumps({"messages": msgs, "metadata": meta}, ensure_ascii=True).encode("ascii")
+            + b"\n"
+        )
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(p, b"".join(lines))
@@ -106,10 +115,18 @@ def export_finetune(
 
 
 def _check_messages(msgs: Any, row: int) -> None:
-    ok = isinstance(msgs, list) and msgs and all(
-        isinstance(m, dict) and set(m) == {"role", "content"}
-        and m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str)
-        for m in msgs
+    ok = (
+        isinstance(msgs, list)
+        and msgs
+        and all(
+            isinstance(m, dict)
+            and set(m) == {"role", "content"}
+            and m["role"] in ("system", "user", "assistant")
+            and isinstance(m["content"], str)
+            for m in msgs
+        )
     )
     if not ok:
-        raise InvalidArgumentError("template", f"row {row}: must return a list of {{role, content}} messages")
+        raise InvalidArgumentError(
+            "template", f"row {row}: must return a list of {{role, content}} messages"
+        )

@@ -41,13 +41,13 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, Self
 
 import numpy as np
 import numpy.typing as npt
 
 from .errors import InvalidArgumentError
-from .repository import Entry, Repository, empty_repository, update
+from .repository import Entry, Repository, empty_repository
 from .store import (
     CorruptStoreError,
     IncompatibleStoreError,
@@ -55,6 +55,7 @@ from .store import (
     Verify,
     _entry_line,
     _parse_line,
+    append_exact,
     atomic_write_bytes,
     fsync_dir,
     open_repository,
@@ -112,7 +113,9 @@ def _header(dim: int, model_id: str) -> bytes:
     return MAGIC + _FRAME.pack(len(body), zlib.crc32(body)) + body
 
 
-def _encode(rec_lsn: int, entries: Sequence[Entry], vectors: np.ndarray, uses: Sequence[int]) -> bytes:
+def _encode(
+    rec_lsn: int, entries: Sequence[Entry], vectors: np.ndarray, uses: Sequence[int]
+) -> bytes:
     meta = {
         "lsn": rec_lsn,
         "entries": [json.loads(_entry_line(e, 0)) for e in entries],
@@ -153,10 +156,10 @@ def _decode(payload: bytes, dim: int, path: Path, where: str) -> JournalRecord:
         except (TypeError, ValueError):  # pragma: no cover - json.loads output re-dumps
             raise bad(f"entry {j} is not JSON") from None
         try:
-            e, _ = _parse_line(raw, path, j)
+            entry, _ = _parse_line(raw, path, j)
         except CorruptStoreError as err:
             raise bad(f"entry {j}: {err}") from None
-        entries.append(e)
+        entries.append(entry)
     vec = payload[4 + jl :]
     if len(vec) != len(entries) * dim * 4:
         raise bad(f"{len(vec)} vector bytes for {len(entries)} entries of dim {dim}")
@@ -206,7 +209,9 @@ def read_journal(path: str | os.PathLike[str]) -> JournalScan:
             if end == len(data):
                 torn = True
                 break
-            raise JournalCorruptError(p, f"record {len(records) + 1} at byte {pos}: checksum mismatch")
+            raise JournalCorruptError(
+                p, f"record {len(records) + 1} at byte {pos}: checksum mismatch"
+            )
         rec = _decode(payload, dim, p, f"record {len(records) + 1} at byte {pos}")
         if records and rec.lsn != records[-1].lsn + 1:
             raise JournalCorruptError(
@@ -221,8 +226,9 @@ class Journal:
     """An open journal file for appending (not thread-safe: callers serialise appends,
     as :class:`~intercascade_core.service.Cascade` does under its lock)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, dim: int, model_id: str,
-                 fsync: Fsync = "always") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, dim: int, model_id: str, fsync: Fsync = "always"
+    ) -> None:
         if fsync not in ("always", "never"):
             raise InvalidArgumentError("fsync", f"must be 'always' or 'never', got {fsync!r}")
         self.path = Path(path)
@@ -251,8 +257,9 @@ class Journal:
             os.fsync(self._fd)
         os.lseek(self._fd, 0, os.SEEK_END)
 
-    def append(self, lsn: int, entries: Sequence[Entry], vectors: np.ndarray,
-               uses: Sequence[int] = ()) -> None:
+    def append(
+        self, lsn: int, entries: Sequence[Entry], vectors: np.ndarray, uses: Sequence[int] = ()
+    ) -> None:
         """Append one record (one write; fsynced when ``fsync="always"``)."""
         buf = _encode(lsn, entries, vectors, uses)
         view = memoryview(buf)
@@ -307,8 +314,15 @@ class DurableStore:
     publishes the new version) and :meth:`checkpoint` to write a new snapshot.
     """
 
-    def __init__(self, path: Path, journal: Journal, snapshot: StoredRepository,
-                 repository: Repository, uses: np.ndarray, lsn: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        journal: Journal,
+        snapshot: StoredRepository,
+        repository: Repository,
+        uses: np.ndarray,
+        lsn: int,
+    ) -> None:
         self.path = path
         self.journal = journal
         self.snapshot_path = snapshot.path
@@ -350,8 +364,10 @@ class DurableStore:
             raise CorruptStoreError(cur, f"does not name a snapshot directory: {raw[:80]!r}")
         snap = open_repository(root / name, model_id=model_id, dim=dim, verify=verify)
         for stray in root.iterdir():  # leftovers of a checkpoint interrupted by a crash
-            if stray.is_dir() and stray.name != name and (
-                stray.name.startswith("snap-") or stray.name.startswith(".snap-")
+            if (
+                stray.is_dir()
+                and stray.name != name
+                and (stray.name.startswith("snap-") or stray.name.startswith(".snap-"))
             ):
                 shutil.rmtree(stray, ignore_errors=True)
         journal = Journal(root / JOURNAL, dim=dim, model_id=model_id, fsync=fsync)
@@ -368,13 +384,15 @@ class DurableStore:
             n_before = len(repo)
             if rec.entries:
                 try:
-                    repo = update(repo, list(rec.entries), rec.vectors)
+                    repo = append_exact(repo, list(rec.entries), rec.vectors)
                 except InvalidArgumentError as e:
                     journal.close()
                     raise JournalCorruptError(journal.path, f"record lsn {rec.lsn}: {e}") from None
             if any(u >= n_before for u in rec.uses):
                 journal.close()
-                raise JournalCorruptError(journal.path, f"record lsn {rec.lsn}: usage row out of range")
+                raise JournalCorruptError(
+                    journal.path, f"record lsn {rec.lsn}: usage row out of range"
+                )
             uses = _extend_uses(uses, len(repo), rec.uses)
             lsn = rec.lsn
             applied += 1
@@ -387,7 +405,9 @@ class DurableStore:
 
     def log(self, entries: Sequence[Entry], vectors: np.ndarray, uses: Sequence[int] = ()) -> int:
         """Append a batch to the journal (durable per the fsync policy); return its lsn.
-        Entries are journalled as given; replay passes them to ``update`` in order."""
+        Log the rows *as stored* in the repository (e.g. ``repo.vectors[-k:]`` after
+        ``update``): replay appends entries and rows in order, bit-exactly
+        (:func:`~intercascade_core.store.append_exact`)."""
         if not entries and not uses:
             return self.lsn
         vec = np.asarray(vectors, dtype=np.float32).reshape(len(entries), self.dim)
@@ -416,9 +436,8 @@ class DurableStore:
     def close(self) -> None:
         self.journal.close()
 
-    def __enter__(self) -> DurableStore:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -78,14 +78,20 @@ def _check_repo(repo: Any) -> Repository:
 
 
 def _check_distance(max_distance: Any) -> float:
-    if isinstance(max_distance, bool) or not isinstance(max_distance, (int, float)) or not (
-        0.0 <= max_distance <= 2.0
+    if (
+        isinstance(max_distance, bool)
+        or not isinstance(max_distance, (int, float))
+        or not (0.0 <= max_distance <= 2.0)
     ):
-        raise InvalidArgumentError("max_distance", f"must be a cosine distance in [0, 2], got {max_distance!r}")
+        raise InvalidArgumentError(
+            "max_distance", f"must be a cosine distance in [0, 2], got {max_distance!r}"
+        )
     return float(max_distance)
 
 
-def record_uses(uses: npt.ArrayLike | None, rows: Sequence[int] | npt.ArrayLike, n: int) -> npt.NDArray[np.int64]:
+def record_uses(
+    uses: npt.ArrayLike | None, rows: Sequence[int] | npt.ArrayLike, n: int
+) -> npt.NDArray[np.int64]:
     """``uses`` extended with zeros to length ``n`` plus one per listed row (a row listed
     twice counts twice). Returns a new read-only array."""
     out = _uses(uses, n)
@@ -138,7 +144,9 @@ def evict(
     created = np.fromiter((e.created_at for e in repo.entries), dtype=np.float64, count=n)
     rows = np.arange(n, dtype=np.int64)
     # np.lexsort sorts by the last key first
-    order = np.lexsort((rows, created, u)) if policy == "least_used" else np.lexsort((rows, created))
+    order = (
+        np.lexsort((rows, created, u)) if policy == "least_used" else np.lexsort((rows, created))
+    )
     keep = np.sort(order[n - max_entries :])
     return compact(repo, keep, u)
 
@@ -201,7 +209,9 @@ def find_near_duplicate(
     thr = 1.0 - _check_distance(max_distance)
     if repo.tenant_code(tenant) < 0:
         return None
-    top = retrieve(repo, np.asarray(vector, dtype=np.float32).reshape(1, -1), 1, backend="exact", tenant=tenant)
+    top = retrieve(
+        repo, np.asarray(vector, dtype=np.float32).reshape(1, -1), 1, backend="exact", tenant=tenant
+    )
     if top.indices.shape[1] == 0 or top.scores[0, 0] < thr:
         return None
     return int(top.indices[0, 0])
@@ -224,8 +234,10 @@ def add_unique(
     for i, e in enumerate(entries):
         if find_near_duplicate(repo, vec[i], e.tenant, max_distance) is not None:
             continue
-        if any(entries[j].tenant == e.tenant and float(vec[j] @ vec[i]) >= thr
-               for j in np.flatnonzero(stored)):
+        if any(
+            entries[int(j)].tenant == e.tenant and float(vec[j] @ vec[i]) >= thr
+            for j in np.flatnonzero(stored)
+        ):
             continue
         stored[i] = True
     keep = np.flatnonzero(stored)

@@ -58,15 +58,27 @@ _CHAT_MARKERS = re.compile(
     rf"[{_LT}][{_PIPE}]|[{_PIPE}][{_GT}]|\[/?INST\]|[{_LT}]/?s[{_GT}]", re.IGNORECASE
 )
 _LABELS = (
-    "problem", "question", "answer", "final answer", "strategy", "solution", "system",
-    "user", "assistant", "example", "end example",
+    "problem",
+    "question",
+    "answer",
+    "final answer",
+    "strategy",
+    "solution",
+    "system",
+    "user",
+    "assistant",
+    "example",
+    "end example",
 )
 _LABEL_LINE = re.compile(
-    r"^([ \t>#*_\-]*)(" + "|".join(sorted((re.escape(x) for x in _LABELS), key=len, reverse=True))
+    r"^([ \t>#*_\-]*)("
+    + "|".join(sorted((re.escape(x) for x in _LABELS), key=len, reverse=True))
     + r")[ \t*_]*[:：]",
     re.IGNORECASE | re.MULTILINE,
 )
-_NEW_PROBLEM = re.compile(r"^([ \t>#*_\-]*)now the new (problem|question)", re.IGNORECASE | re.MULTILINE)
+_NEW_PROBLEM = re.compile(
+    r"^([ \t>#*_\-]*)now the new (problem|question)", re.IGNORECASE | re.MULTILINE
+)
 
 
 def _strip_controls(text: str) -> str:
@@ -85,8 +97,11 @@ def _angle(ch: str) -> str:
 def _neutralise(text: str) -> str:
     text = _ANGLE_RUN.sub(lambda m: "".join(_angle(c) for c in m.group(0)), text)
     text = _CHAT_MARKERS.sub(
-        lambda m: "".join(_angle(c) if c in _LT + _GT else ("¦" if c in _PIPE else c) for c in m.group(0))
-        .replace("[", "(").replace("]", ")"),
+        lambda m: (
+            "".join(_angle(c) if c in _LT + _GT else ("¦" if c in _PIPE else c) for c in m.group(0))
+            .replace("[", "(")
+            .replace("]", ")")
+        ),
         text,
     )
     text = _LABEL_LINE.sub(lambda m: f"{m.group(1)}[{m.group(2).lower()}]", text)

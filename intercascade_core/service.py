@@ -44,7 +44,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -53,9 +53,9 @@ from .cascade import CascadeConfig, CascadeState, Level, Outcome, init_state, st
 from .errors import IntercascadeError, InvalidArgumentError
 from .journal import DurableStore, Fsync
 from .prune import Policy, evict, find_near_duplicate
-from .repository import Entry, Repository, update
+from .repository import Entry, Repository
 from .sanitize import sanitize_entry
-from .store import Verify
+from .store import Verify, append_exact
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibrate import Calibration
@@ -63,7 +63,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tasks import Query
 
 __all__ = ["Cascade", "ServiceClosedError"]
-
 
 
 class ServiceClosedError(IntercascadeError):
@@ -128,7 +127,7 @@ class Cascade:
         *,
         calibrations: Sequence[Calibration] | None = None,
         state: CascadeState | None = None,
-        config: CascadeConfig = CascadeConfig(),
+        config: CascadeConfig = CascadeConfig(),  # noqa: B008 - frozen, as in cascade.step
         store: str | Path | None = None,
         fsync: Fsync = "always",
         verify: Verify = "full",
@@ -145,7 +144,9 @@ class Cascade:
             assert calibrations is not None
             state = init_state(calibrations, int(embedder.dim))
         if not isinstance(state, CascadeState):
-            raise InvalidArgumentError("state", f"expected a CascadeState, got {type(state).__name__}")
+            raise InvalidArgumentError(
+                "state", f"expected a CascadeState, got {type(state).__name__}"
+            )
         if len(levels) != state.n_levels:
             raise InvalidArgumentError(
                 "levels", f"state has {state.n_levels} levels, got {len(levels)} models"
@@ -156,24 +157,38 @@ class Cascade:
             or not 0.0 <= dedupe_distance <= 2.0
         ):
             raise InvalidArgumentError(
-                "dedupe_distance", f"must be None or a cosine distance in [0, 2], got {dedupe_distance!r}"
+                "dedupe_distance",
+                f"must be None or a cosine distance in [0, 2], got {dedupe_distance!r}",
             )
         if max_entries is not None and (
             isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
         ):
-            raise InvalidArgumentError("max_entries", f"must be None or an int >= 1, got {max_entries!r}")
+            raise InvalidArgumentError(
+                "max_entries", f"must be None or an int >= 1, got {max_entries!r}"
+            )
         if eviction not in ("least_used", "oldest"):
-            raise InvalidArgumentError("eviction", f"must be 'least_used' or 'oldest', got {eviction!r}")
+            raise InvalidArgumentError(
+                "eviction", f"must be 'least_used' or 'oldest', got {eviction!r}"
+            )
         if evict_batch is None:
             evict_batch = 0 if max_entries is None else max(1, max_entries // 10)
-        if isinstance(evict_batch, bool) or not isinstance(evict_batch, int) or evict_batch < 0 or (
-            max_entries is not None and evict_batch >= max_entries
+        if (
+            isinstance(evict_batch, bool)
+            or not isinstance(evict_batch, int)
+            or evict_batch < 0
+            or (max_entries is not None and evict_batch >= max_entries)
         ):
-            raise InvalidArgumentError("evict_batch", f"must be an int in [0, max_entries), got {evict_batch!r}")
+            raise InvalidArgumentError(
+                "evict_batch", f"must be an int in [0, max_entries), got {evict_batch!r}"
+            )
         if checkpoint_every is not None and (
-            isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, int)
+            or checkpoint_every < 1
         ):
-            raise InvalidArgumentError("checkpoint_every", f"must be None or an int >= 1, got {checkpoint_every!r}")
+            raise InvalidArgumentError(
+                "checkpoint_every", f"must be None or an int >= 1, got {checkpoint_every!r}"
+            )
 
         self._levels = tuple(levels)
         self._embedder = embedder
@@ -201,8 +216,11 @@ class Cascade:
             try:
                 for j in range(len(state.repositories)):
                     ds = DurableStore.open(
-                        root / f"level{j}", dim=int(embedder.dim), model_id=str(embedder.model_id),
-                        fsync=fsync, verify=verify,
+                        root / f"level{j}",
+                        dim=int(embedder.dim),
+                        model_id=str(embedder.model_id),
+                        fsync=fsync,
+                        verify=verify,
                     )
                     stores.append(ds)
                     repos.append(ds.repository)
@@ -238,7 +256,9 @@ class Cascade:
     def ask(self, query: Query, *, tenant: str | None = None) -> Outcome:
         """Run one query through the cascade and commit its effect; thread-safe."""
         if tenant is not None and not isinstance(tenant, str):
-            raise InvalidArgumentError("tenant", f"must be a str or None, got {type(tenant).__name__}")
+            raise InvalidArgumentError(
+                "tenant", f"must be a str or None, got {type(tenant).__name__}"
+            )
         with self._lock:
             if self._closed:
                 raise ServiceClosedError("this Cascade is closed")
@@ -253,7 +273,11 @@ class Cascade:
             return self._commit(base, epoch, new, outcome)
 
     def ask_many(
-        self, queries: Sequence[Query], *, threads: int = 8, tenant: str | Sequence[str | None] | None = None
+        self,
+        queries: Sequence[Query],
+        *,
+        threads: int = 8,
+        tenant: str | Sequence[str | None] | None = None,
     ) -> list[Outcome]:
         """:meth:`ask` every query from ``threads`` worker threads; outcomes in input
         order. ``tenant`` is one tenant for all or one per query."""
@@ -263,11 +287,15 @@ class Cascade:
         else:
             tenants = list(tenant)
             if len(tenants) != len(qs):
-                raise InvalidArgumentError("tenant", f"needs one tenant per query ({len(qs)}), got {len(tenants)}")
+                raise InvalidArgumentError(
+                    "tenant", f"needs one tenant per query ({len(qs)}), got {len(tenants)}"
+                )
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise InvalidArgumentError("threads", f"must be an int >= 1, got {threads!r}")
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cascade") as pool:
-            return list(pool.map(lambda qt: self.ask(qt[0], tenant=qt[1]), zip(qs, tenants, strict=True)))
+            return list(
+                pool.map(lambda qt: self.ask(qt[0], tenant=qt[1]), zip(qs, tenants, strict=True))
+            )
 
     # -- the commit (under the lock) -----------------------------------------------------
     def _commit(self, base: CascadeState, epoch: int, new: CascadeState, out: Outcome) -> Outcome:
@@ -295,13 +323,20 @@ class Cascade:
                     dup = find_near_duplicate(c_repo, vecs[i], e.tenant, self._dedupe)
                     if dup is None:
                         for k in keep:
-                            if added[k].tenant == e.tenant and float(vecs[k] @ vecs[i]) >= 1.0 - self._dedupe:
+                            if (
+                                added[k].tenant == e.tenant
+                                and float(vecs[k] @ vecs[i]) >= 1.0 - self._dedupe
+                            ):
                                 dup = len(c_repo) + keep.index(k)
                                 break
                 if dup is None:
                     keep.append(i)
                 else:
-                    d = 1.0 - float(np.dot(vecs[i], c_repo.vectors[dup])) if dup < len(c_repo) else 0.0
+                    d = (
+                        1.0 - float(np.dot(vecs[i], c_repo.vectors[dup]))
+                        if dup < len(c_repo)
+                        else 0.0
+                    )
                     dup_reason = (
                         f"near-duplicate of entry {dup} in repository {j} "
                         f"(cosine distance {max(d, 0.0):.3g} <= {self._dedupe:g})"
@@ -311,8 +346,8 @@ class Cascade:
                 kvec = np.ascontiguousarray(vecs[keep])
                 if fast and not changed and len(keep) == len(added):
                     repos[j] = s_repo
-                else:
-                    repos[j] = update(c_repo, kept, kvec)
+                else:  # rows already normalised by step's update: store them bit-exactly
+                    repos[j] = append_exact(c_repo, kept, kvec)
                 stored_in.append(j)
             else:
                 kept, kvec = [], np.empty((0, c_repo.dim), np.float32)
@@ -337,10 +372,12 @@ class Cascade:
 
         pruned = False
         if self._max_entries is not None:
-            for j, r in enumerate(repos):
-                if len(r) > self._max_entries:
+            for j, rj in enumerate(repos):
+                if len(rj) > self._max_entries:
                     pr = evict(
-                        r, self._max_entries - self._evict_batch, policy=self._eviction,
+                        rj,
+                        self._max_entries - self._evict_batch,
+                        policy=self._eviction,
                         uses=self._uses[j].view(),
                     )
                     repos[j] = pr.repository
@@ -364,7 +401,9 @@ class Cascade:
             repositories=tuple(repos),
             rng_counter=cur.rng_counter + delta("rng_counter"),
             n_queries=cur.n_queries + 1,
-            calls=tuple(c + n - b for c, n, b in zip(cur.calls, new.calls, base.calls, strict=True)),
+            calls=tuple(
+                c + n - b for c, n, b in zip(cur.calls, new.calls, base.calls, strict=True)
+            ),
             accepted=tuple(
                 c + n - b for c, n, b in zip(cur.accepted, new.accepted, base.accepted, strict=True)
             ),
@@ -391,7 +430,9 @@ class Cascade:
         with self._lock:
             self._checkpoint_locked()
 
-    def prune(self, *, max_entries: int | None = None, dedupe_distance: float | None = None) -> None:
+    def prune(
+        self, *, max_entries: int | None = None, dedupe_distance: float | None = None
+    ) -> None:
         """Offline pruning of every repository now: near-duplicates first, then the cap."""
         from .prune import dedupe
 
@@ -424,8 +465,8 @@ class Cascade:
                 for ds in self._stores:
                     ds.close()
 
-    def __enter__(self) -> Cascade:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -49,7 +49,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -58,7 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import IntercascadeError, InvalidArgumentError
-from .repository import Entry, Repository, _Arena
+from .repository import Entry, Repository, _Arena, _append, _check_vectors
 
 __all__ = [
     "FORMAT",
@@ -68,6 +68,7 @@ __all__ = [
     "Manifest",
     "StoreError",
     "StoredRepository",
+    "append_exact",
     "atomic_write_bytes",
     "fsync_dir",
     "open_repository",
@@ -188,7 +189,9 @@ def _read_manifest(path: Path) -> Manifest:
     try:
         size = mpath.stat().st_size
     except FileNotFoundError:
-        raise CorruptStoreError(mpath, "missing (not a saved repository, or a partial copy)") from None
+        raise CorruptStoreError(
+            mpath, "missing (not a saved repository, or a partial copy)"
+        ) from None
     if size > MAX_MANIFEST_BYTES:
         raise CorruptStoreError(mpath, f"implausibly large ({size} bytes)")
     raw = mpath.read_bytes()
@@ -200,7 +203,7 @@ def _read_manifest(path: Path) -> Manifest:
         raise CorruptStoreError(mpath, "not a JSON object")
     if obj.get("format") != FORMAT:
         raise CorruptStoreError(mpath, f"'format' must be {FORMAT!r}, got {obj.get('format')!r}")
-    ver = obj.get("format_version")
+    ver: Any = obj.get("format_version")
     if not _is_int(ver) or ver < 1:
         raise CorruptStoreError(mpath, f"'format_version' must be a positive int, got {ver!r}")
     if ver > FORMAT_VERSION:
@@ -209,16 +212,22 @@ def _read_manifest(path: Path) -> Manifest:
             f"format version {ver} was written by a newer intercascade; this one reads "
             f"versions up to {FORMAT_VERSION}",
         )
-    model, dim, count, lsn = obj.get("embedding_model"), obj.get("dim"), obj.get("count"), obj.get("lsn")
-    tenants, files = obj.get("tenants"), obj.get("files")
+    model: Any = obj.get("embedding_model")
+    dim: Any = obj.get("dim")
+    count: Any = obj.get("count")
+    lsn: Any = obj.get("lsn")
+    tenants: Any = obj.get("tenants")
+    files: Any = obj.get("files")
     if not isinstance(model, str):
         raise CorruptStoreError(mpath, f"'embedding_model' must be a string, got {model!r}")
     for name, v, lo in (("dim", dim, 1), ("count", count, 0), ("lsn", lsn, 0)):
         if not _is_int(v) or v < lo:
             raise CorruptStoreError(mpath, f"{name!r} must be an int >= {lo}, got {v!r}")
-    if not isinstance(tenants, list) or not all(isinstance(t, str) for t in tenants) or len(
-        set(tenants)
-    ) != len(tenants):
+    if (
+        not isinstance(tenants, list)
+        or not all(isinstance(t, str) for t in tenants)
+        or len(set(tenants)) != len(tenants)
+    ):
         raise CorruptStoreError(mpath, "'tenants' must be a list of distinct strings")
     if not isinstance(files, dict) or set(files) != set(DATA_FILES):
         raise CorruptStoreError(mpath, f"'files' must describe exactly {sorted(DATA_FILES)}")
@@ -259,7 +268,7 @@ def _npy_layout(path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> int
         raise CorruptStoreError(path, "missing") from None
     except CorruptStoreError:
         raise
-    except Exception as e:  # numpy raises ValueError/SyntaxError/... on a bad header
+    except Exception as e:  # noqa: BLE001 - numpy raises ValueError/SyntaxError/... on a bad header
         raise CorruptStoreError(path, f"bad .npy header: {type(e).__name__}: {e}") from None
     if hdtype != dtype or hdtype.hasobject:
         raise CorruptStoreError(path, f"dtype must be {dtype.str}, got {hdtype!r}")
@@ -290,7 +299,15 @@ def _map_npy(path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.nda
 
 # ----------------------------------------------------------------------------- entries
 _ENTRY_FIELDS = (
-    "id", "query", "answer", "strategy", "source_level", "source_model", "created_at", "tenant", "uses",
+    "id",
+    "query",
+    "answer",
+    "strategy",
+    "source_level",
+    "source_model",
+    "created_at",
+    "tenant",
+    "uses",
 )
 
 
@@ -317,7 +334,9 @@ def _parse_line(raw: bytes, path: Path, row: int) -> tuple[Entry, int]:
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptStoreError(path, f"{where}: not valid JSON ({e})") from None
     if not isinstance(obj, dict) or set(obj) != set(_ENTRY_FIELDS):
-        raise CorruptStoreError(path, f"{where}: expected an object with fields {list(_ENTRY_FIELDS)}")
+        raise CorruptStoreError(
+            path, f"{where}: expected an object with fields {list(_ENTRY_FIELDS)}"
+        )
     for f in ("query", "answer", "strategy", "source_model", "tenant"):
         if not isinstance(obj[f], str):
             raise CorruptStoreError(path, f"{where}: {f!r} must be a string")
@@ -330,9 +349,14 @@ def _parse_line(raw: bytes, path: Path, row: int) -> tuple[Entry, int]:
     if isinstance(ca, bool) or not isinstance(ca, (int, float)):
         raise CorruptStoreError(path, f"{where}: 'created_at' must be a number")
     entry = Entry(
-        query=obj["query"], answer=obj["answer"], strategy=obj["strategy"],
-        source_level=obj["source_level"], source_model=obj["source_model"],
-        created_at=float(ca), tenant=obj["tenant"], id=obj["id"],
+        query=obj["query"],
+        answer=obj["answer"],
+        strategy=obj["strategy"],
+        source_level=obj["source_level"],
+        source_model=obj["source_model"],
+        created_at=float(ca),
+        tenant=obj["tenant"],
+        id=obj["id"],
     )
     return entry, obj["uses"]
 
@@ -341,8 +365,12 @@ _FIELD_SET = frozenset(_ENTRY_FIELDS)
 
 
 def _parse_all(
-    data: bytes, offsets: np.ndarray, path: Path, tenants: tuple[str, ...],
-    codes: np.ndarray, uses: np.ndarray,
+    data: bytes,
+    offsets: np.ndarray,
+    path: Path,
+    tenants: tuple[str, ...],
+    codes: np.ndarray,
+    uses: np.ndarray,
 ) -> list[Entry]:
     """Parse and cross-check every line (the ``verify="full"`` path): one C-level JSON
     parse of the whole file, then a tight validation loop. On any problem the slow
@@ -387,8 +415,18 @@ def _parse_all(
             raise CorruptStoreError(path, f"line {j + 1}: tenant disagrees with {TENANTS}")
         if o["uses"] != use_list[j]:
             raise CorruptStoreError(path, f"line {j + 1}: 'uses' disagrees with {USES}")
-        append(Entry(o["query"], o["answer"], o["strategy"], o["source_level"], o["source_model"],
-                     float(o["created_at"]), o["tenant"], o["id"]))
+        append(
+            Entry(
+                o["query"],
+                o["answer"],
+                o["strategy"],
+                o["source_level"],
+                o["source_model"],
+                float(o["created_at"]),
+                o["tenant"],
+                o["id"],
+            )
+        )
     return out
 
 
@@ -398,7 +436,7 @@ class _LazyEntries:
     are ordinary Python objects. Supports what the arena needs: len, index, slice,
     iteration and append."""
 
-    __slots__ = ("_mm", "_offsets", "_n", "_cache", "_path", "_extra", "_lock")
+    __slots__ = ("_cache", "_extra", "_lock", "_mm", "_n", "_offsets", "_path")
 
     def __init__(self, mm: Any, offsets: np.ndarray, path: Path) -> None:
         self._mm = mm
@@ -444,6 +482,40 @@ class _LazyEntries:
         with self._lock:
             self._extra.append(e)
 
+    def extend(self, items: Iterable[Entry]) -> None:
+        with self._lock:
+            self._extra.extend(items)
+
+
+# ----------------------------------------------------------------------------- exact append
+def append_exact(repo: Repository, entries: Sequence[Entry], vectors: np.ndarray) -> Repository:
+    """:func:`~intercascade_core.repository.update` for rows that already come from a
+    repository (a journal replay, a rebased commit): validated the same way (float32,
+    finite, unit norm within the tolerance) but stored **bit-exactly**, without the
+    float32 renormalisation that ``update`` applies (which is not idempotent to the last
+    ulp). Replaying a journal therefore reproduces the logged rows exactly."""
+    if not isinstance(repo, Repository):
+        raise InvalidArgumentError("repo", f"must be a Repository, got {type(repo).__name__}")
+    if not isinstance(entries, Sequence) or not all(isinstance(e, Entry) for e in entries):
+        raise InvalidArgumentError("entries", "must be a sequence of Entry")
+    count = len(entries)
+    _check_vectors(vectors, count, repo.dim)  # validation only
+    if count == 0:
+        return repo
+    rows = np.ascontiguousarray(vectors, dtype=np.float32).reshape(count, repo.dim)
+    n, arena = repo._n, repo._arena
+    with arena.lock:
+        if arena.length != n:  # an older version: branch off, as update() does
+            old = arena
+            arena = _Arena(repo.dim, 0)
+            arena.grow(n + count)
+            arena.rw[:n] = old.rw[:n]
+            arena.entries = list(old.entries[:n])
+            arena.tenants = dict(old.tenants)
+            arena.tenant_codes[:n] = old.tenant_codes[:n]
+            arena.length = n
+        return _append(arena, n, entries, rows, repo.dim)
+
 
 # ----------------------------------------------------------------------------- save
 def _check_uses(uses: Any, n: int) -> np.ndarray:
@@ -451,7 +523,9 @@ def _check_uses(uses: Any, n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.int64)
     arr = np.asarray(uses)
     if arr.shape != (n,) or arr.dtype.kind not in "iu":
-        raise InvalidArgumentError("uses", f"must be an integer array of shape ({n},), got {arr.dtype} {arr.shape}")
+        raise InvalidArgumentError(
+            "uses", f"must be an integer array of shape ({n},), got {arr.dtype} {arr.shape}"
+        )
     if n and arr.min() < 0:
         raise InvalidArgumentError("uses", "usage counters must be >= 0")
     return arr.astype(np.int64)
@@ -593,12 +667,15 @@ def open_repository(
             raise CorruptStoreError(fp, "missing") from None
         if size != m.files[name]["bytes"]:
             raise CorruptStoreError(
-                fp, f"size {size} bytes, the manifest says {m.files[name]['bytes']} (truncated or modified)"
+                fp,
+                f"size {size} bytes, the manifest says {m.files[name]['bytes']} (truncated or modified)",
             )
         if verify == "full":
             digest = _sha256_file(fp)
             if digest != m.files[name]["sha256"]:
-                raise CorruptStoreError(fp, "sha256 checksum mismatch (the file is corrupted or was modified)")
+                raise CorruptStoreError(
+                    fp, "sha256 checksum mismatch (the file is corrupted or was modified)"
+                )
     n, d = m.count, m.dim
     vectors = _map_npy(root / VECTORS, np.dtype("<f4"), (n, d))
     codes = _map_npy(root / TENANTS, np.dtype("<i4"), (n,))
@@ -607,7 +684,9 @@ def open_repository(
     epath = root / ENTRIES
     esize = epath.stat().st_size
     if offsets[0] != 0 or offsets[-1] != esize or (n and np.any(np.diff(offsets) <= 0)):
-        raise CorruptStoreError(root / OFFSETS, f"line offsets do not index {ENTRIES} ({esize} bytes)")
+        raise CorruptStoreError(
+            root / OFFSETS, f"line offsets do not index {ENTRIES} ({esize} bytes)"
+        )
     if n and (codes.min() < 0 or codes.max() >= len(m.tenants)):
         raise CorruptStoreError(root / TENANTS, f"tenant codes outside 0..{len(m.tenants) - 1}")
     if n and len(m.tenants) != int(codes.max()) + 1:

@@ -29,9 +29,20 @@ STRONG_THRESHOLD = 0.5
 def fixed_calibration(threshold: float) -> Calibration:
     """A calibration record with a fixed threshold (the tests do not need FST here)."""
     return Calibration(
-        threshold=threshold, alpha=0.1, delta=0.1, n_calibration=0, n_accepted=0, n_errors=0,
-        risk_bound=1.0, grid_rule="fixed", min_n=0, abstained=False, guaranteed=False,
-        on_fail="jung", n_tested=0, note="fixed threshold for tests",
+        threshold=threshold,
+        alpha=0.1,
+        delta=0.1,
+        n_calibration=0,
+        n_accepted=0,
+        n_errors=0,
+        risk_bound=1.0,
+        grid_rule="fixed",
+        min_n=0,
+        abstained=False,
+        guaranteed=False,
+        on_fail="jung",
+        n_tested=0,
+        note="fixed threshold for tests",
     )
 
 
@@ -40,12 +51,16 @@ def sim_levels(seed: int = 0) -> tuple[list[Level], httpx.Client]:
     client = httpx.Client(transport=httpx.MockTransport(backend.handler()))
     levels = [
         Level(ChatModel("http://sim.invalid/v1", "sim-weak", client=client, max_retries=0), "weak"),
-        Level(ChatModel("http://sim.invalid/v1", "sim-strong", client=client, max_retries=0), "strong"),
+        Level(
+            ChatModel("http://sim.invalid/v1", "sim-strong", client=client, max_retries=0), "strong"
+        ),
     ]
     return levels, client
 
 
-def make_cascade(store: str | None = None, *, seed: int = 0, **kw: object) -> tuple[Cascade, httpx.Client]:
+def make_cascade(
+    store: str | None = None, *, seed: int = 0, **kw: object
+) -> tuple[Cascade, httpx.Client]:
     levels, client = sim_levels(seed)
     cascade = Cascade(
         levels,

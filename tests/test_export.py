@@ -16,7 +16,14 @@ from tests.strategies import random_unit
 
 def _repo():
     es = [
-        Entry("What is 2+3?", "5", "Add the two numbers.\x00", source_model="strong", source_level=1, tenant="a"),
+        Entry(
+            "What is 2+3?",
+            "5",
+            "Add the two numbers.\x00",
+            source_model="strong",
+            source_level=1,
+            tenant="a",
+        ),
         Entry("What is 2+3?", "5", "Add them.", tenant="a"),  # duplicate query
         Entry("Halve 10", "5", "Divide by two.", tenant="b", created_at=4.0),
     ]
@@ -32,8 +39,14 @@ def test_export_chat_format(tmp_path: Path) -> None:
     assert roles == [["system", "user", "assistant"]] * 2
     assert ex[0]["messages"][1]["content"] == "What is 2+3?"
     assert ex[0]["messages"][2]["content"] == "Strategy: Add the two numbers.\n\nAnswer: 5"
-    assert ex[0]["metadata"] == {"id": 0, "tenant": "a", "source_model": "strong", "source_level": 1,
-                                 "created_at": 0.0, "uses": 2}
+    assert ex[0]["metadata"] == {
+        "id": 0,
+        "tenant": "a",
+        "source_model": "strong",
+        "source_level": 1,
+        "created_at": 0.0,
+        "uses": 2,
+    }
     assert ex[1]["metadata"]["tenant"] == "b"
 
 
@@ -46,8 +59,9 @@ def test_export_filters(tmp_path: Path) -> None:
     assert export_finetune(repo, tmp_path / "c.jsonl", uses=[0, 3, 1], min_uses=1) == 2
     assert export_finetune(empty_repository(8), tmp_path / "d.jsonl") == 0
     assert (tmp_path / "d.jsonl").read_bytes() == b""
-    n = export_finetune(repo, tmp_path / "e.jsonl",
-                        template=lambda e: [{"role": "user", "content": e.query}])
+    n = export_finetune(
+        repo, tmp_path / "e.jsonl", template=lambda e: [{"role": "user", "content": e.query}]
+    )
     assert n == 2
 
 

@@ -34,8 +34,10 @@ MODEL = "m"
 
 
 def _batch(rng: np.random.Generator, i: int, n: int = 1, tenant: str = "default"):
-    return [Entry(f"q{i}.{j}", "a", f"strategy {i}", tenant=tenant, created_at=float(i)) for j in range(n)], \
-        random_unit(rng, n, DIM)
+    return [
+        Entry(f"q{i}.{j}", "a", f"strategy {i}", tenant=tenant, created_at=float(i))
+        for j in range(n)
+    ], random_unit(rng, n, DIM)
 
 
 def _fill(path: Path, batches: int, seed: int = 0, fsync: str = "always"):
@@ -45,8 +47,8 @@ def _fill(path: Path, batches: int, seed: int = 0, fsync: str = "always"):
     for i in range(batches):
         es, v = _batch(rng, i, n=1 + i % 3)
         uses = [0] if len(repo) else []
-        ds.log(es, v, uses)
         repo = update(repo, es, v)
+        ds.log(es, repo.vectors[len(repo) - len(es) :], uses)  # log the rows as stored
     ds.close()
     return repo
 
@@ -73,7 +75,11 @@ def test_checkpoint_then_more_records(tmp_path: Path) -> None:
     ds2 = DurableStore.open(tmp_path / "s", dim=DIM, model_id=MODEL)
     assert ds2.replayed == 1 and len(ds2.repository) == len(repo) + 1
     assert ds2.repository.entries[-1].query == "q99.0"
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [CURRENT, JOURNAL, "snap-000000000005"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        CURRENT,
+        JOURNAL,
+        "snap-000000000005",
+    ]
     ds2.close()
 
 
@@ -211,10 +217,15 @@ def test_sigkill_loses_at_most_the_in_flight_query(tmp_path: Path) -> None:
     from tests._crash_worker import make_cascade, stream
 
     store = tmp_path / "store"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]),
+    )
     proc = subprocess.Popen(
         [sys.executable, str(WORKER), str(store), "2000", "7"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     acked: list[tuple[int, int]] = []
     try:
@@ -245,7 +256,10 @@ def test_sigkill_loses_at_most_the_in_flight_query(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TornJournalWarning)  # a torn tail is allowed
         ds = DurableStore.open(
-            store / "level0", dim=WDIM, model_id=HashingEmbedder(dim=WDIM, seed=0).model_id, verify="full"
+            store / "level0",
+            dim=WDIM,
+            model_id=HashingEmbedder(dim=WDIM, seed=0).model_id,
+            verify="full",
         )
     got = ds.repository
     ds.close()

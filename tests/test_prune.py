@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.prune import add_unique, compact, dedupe, evict, find_near_duplicate, record_uses
+from intercascade_core.prune import (
+    add_unique,
+    compact,
+    dedupe,
+    evict,
+    find_near_duplicate,
+    record_uses,
+)
 from intercascade_core.repository import Entry, empty_repository, update
 from tests.strategies import random_unit
 
@@ -18,8 +25,16 @@ DIM = 16
 def _repo(n: int, seed: int = 0, tenants=("default",), created=None):
     rng = np.random.default_rng(seed)
     vec = random_unit(rng, n, DIM)
-    es = [Entry(f"q{i}", "a", "s", created_at=float(created[i] if created is not None else i),
-                tenant=tenants[i % len(tenants)]) for i in range(n)]
+    es = [
+        Entry(
+            f"q{i}",
+            "a",
+            "s",
+            created_at=float(created[i] if created is not None else i),
+            tenant=tenants[i % len(tenants)],
+        )
+        for i in range(n)
+    ]
     return update(empty_repository(DIM), es, vec)
 
 
@@ -59,8 +74,12 @@ def test_evict_noop_returns_same_repository() -> None:
 
 
 @settings(max_examples=40)
-@given(n=st.integers(0, 40), cap=st.integers(0, 45), seed=st.integers(0, 1000),
-       policy=st.sampled_from(["least_used", "oldest"]))
+@given(
+    n=st.integers(0, 40),
+    cap=st.integers(0, 45),
+    seed=st.integers(0, 1000),
+    policy=st.sampled_from(["least_used", "oldest"]),
+)
 def test_evict_property(n, cap, seed, policy) -> None:
     rng = np.random.default_rng(seed)
     created = rng.integers(0, 5, size=n)
@@ -71,7 +90,11 @@ def test_evict_property(n, cap, seed, policy) -> None:
     kept = pr.kept.tolist()
     assert kept == sorted(set(kept))
     evicted = sorted(set(range(n)) - set(kept))
-    key = (lambda r: (uses[r], created[r], r)) if policy == "least_used" else (lambda r: (created[r], r))
+    key = (
+        (lambda r: (uses[r], created[r], r))
+        if policy == "least_used"
+        else (lambda r: (created[r], r))
+    )
     if kept and evicted:
         assert max(key(r) for r in evicted) < min(key(r) for r in kept)
     for new_row, old_row in enumerate(kept):
@@ -102,7 +125,11 @@ def test_find_near_duplicate_and_add_unique() -> None:
     assert find_near_duplicate(repo, v, "a", 1e-4) == 4
     assert find_near_duplicate(repo, v, "b", 1e-4) is None
     assert find_near_duplicate(repo, v, "nobody", 1e-4) is None
-    batch = [Entry("x", "a", "s", tenant="a"), Entry("y", "a", "s", tenant="b"), Entry("z", "a", "s", tenant="b")]
+    batch = [
+        Entry("x", "a", "s", tenant="a"),
+        Entry("y", "a", "s", tenant="b"),
+        Entry("z", "a", "s", tenant="b"),
+    ]
     vecs = np.vstack([v, v, v]).astype(np.float32)
     new, stored = add_unique(repo, batch, vecs, 1e-4)
     assert stored.tolist() == [False, True, False]  # dup of row 4 / new / dup of "y"

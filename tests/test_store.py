@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from intercascade_core.errors import InvalidArgumentError
 from intercascade_core.repository import Entry, empty_repository, update
 from intercascade_core.retrieve import retrieve
 from intercascade_core.store import (
@@ -26,20 +27,28 @@ from intercascade_core.store import (
     open_repository,
     save,
 )
-from intercascade_core.errors import InvalidArgumentError
 from tests.strategies import random_unit
 
 MODEL = "hashing-test-double/dim=16/seed=0"
 
-texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30) | st.text(max_size=10)
+texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30) | st.text(
+    max_size=10
+)
 
 
 def _repo(n: int, dim: int = 16, seed: int = 0, tenants: tuple[str, ...] = ("default",)):
     rng = np.random.default_rng(seed)
     vec = random_unit(rng, n, dim)
     es = [
-        Entry(f"q{i} \u00e9\n\"x\"", f"a{i}", f"s{i}\x00", source_level=1, source_model="m",
-              created_at=float(i) / 3, tenant=tenants[int(rng.integers(len(tenants)))])
+        Entry(
+            f'q{i} \u00e9\n"x"',
+            f"a{i}",
+            f"s{i}\x00",
+            source_level=1,
+            source_model="m",
+            created_at=float(i) / 3,
+            tenant=tenants[int(rng.integers(len(tenants)))],
+        )
         for i in range(n)
     ]
     return update(empty_repository(dim), es, vec)
@@ -54,8 +63,14 @@ def _assert_same(r1, r2) -> None:
 @settings(max_examples=25)
 @given(
     rows=st.lists(
-        st.tuples(texts, texts, texts, st.sampled_from(["default", "a", "b\u00fc", ""]),
-                  st.integers(-2**40, 2**40), st.floats(allow_nan=False)),
+        st.tuples(
+            texts,
+            texts,
+            texts,
+            st.sampled_from(["default", "a", "b\u00fc", ""]),
+            st.integers(-(2**40), 2**40),
+            st.floats(allow_nan=False),
+        ),
         max_size=12,
     ),
     seed=st.integers(0, 2**16),
@@ -67,8 +82,10 @@ def test_round_trip_property(tmp_path_factory, rows, seed, verify) -> None:
     dim = 8
     rng = np.random.default_rng(seed)
     vec = random_unit(rng, len(rows), dim)
-    es = [Entry(q, a, s, source_level=lv % 5, source_model="m", created_at=ca, tenant=t)
-          for (q, a, s, t, lv, ca) in rows]
+    es = [
+        Entry(q, a, s, source_level=lv % 5, source_model="m", created_at=ca, tenant=t)
+        for (q, a, s, t, lv, ca) in rows
+    ]
     repo = update(empty_repository(dim), es, vec)
     uses = rng.integers(0, 100, size=len(rows))
     path = tmp_path_factory.mktemp("rt") / "repo"
@@ -243,8 +260,16 @@ def test_future_format_version(saved: Path) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [{"format": "other"}, {"count": -1}, {"count": True}, {"dim": "16"}, {"tenants": [1]},
-     {"files": {}}, {"format_version": 0}, {"embedding_model": None}],
+    [
+        {"format": "other"},
+        {"count": -1},
+        {"count": True},
+        {"dim": "16"},
+        {"tenants": [1]},
+        {"files": {}},
+        {"format_version": 0},
+        {"embedding_model": None},
+    ],
 )
 def test_malformed_manifest(saved: Path, change: dict) -> None:
     _rewrite_manifest(saved, **change)
@@ -274,6 +299,7 @@ def test_pickled_npy_is_rejected(saved: Path) -> None:
     with open(saved / VECTORS, "wb") as f:
         np.lib.format.write_array(f, obj, allow_pickle=True)
     import hashlib
+
     m = json.loads((saved / MANIFEST).read_text())
     data = (saved / VECTORS).read_bytes()
     m["files"][VECTORS] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -288,7 +314,12 @@ _FUZZ_SOURCE: dict[str, bytes] = {}
 
 def _fuzz_files(tmp: Path) -> dict[str, bytes]:
     if not _FUZZ_SOURCE:
-        save(tmp / "src", _repo(6, dim=4, tenants=("a", "b")), model_id=MODEL, uses=[0, 1, 2, 3, 4, 5])
+        save(
+            tmp / "src",
+            _repo(6, dim=4, tenants=("a", "b")),
+            model_id=MODEL,
+            uses=[0, 1, 2, 3, 4, 5],
+        )
         for name in (*DATA_FILES, MANIFEST):
             _FUZZ_SOURCE[name] = (tmp / "src" / name).read_bytes()
     return _FUZZ_SOURCE
@@ -301,7 +332,9 @@ def _fuzz_files(tmp: Path) -> dict[str, bytes]:
     truncate=st.none() | st.integers(0, 10**6),
     verify=st.sampled_from(["full", "size"]),
 )
-def test_fuzz_byte_flips_never_crash_or_load_partially(tmp_path: Path, name, flips, truncate, verify) -> None:
+def test_fuzz_byte_flips_never_crash_or_load_partially(
+    tmp_path: Path, name, flips, truncate, verify
+) -> None:
     files = _fuzz_files(tmp_path)
     target = tmp_path / "fuzz"
     if target.exists():
@@ -332,3 +365,21 @@ def test_fuzz_byte_flips_never_crash_or_load_partially(tmp_path: Path, name, fli
             list(repo.entries)
         except CorruptStoreError as e:
             assert e.path.endswith(ENTRIES)
+
+
+def test_append_exact_stores_rows_bit_exactly() -> None:
+    from intercascade_core.store import append_exact
+
+    rng = np.random.default_rng(4)
+    raw = rng.standard_normal((6, 16)).astype(np.float32)
+    rows = (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float32)
+    r0 = update(empty_repository(16), [Entry("a", "a", "s")], rows[:1])
+    r1 = append_exact(r0, [Entry(f"q{i}", "a", "s", tenant="t") for i in range(3)], rows[1:4])
+    np.testing.assert_array_equal(r1.vectors[1:], rows[1:4])  # no renormalisation
+    # an older version branches (r0 is no longer the newest of its arena)
+    r2 = append_exact(r0, [Entry("b", "a", "s")], rows[4:5])
+    assert len(r1) == 4 and len(r2) == 2 and r2.entries[1].query == "b" and r2.entries[1].id == 1
+    np.testing.assert_array_equal(r2.vectors[1], rows[4])
+    assert r1.tenant_code("t") >= 0 and r2.tenant_code("t") == r1.tenant_code("t")
+    with pytest.raises(InvalidArgumentError, match="vectors"):
+        append_exact(r0, [Entry("c", "a", "s")], raw[:1] * 2)

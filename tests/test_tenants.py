@@ -4,7 +4,6 @@ exact, numpy and hnsw backends, after a save/open round trip, and through the se
 from __future__ import annotations
 
 import collections
-from pathlib import Path
 
 import numpy as np
 from hypothesis import given, settings
@@ -25,11 +24,15 @@ def _build(seed: int, n: int, n_tenants: int, batches: int):
     labels = [names[int(i)] for i in rng.integers(0, n_tenants, size=n)]
     vec = random_unit(rng, n, DIM)
     repo = empty_repository(DIM)
-    cuts = sorted(set(int(c) for c in rng.integers(0, n + 1, size=batches))) + [n]
+    cuts = sorted({int(c) for c in rng.integers(0, n + 1, size=batches)}) + [n]
     a = 0
     for b in cuts:  # several versions of one arena (the hnsw index grows incrementally)
         if b > a:
-            repo = update(repo, [Entry(f"q{i}", "a", f"s{i}", tenant=labels[i]) for i in range(a, b)], vec[a:b])
+            repo = update(
+                repo,
+                [Entry(f"q{i}", "a", f"s{i}", tenant=labels[i]) for i in range(a, b)],
+                vec[a:b],
+            )
             a = b
     return repo, labels, vec, rng
 
