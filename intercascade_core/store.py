@@ -58,7 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import IntercascadeError, InvalidArgumentError
-from .repository import Entry, Repository, _Arena, _append, _check_vectors
+from .repository import Entry, Repository, _append, _Arena, _check_vectors
 
 __all__ = [
     "FORMAT",
