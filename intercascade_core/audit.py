@@ -373,7 +373,8 @@ def _critical_counts(sizes: np.ndarray, alpha: float, deltas: np.ndarray) -> np.
         c = np.where(too_high, c - 1, c)
         too_low = (c <= sizes) & (stats.binom.sf(c - 1, sizes, alpha) > deltas)
         c = np.where(too_low, c + 1, c)
-    return np.minimum(c, sizes + 1)
+    out: np.ndarray = np.minimum(c, sizes + 1)
+    return out
 
 
 def first_alarm(labels: npt.ArrayLike, config: AuditConfig) -> npt.NDArray[np.int64] | int:

@@ -414,12 +414,13 @@ def risk_summary(
     err_s = sum(not o.correct for o in with_s)
     no_s = len(acc) - len(with_s)
     # weak answers given with strategies, accepted or not, for the certification view
-    conf_s = [o.confidences[level] for o in outcomes
-              if o.strategies and o.strategies[level] and o.confidences[level] is not None
-              and o.level_correct[level] is not None]
-    ok_s = [bool(o.level_correct[level]) for o in outcomes
-            if o.strategies and o.strategies[level] and o.confidences[level] is not None
-            and o.level_correct[level] is not None]
+    conf_s: list[float] = []
+    ok_s: list[bool] = []
+    for o in outcomes:
+        c, k = o.confidences[level], o.level_correct[level]
+        if o.strategies and o.strategies[level] and c is not None and k is not None and math.isfinite(c):
+            conf_s.append(float(c))
+            ok_s.append(bool(k))
     if strategy_free is not None:
         sf_conf, sf_ok = strategy_free
         cert_without = certify(sf_conf, sf_ok, lam, delta=delta) if math.isfinite(lam) else 1.0

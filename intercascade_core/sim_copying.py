@@ -164,7 +164,10 @@ class CopyingProcess:
     def accept_rate(self, lam: npt.ArrayLike, *, strategies: bool) -> np.ndarray:
         """P(conf >= λ)."""
         lam_a = np.asarray(lam, dtype=np.float64)
-        return sum(w * stats.beta.sf(lam_a, a, b) for w, _, (a, b) in self._components(strategies))
+        total = np.zeros(lam_a.shape)
+        for w, _, (a, b) in self._components(strategies):
+            total = total + w * np.asarray(stats.beta.sf(lam_a, a, b), dtype=np.float64)
+        return total
 
     def risk(self, lam: npt.ArrayLike, *, strategies: bool) -> np.ndarray:
         """The selective risk R(λ) = P(wrong | conf >= λ) in closed form (0 where nothing
