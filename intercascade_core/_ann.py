@@ -28,7 +28,7 @@ import numpy.typing as npt
 from .errors import InvalidArgumentError
 from .repository import Repository
 
-__all__ = ["HnswParams", "DEFAULT_PARAMS", "ensure_index", "search", "index_stats"]
+__all__ = ["HnswParams", "DEFAULT_PARAMS", "ensure_index", "search", "index_stats", "save_index", "load_index"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,3 +185,24 @@ def _exact(
     allowed = None if codes is None else codes == tenant_code
     i, s = topk(repo.vectors, q, kk, allowed)
     return i, 1 - s.astype(np.float64)
+
+
+def save_index(repo: Repository, path: str) -> None:
+    """Write the arena's HNSW index (grown to ``len(repo)``) to ``path`` (hnswlib format)."""
+    idx = ensure_index(repo)
+    with idx.lock:
+        idx.index.save_index(str(path))
+
+
+def load_index(repo: Repository, path: str, params: HnswParams | None = None) -> None:
+    """Attach an index saved by :func:`save_index` from a repository with the *same
+    first rows* (the caller vouches for that) to ``repo``'s arena, replacing any."""
+    idx = _AnnIndex(repo.dim, params or DEFAULT_PARAMS)
+    idx.index.load_index(str(path), max_elements=0)
+    count = idx.index.get_current_count()
+    if count > repo._arena.length:
+        raise InvalidArgumentError("path", f"index holds {count} rows, the repository {repo._arena.length}")
+    idx.count = count
+    idx.capacity = idx.index.get_max_elements()
+    with repo._arena.lock:
+        repo._arena.cache["hnsw"] = idx
