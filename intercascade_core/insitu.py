@@ -398,7 +398,8 @@ def risk_summary(
       u(n, k) on strategy-free calibration data (``strategy_free`` = (confidences,
       correct), else the calibration record's own bound) and
       ``alpha_certified_with_strategies`` = u(n′, k′) on this stream's weak answers that
-      carried strategies (a fresh sample for the threshold, so a single test).
+      carried strategies (a fresh sample for the threshold, so a single test; None when
+      no weak prompt carried one). 1.0 when the threshold abstains.
     * ``audit``: the online audit's verdict over the stream (an ``AuditConfig`` replays
       the audit on this stream's labelled accepted answers at ``audit_rate``; an
       ``AuditState`` is reported as it is).
@@ -426,7 +427,10 @@ def risk_summary(
         cert_without = certify(sf_conf, sf_ok, lam, delta=delta) if math.isfinite(lam) else 1.0
     else:
         cert_without = calibration.risk_bound
-    cert_with = certify(conf_s, ok_s, lam, delta=delta) if conf_s and math.isfinite(lam) else 1.0
+    if not conf_s:  # no weak answer carried strategies (e.g. the Jung baseline): no view
+        cert_with: float | None = None
+    else:
+        cert_with = certify(conf_s, ok_s, lam, delta=delta) if math.isfinite(lam) else 1.0
     out: dict[str, Any] = {
         "alpha": alpha,
         "delta": delta,
@@ -443,7 +447,7 @@ def risk_summary(
         "errors_without_strategies": err - err_s,
         "empirical_risk_without_strategies": ((err - err_s) / no_s) if no_s else None,
         "alpha_certified_without_strategies": _f(cert_without),
-        "alpha_certified_with_strategies": _f(cert_with),
+        "alpha_certified_with_strategies": None if cert_with is None else _f(cert_with),
     }
     if isinstance(audit, AuditConfig):
         st, _ = audit_outcomes(outcomes, audit, rate=audit_rate, level=level)

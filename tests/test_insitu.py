@@ -266,3 +266,13 @@ def test_risk_table(world: World) -> None:
     assert len(lines) == 4 and lines[2].startswith("| Inter-Cascade (static λ_w) |")
     assert "**yes**" in lines[2] and "| no |" in lines[3]
     assert "| 20.00 |" in lines[2]  # α in percent
+
+
+def test_risk_summary_of_a_strategy_free_variant(world: World) -> None:
+    ins = world.insitu
+    jung = run_stream(TEST[:40], world.levels, EMB, calibrations=ins.static,
+                      config=CascadeConfig(policy="jung"), progress=False)
+    s = risk_summary(jung.outcomes, ins.static[0], alpha=ALPHA, delta=DELTA)
+    assert s["accepted_with_strategies"] == 0 and s["alpha_certified_with_strategies"] is None
+    assert s["accepted"] == sum(o.level == 0 for o in jung.outcomes)
+    assert "| – |" in risk_table({"jung": s})
