@@ -193,18 +193,18 @@ def calibrate_replay(
     alpha: float,
     delta: float,
     split_delta: bool = True,
-    floor: Sequence[float] | None = None,
+    floor: Sequence[float | None] | None = None,
     **calibrate_kw: Any,
 ) -> tuple[Calibration, ...]:
     """Jung's sequential cascade calibration on replayed (strategy-augmented) pairs.
 
-    ``floor`` (one value per level, or None): a non-final level whose FST threshold λ̂
-    falls below its floor keeps the floor instead, *if* the floor is a grid point with at
-    least ``min_n`` accepted items. FST rejected every tested threshold from the top down
-    to λ̂ under one family-wise (1 − δ) event, so such a floor is certified by the same
-    run (no extra test); the record's bound and counts are the floor's. Later levels are
-    calibrated on the items the kept thresholds leave. Final levels (which never see
-    strategies) get no floor.
+    ``floor`` (one value or None per level, or None): a level whose FST threshold λ̂ falls
+    below its floor keeps the floor instead, *if* the floor is ``inf`` or a grid point
+    with at least ``min_n`` accepted items. FST rejected every tested threshold from the
+    top down to λ̂ under one family-wise (1 − δ) event, so such a floor is certified by
+    the same run (no extra test); the record's bound and counts are the floor's. Later
+    levels are calibrated on the items the kept thresholds leave. (In-situ calibration
+    floors only the levels that see strategies, not the last one.)
     """
     confs = [np.asarray(c, dtype=np.float64) for c in confidences]
     oks = [np.asarray(c, dtype=np.bool_) for c in correct]
@@ -225,8 +225,8 @@ def calibrate_replay(
                           risk_bound=1.0, n_tested=0, note="no calibration items left; deferring everything")
         else:
             cal = calibrate_cascade([ci], [oi], alpha=alpha, delta=d, split_delta=False, **calibrate_kw)[0]
-            f = float(floor[i])
-            if i < m - 1 and cal.guaranteed and cal.threshold < f:
+            f = math.nan if floor[i] is None else float(floor[i])  # type: ignore[arg-type]
+            if cal.guaranteed and cal.threshold < f:
                 grid = _grid_points(calibrate_kw.get("grid"), ci)
                 acc = ci >= f
                 n_acc = int(acc.sum())
@@ -324,7 +324,9 @@ def insitu_calibrate(
             for j in range(len(items)):
                 if not asked[i][j]:
                     confs[i][j], corr[i][j] = fill_conf[i][j], fill_ok[i][j]
-        floor = tuple(c.threshold for c in current) if (monotone and rounds > 1) else None
+        floor: tuple[float | None, ...] | None = None
+        if monotone and rounds > 1:  # only the levels that see strategies (not the last)
+            floor = (*(c.threshold for c in current[:-1]), None)
         new = calibrate_replay(confs, corr, alpha=alpha, delta=delta, split_delta=split_delta, floor=floor,
                                **calibrate_kw)
         new_t = tuple(c.threshold for c in new)

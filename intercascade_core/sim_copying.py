@@ -17,6 +17,10 @@ this module provides the counter-example for tests.
   ``1 − π_right − π_wrong``, ``π_right``, ``π_wrong``: the stationary regime of a
   repository that already covers the stream's templates). The statistical tests draw
   thousands of calibration sets from it; the full cascade would be far too slow for that.
+  :meth:`CopyingProcess.stream` adds the stream dynamics: a per-template repository that
+  grows from the stream's own deferred queries (the strong model accepts and teaches with
+  fixed probabilities, some of its strategies wrong), so the weak model's pairs depend on
+  λ_w through which queries taught — what in-situ calibration's replay captures.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from .prompts import EXAMPLE_CLOSE, EXAMPLE_OPEN
 from .sim import SimBackend, template_signature
 from .tasks import answers_match, extract_answer
 
-__all__ = ["CopyingProcess", "CopyingSimBackend"]
+__all__ = ["CopyingProcess", "CopyingSimBackend", "StreamNoise"]
 
 _OPEN = re.escape(EXAMPLE_OPEN.split("{")[0])
 _CLOSE = re.escape(EXAMPLE_CLOSE.split("{")[0])
@@ -91,6 +95,19 @@ class CopyingSimBackend(SimBackend):
 
 # ----------------------------------------------------------------------------- vectorised
 Beta = tuple[float, float]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StreamNoise:
+    """The randomness of ``m`` streams of ``n`` queries, drawn once so that replaying the
+    same calibration split with other thresholds reuses it (a deterministic model on the
+    same queries), while a fresh draw is a fresh stream. All arrays are ``(m, n)``."""
+
+    template: npt.NDArray[np.int64]
+    u_correct: npt.NDArray[np.float64]
+    v_conf: npt.NDArray[np.float64]
+    u_accept: npt.NDArray[np.float64]
+    u_wrong: npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,3 +196,55 @@ class CopyingProcess:
         err = sum(w * stats.beta.sf(finite, a, b) for w, ok, (a, b) in comps if not ok)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(acc > 0, err / np.where(acc > 0, acc, 1.0), 0.0)
+
+    # ------------------------------------------------------------------ stream dynamics
+    @staticmethod
+    def stream_noise(rng: np.random.Generator, m: int, n: int, *, n_templates: int = 10) -> StreamNoise:
+        """Fresh randomness for ``m`` streams of ``n`` queries over ``n_templates`` templates."""
+        return StreamNoise(
+            template=rng.integers(0, n_templates, size=(m, n)),
+            u_correct=rng.uniform(size=(m, n)),
+            v_conf=rng.uniform(size=(m, n)),
+            u_accept=rng.uniform(size=(m, n)),
+            u_wrong=rng.uniform(size=(m, n)),
+        )
+
+    def stream(
+        self,
+        noise: StreamNoise,
+        thresholds: npt.ArrayLike,
+        *,
+        strong_accept: float = 0.9,
+        strong_wrong: float = 0.15,
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], npt.NDArray[np.int8]]:
+        """Run ``m`` streams from empty repositories, stream i with weak threshold
+        ``thresholds[i]``; return the weak model's (confidence, correct) per query and the
+        strategy it saw (0 none, 1 right, 2 wrong).
+
+        Each query's weak prompt carries the most recent strategy stored for its template.
+        A query the weak model defers (confidence < λ_w) goes to the strong model, which
+        accepts with probability ``strong_accept`` and then stores a strategy for the
+        template, wrong with probability ``strong_wrong``.
+        """
+        lam = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), noise.template.shape[:1])
+        m, n = noise.template.shape
+        n_templates = int(noise.template.max()) + 1 if noise.template.size else 1
+        latest = np.zeros((m, n_templates), dtype=np.int8)
+        conf = np.empty((m, n))
+        correct = np.empty((m, n), dtype=np.bool_)
+        seen = np.empty((m, n), dtype=np.int8)
+        rows = np.arange(m)
+        (a_c, b_c), (a_w, b_w) = self.conf_correct, self.conf_wrong
+        (a_t, b_t), (a_k, b_k) = self.conf_taught, self.conf_copy
+        for t in range(n):
+            tau = noise.template[:, t]
+            s = latest[rows, tau]
+            p_ok = np.where(s == 0, self.p_correct, np.where(s == 1, self.p_correct_taught, 1 - self.copy_rate))
+            ok = noise.u_correct[:, t] < p_ok
+            a = np.where(ok, np.where(s == 0, a_c, a_t), np.where(s == 2, a_k, a_w))
+            b = np.where(ok, np.where(s == 0, b_c, b_t), np.where(s == 2, b_k, b_w))
+            c = stats.beta.ppf(noise.v_conf[:, t], a, b)
+            conf[:, t], correct[:, t], seen[:, t] = c, ok, s
+            teach = (c < lam) & (noise.u_accept[:, t] < strong_accept)
+            latest[rows[teach], tau[teach]] = np.where(noise.u_wrong[teach, t] < strong_wrong, 2, 1)
+        return conf, correct, seen

@@ -28,6 +28,7 @@ import pytest
 from scipy import stats
 
 from intercascade_core.calibrate import calibrate
+from intercascade_core.insitu import calibrate_replay
 from intercascade_core.sim_copying import CopyingProcess
 
 pytestmark = pytest.mark.statistical
@@ -101,3 +102,56 @@ def test_a_repository_that_drifts_from_the_replay_breaks_insitu() -> None:
     lam = thresholds(conf, ok)
     assert int((calibrated.risk(lam, strategies=True) > ALPHA).sum()) <= allowed()
     assert int((deployed.risk(lam, strategies=True) > ALPHA).sum()) > allowed()
+
+
+def test_replay_with_stream_dynamics() -> None:
+    """The replay itself, in a model where the repository grows from the stream: each
+    weak prompt carries the latest strategy of its template (10 templates), deferred
+    queries teach (the strong model accepts 90%, 15% of its strategies wrong), so which
+    strategies exist depends on λ_w. Per run (R = 2000, N = 600):
+
+    * static: λ̂ from the strategy-free pilot;
+    * in-situ: replay the calibration split (common random numbers: the same queries and
+      model randomness every round) with the current thresholds, recalibrate with
+      ``insitu.calibrate_replay`` (from round 2 on with the previous threshold as floor),
+      four rounds, as ``insitu_calibrate`` does.
+
+    Deployment risk at a threshold: the ratio of expected wrong-accepted to accepted weak
+    answers over fresh streams of the same length from an empty repository (Monte Carlo,
+    200 streams per threshold, standard error about 0.0015).
+    Seed 11: static violates in 1940 runs, in-situ in 110 (allowance 267), abstaining in
+    49% of runs; 98% of replayed prompts carry a strategy. (A single replay without the
+    rounds violated in 253 — under the allowance but above δ·R: the threshold it picks
+    defers more than the replay did, so deployment teaches more, and copies more, than
+    the replay saw. The rounds remove that gap.)"""
+    proc = CopyingProcess()
+    rng = np.random.default_rng(11)
+    conf_free, ok_free = proc.draw(rng, (R, N), strategies=False)
+    lam_static = thresholds(conf_free, ok_free)
+    noise = proc.stream_noise(rng, R, N)
+    lam = lam_static
+    for rnd in range(4):
+        conf, ok, seen = proc.stream(noise, lam)
+        lam = np.array([
+            calibrate_replay([conf[r]], [ok[r]], alpha=ALPHA, delta=DELTA, grid=GRID,
+                             floor=None if rnd == 0 else (lam[r],))[0].threshold
+            for r in range(R)
+        ])
+    assert (seen > 0).mean() > 0.5  # most replayed prompts carry a strategy
+    assert (seen == 2).any()  # and some a wrong one
+
+    needed = np.unique(np.concatenate([lam_static, lam]))
+    needed = needed[np.isfinite(needed)]
+    m = 200
+    dep_conf, dep_ok, _ = proc.stream(proc.stream_noise(rng, needed.size * m, N), np.repeat(needed, m))
+    accepted = dep_conf >= np.repeat(needed, m)[:, None]
+    n_acc = accepted.reshape(needed.size, -1).sum(axis=1)
+    n_err = (accepted & ~dep_ok).reshape(needed.size, -1).sum(axis=1)
+    risk = dict(zip(needed.tolist(), (n_err / np.maximum(n_acc, 1)).tolist(), strict=True))
+
+    def violations(ts: np.ndarray) -> int:
+        return sum(risk[float(t)] > ALPHA for t in ts if math.isfinite(t))
+
+    assert violations(lam) <= allowed()
+    assert violations(lam_static) > allowed()
+    assert np.isfinite(lam).mean() > 0.3
