@@ -276,3 +276,21 @@ def test_risk_summary_of_a_strategy_free_variant(world: World) -> None:
     assert s["accepted_with_strategies"] == 0 and s["alpha_certified_with_strategies"] is None
     assert s["accepted"] == sum(o.level == 0 for o in jung.outcomes)
     assert "| – |" in risk_table({"jung": s})
+
+
+def test_copying_stream_dynamics() -> None:
+    from intercascade_core.sim_copying import CopyingProcess
+
+    proc = CopyingProcess()
+    noise = proc.stream_noise(np.random.default_rng(0), 4, 300, n_templates=5)
+    never_teach = proc.stream(noise, 0.0)  # the weak model accepts everything: nothing is taught
+    assert (never_teach[2] == 0).all()
+    always = proc.stream(noise, np.full(4, math.inf))  # everything deferred: strategies pile up
+    assert (always[2][:, 50:] > 0).mean() > 0.9 and (always[2] == 2).any()
+    again = proc.stream(noise, np.full(4, math.inf))  # same noise, same thresholds: a replay
+    for x, y in zip(always, again, strict=True):
+        np.testing.assert_array_equal(x, y)
+    # correctness follows the strategy seen: copies are mostly wrong, taught answers right
+    ok, seen = always[1], always[2]
+    assert ok[seen == 2].mean() < 0.4
+    assert ok[seen == 1].mean() > 0.8
