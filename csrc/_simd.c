@@ -179,36 +179,39 @@ static PyObject *ic_topk_py(PyObject *self, PyObject *args, PyObject *kwargs) {
 }
 
 PyDoc_STRVAR(ic_topk_int8_doc,
-             "topk_int8(vectors, qvectors, scales, errs, queries, k, codes=None, tenant=-1, *, isa=None, "
+             "topk_int8(vectors, packed, scales, errs, queries, k, codes=None, tenant=-1, *, isa=None, "
              "threads=0)\n--\n\n"
-             "Top-k identical to topk(), found by scanning the int8 copy (vectors ~= scales * qvectors,\n"
-             "row error <= errs) and re-scoring in float32 every row the error bound cannot exclude.\n"
-             "Returns (indices, scores, number of rows re-scored).");
+             "Top-k identical to topk(), found by scanning the int8 copy and re-scoring in float32\n"
+             "every row its error bound cannot exclude. packed is (ceil(n/16), ceil(d/4), 16, 4) uint8\n"
+             "holding q + 128 for blocks of 16 rows (vectors ~= scales * q, ||row error|| <= errs);\n"
+             "scales and errs have ceil(n/16)*16 entries. Returns (indices, scores, rows re-scored).");
 
 static PyObject *ic_topk_int8_py(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"vectors", "qvectors", "scales", "errs", "queries", "k",
+    static char *kwlist[] = {"vectors", "packed", "scales", "errs", "queries", "k",
                              "codes", "tenant", "isa", "threads", NULL};
-    PyObject *vectors, *qvectors, *scales, *errs, *queries, *codes = Py_None, *isa = Py_None;
+    PyObject *vectors, *packed, *scales, *errs, *queries, *codes = Py_None, *isa = Py_None;
     Py_ssize_t k;
     int tenant = -1, threads = 0;
-    PyArrayObject *qa, *sa, *ea, *va;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOn|Oi$Oi", kwlist, &vectors, &qvectors, &scales,
+    PyArrayObject *pa, *sa, *ea, *va;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOn|Oi$Oi", kwlist, &vectors, &packed, &scales,
                                      &errs, &queries, &k, &codes, &tenant, &isa, &threads))
         return NULL;
     if (!(va = check_array(vectors, "vectors", NPY_FLOAT32, 2)) ||
-        !(qa = check_array(qvectors, "qvectors", NPY_INT8, 2)) ||
+        !(pa = check_array(packed, "packed", NPY_UINT8, 4)) ||
         !(sa = check_array(scales, "scales", NPY_FLOAT32, 1)) ||
         !(ea = check_array(errs, "errs", NPY_FLOAT32, 1)))
         return NULL;
-    npy_intp n = PyArray_DIM(va, 0);
-    if (PyArray_DIM(qa, 0) != n || PyArray_DIM(qa, 1) != PyArray_DIM(va, 1) || PyArray_DIM(sa, 0) != n ||
-        PyArray_DIM(ea, 0) != n) {
-        PyErr_SetString(PyExc_ValueError, "qvectors, scales and errs must match vectors' rows (and columns)");
+    npy_intp n = PyArray_DIM(va, 0), d = PyArray_DIM(va, 1), nb = PyArray_DIM(pa, 0);
+    if (nb * 16 < n || nb * 16 >= n + 16 || PyArray_DIM(pa, 1) != (d + 3) / 4 || PyArray_DIM(pa, 2) != 16 ||
+        PyArray_DIM(pa, 3) != 4 || PyArray_DIM(sa, 0) != nb * 16 || PyArray_DIM(ea, 0) != nb * 16) {
+        PyErr_SetString(PyExc_ValueError,
+                        "packed must have shape (ceil(n/16), ceil(d/4), 16, 4) and scales/errs "
+                        "ceil(n/16)*16 entries for vectors of shape (n, d)");
         return NULL;
     }
     ic_job job = {0};
     job.tenant = tenant;
-    job.qvectors = (const int8_t *)PyArray_DATA(qa);
+    job.packed = (const uint8_t *)PyArray_DATA(pa);
     job.scales = (const float *)PyArray_DATA(sa);
     job.errs = (const float *)PyArray_DATA(ea);
     return run_topk(&job, vectors, queries, k, codes, isa, threads, 1);

@@ -51,4 +51,16 @@ static inline int ic_cpu_has(ic_isa isa) {
     return 0;
 }
 
+/* 1 when AVX-512 VNNI (vpdpbusd) is usable: the int8 scan's fast path. */
+static inline int ic_cpu_has_vnni512(void) {
+#ifdef IC_X86
+    unsigned int a, b, c, d;
+    if (!ic_cpu_has(IC_ISA_AVX512) || !__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    return (c >> 11) & 1;
+#else
+    return 0;
+#endif
+}
+
 #endif /* IC_CPU_H */

@@ -6,13 +6,18 @@
  * With two threads each scans half of the rows into its own heaps; the halves
  * are merged at the end (score descending, index ascending).
  *
- * The int8 path scans an int8 copy (x ~= s * q, |x.y - s(q.y)| <= err ||y||)
- * and keeps, per query, the k best *lower* bounds lb = a - err - M; a row whose
- * *upper* bound ub = a + err + M is below the k-th best lower bound L cannot be
- * in the float32 top-k (k rows score at least L > ub), so only rows with
- * ub >= L are re-scored in float32 -- with the same tile code as the float32
- * scan, hence bit-identical scores and the identical top-k. M covers the
- * float32 rounding of both sums: (2d + 4) * 2^-24 * ||y|| * 1.1.
+ * The int8 path scans an int8 copy of the rows (x ~= sx * qx, ||x - sx qx|| <= ex)
+ * against an int8 copy of each query (y ~= sy * qy, ||y - sy qy|| <= ey). The
+ * integer dot D = qx.qy is exact (AVX-512 VNNI vpdpbusd on rows stored as
+ * qx + 128 in blocks of 16 rows x 4 dims, minus 128 * sum(qy); or a scalar
+ * loop), and a = sx * sy * D satisfies
+ *     |x.y - a| <= ex ||y|| + (1 + ex) ey + M =: slack,
+ * M covering float32 rounding (of a and of the float32 score): (2d+4) 2^-24 ||y|| 1.1.
+ * Per query the k best lower bounds lb = a - slack are kept; a row whose upper
+ * bound ub = a + slack is below the k-th best lower bound L cannot be in the
+ * float32 top-k (k rows score at least L > ub), so only rows with ub >= L are
+ * re-scored in float32 -- with the same tile code as the float32 scan, hence
+ * bit-identical scores and the identical top-k.
  */
 #include "kernels.h"
 
@@ -30,7 +35,20 @@
 #define ROW_BLOCK 256
 
 typedef void (*tile_f32_fn)(const float *R, int nr, const float *Q, int nq, size_t d, float *out);
-typedef void (*tile_i8_fn)(const int8_t *R, int nr, const float *Q, int nq, size_t d, float *out);
+/* Per-query constants of the int8 scan, shared by the workers. */
+typedef struct {
+    int8_t *qy;      /* (m, d4) quantised queries, zero-padded */
+    float *sy, *ey;  /* scale and residual-norm bound of each quantised query */
+    float *yn, *M;   /* ||y|| and the rounding margin */
+    int32_t *bias;   /* 128 * sum(qy): removes the +128 offset of the stored rows */
+} qctx;
+
+/* One block of 16 rows x nq queries of the int8 scan: for lane l of query j,
+ * a[j*16+l] = approximate score, slack[j*16+l] = its error bound, bit l of
+ * mask[j] set when a + slack >= L[j] (the query's current threshold). */
+typedef void (*tile_u8_fn)(const uint8_t *B, const int8_t *Q, int nq, size_t d4, const float *sc,
+                           const float *er, const qctx *c, size_t q0, const float *L, float *a,
+                           float *slack, uint32_t *mask);
 
 /* ---------------------------------------------------------------- scalar -- */
 
@@ -44,14 +62,25 @@ static void kernel_scalar_f32(const float *R, int nr, const float *Q, int nq, si
         }
 }
 
-static void kernel_scalar_i8(const int8_t *R, int nr, const float *Q, int nq, size_t d, float *out) {
-    for (int i = 0; i < nr; i++)
-        for (int j = 0; j < nq; j++) {
-            double s = 0.0;
-            for (size_t t = 0; t < d; t++)
-                s += (double)R[i * d + t] * Q[j * d + t];
-            out[i * nq + j] = (float)s;
+static void kernel_scalar_u8(const uint8_t *B, const int8_t *Q, int nq, size_t d4, const float *sc,
+                             const float *er, const qctx *c, size_t q0, const float *L, float *a,
+                             float *slack, uint32_t *mask) {
+    for (int j = 0; j < nq; j++) {
+        size_t q = q0 + j;
+        uint32_t mk = 0;
+        for (int l = 0; l < 16; l++) {
+            int32_t acc = 0;
+            for (size_t s = 0; s < d4 / 4; s++)
+                for (int t = 0; t < 4; t++)
+                    acc += (int32_t)B[s * 64 + l * 4 + t] * Q[j * d4 + 4 * s + t];
+            float av = sc[l] * (c->sy[q] * (float)(acc - c->bias[q]));
+            float sl = er[l] * c->yn[q] + (1.0f + er[l]) * c->ey[q] + c->M[q];
+            a[j * 16 + l] = av;
+            slack[j * 16 + l] = sl;
+            mk |= (uint32_t)(av + sl >= L[q]) << l;
         }
+        mask[j] = mk;
+    }
 }
 
 #ifdef IC_X86
@@ -61,8 +90,6 @@ static void kernel_scalar_i8(const int8_t *R, int nr, const float *Q, int nq, si
 
 #define LD512_F32(p) _mm512_loadu_ps(p)
 #define LDM512_F32(p, m) _mm512_maskz_loadu_ps((m), (p))
-#define LD512_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-#define LDM512_I8(p, m) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((m), (p))))
 
 /* One NR x NQ tile; NR and NQ are compile-time constants at every call site, so
  * the loops unroll and the accumulators live in registers. */
@@ -101,7 +128,53 @@ static void kernel_scalar_i8(const int8_t *R, int nr, const float *Q, int nq, si
     }
 
 DEFINE_TILE512(tile512_f32, float, LD512_F32, LDM512_F32)
-DEFINE_TILE512(tile512_i8, int8_t, LD512_I8, LDM512_I8)
+
+/* ------------------------------------------------------ AVX-512 VNNI int8 -- */
+#define IC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
+#define U8_TILE_Q 8
+
+IC_INLINE IC_VNNI void tile_u8(const uint8_t *B, const int8_t *Q, size_t d4, const float *sc,
+                               const float *er, const qctx *c, size_t q0, const float *L, float *a,
+                               float *slack, uint32_t *mask, const int NQ) {
+    __m512i acc[U8_TILE_Q];
+    _Pragma("GCC unroll 8") for (int j = 0; j < NQ; j++) acc[j] = _mm512_setzero_si512();
+    for (size_t s = 0; s < d4 / 4; s++) {
+        __m512i r = _mm512_loadu_si512((const void *)(B + s * 64));
+        _Pragma("GCC unroll 8") for (int j = 0; j < NQ; j++) {
+            int32_t qv;
+            memcpy(&qv, Q + j * d4 + 4 * s, 4);
+            acc[j] = _mm512_dpbusd_epi32(acc[j], r, _mm512_set1_epi32(qv));
+        }
+    }
+    __m512 vsc = _mm512_loadu_ps(sc), ver = _mm512_loadu_ps(er);
+    __m512 one_er = _mm512_add_ps(_mm512_set1_ps(1.0f), ver);
+    _Pragma("GCC unroll 8") for (int j = 0; j < NQ; j++) {
+        size_t q = q0 + j;
+        __m512 D = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j], _mm512_set1_epi32(c->bias[q])));
+        __m512 av = _mm512_mul_ps(vsc, _mm512_mul_ps(_mm512_set1_ps(c->sy[q]), D));
+        __m512 sl = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(ver, _mm512_set1_ps(c->yn[q])),
+                                                _mm512_mul_ps(one_er, _mm512_set1_ps(c->ey[q]))),
+                                  _mm512_set1_ps(c->M[q]));
+        _mm512_storeu_ps(a + j * 16, av);
+        _mm512_storeu_ps(slack + j * 16, sl);
+        mask[j] = _mm512_cmp_ps_mask(_mm512_add_ps(av, sl), _mm512_set1_ps(L[q]), _CMP_GE_OQ);
+    }
+}
+
+static IC_VNNI void kernel_vnni_u8(const uint8_t *B, const int8_t *Q, int nq, size_t d4, const float *sc,
+                                   const float *er, const qctx *c, size_t q0, const float *L, float *a,
+                                   float *slack, uint32_t *mask) {
+    switch (nq) {
+#define U8CASE(NQ)                                                      \
+    case NQ:                                                            \
+        tile_u8(B, Q, d4, sc, er, c, q0, L, a, slack, mask, NQ);        \
+        break;
+        U8CASE(1) U8CASE(2) U8CASE(3) U8CASE(4) U8CASE(5) U8CASE(6) U8CASE(7) U8CASE(8)
+#undef U8CASE
+    default:
+        break;
+    }
+}
 
 /* ------------------------------------------------------------- AVX2 + FMA -- */
 #define IC_AVX2 __attribute__((target("avx2,fma")))
@@ -115,13 +188,6 @@ IC_INLINE IC_AVX2 float hsum256(__m256 v) {
 
 #define LD256_F32(p) _mm256_loadu_ps(p)
 #define LDM256_F32(p, m, rem) _mm256_maskload_ps((p), (m))
-#define LD256_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-IC_INLINE IC_AVX2 __m256 ldm256_i8(const int8_t *p, size_t rem) {
-    int8_t buf[8] = {0};
-    memcpy(buf, p, rem);
-    return LD256_I8(buf);
-}
-#define LDM256_I8(p, m, rem) ldm256_i8((p), (rem))
 
 #define AVX2_TILE_Q 3
 #define DEFINE_TILE256(NAME, T, LD, LDM)                                                      \
@@ -161,7 +227,6 @@ IC_INLINE IC_AVX2 __m256 ldm256_i8(const int8_t *p, size_t rem) {
     }
 
 DEFINE_TILE256(tile256_f32, float, LD256_F32, LDM256_F32)
-DEFINE_TILE256(tile256_i8, int8_t, LD256_I8, LDM256_I8)
 
 /* Dispatch a runtime (nr, nq) to the constant-shaped tile. */
 #define CASE(F, NR, NQ)                  \
@@ -181,26 +246,29 @@ DEFINE_TILE256(tile256_i8, int8_t, LD256_I8, LDM256_I8)
     }
 
 DEFINE_KERNEL(kernel_avx512_f32, IC_AVX512, float, tile512_f32, CASES_Q6)
-DEFINE_KERNEL(kernel_avx512_i8, IC_AVX512, int8_t, tile512_i8, CASES_Q6)
 DEFINE_KERNEL(kernel_avx2_f32, IC_AVX2, float, tile256_f32, CASES_Q3)
-DEFINE_KERNEL(kernel_avx2_i8, IC_AVX2, int8_t, tile256_i8, CASES_Q3)
 #endif /* IC_X86 */
 
 /* ------------------------------------------------------------- dispatch -- */
 
 typedef struct {
     tile_f32_fn f32;
-    tile_i8_fn i8;
     int tile_q;
+    tile_u8_fn u8; /* the int8 scan: VNNI when the CPU has it, else the scalar loop */
+    int u8_tile_q;
 } isa_kernels;
 
 static isa_kernels kernels_for(ic_isa isa) {
-    isa_kernels k = {kernel_scalar_f32, kernel_scalar_i8, 1};
+    isa_kernels k = {kernel_scalar_f32, 1, kernel_scalar_u8, 1};
 #ifdef IC_X86
     if (isa == IC_ISA_AVX512)
-        k = (isa_kernels){kernel_avx512_f32, kernel_avx512_i8, MAX_TILE_Q};
+        k = (isa_kernels){kernel_avx512_f32, MAX_TILE_Q, kernel_scalar_u8, 1};
     else if (isa == IC_ISA_AVX2)
-        k = (isa_kernels){kernel_avx2_f32, kernel_avx2_i8, AVX2_TILE_Q};
+        k = (isa_kernels){kernel_avx2_f32, AVX2_TILE_Q, kernel_scalar_u8, 1};
+    if (isa == IC_ISA_AVX512 && ic_cpu_has_vnni512()) {
+        k.u8 = kernel_vnni_u8;
+        k.u8_tile_q = U8_TILE_Q;
+    }
 #endif
     return k;
 }
@@ -293,10 +361,12 @@ typedef struct {
 
 typedef struct {
     const ic_job *job;
-    size_t r0, r1;
+    const qctx *qc;
+    size_t r0, r1;    /* rows [r0, r1); r0 is a multiple of 16 */
     size_t allowed;   /* rows of [r0, r1) passing the tenant filter */
     ic_hit *hits;     /* f32: (m, k) heaps */
     float *lbs;       /* int8: (m, k) heaps of lower bounds */
+    float *L;         /* int8: (m,) current k-th best lower bound (-inf until k seen) */
     size_t *lens;     /* (m,) heap sizes */
     cand **cands;     /* int8: (m,) candidate lists */
     size_t *clen, *ccap;
@@ -320,30 +390,32 @@ static void scan_f32(worker *w, const float *out, size_t r, int nr, size_t qb, i
     }
 }
 
-static void scan_i8(worker *w, const float *out, size_t r, int nr, size_t qb, int nq,
-                    const float *margin) {
+/* Rows of one 16-row block whose upper bound reached the threshold. */
+static void scan_u8(worker *w, size_t r, size_t qb, int nq, const float *a, const float *slack,
+                    const uint32_t *mask) {
     const ic_job *job = w->job;
     size_t k = job->k;
-    for (int i = 0; i < nr; i++) {
-        int64_t row = (int64_t)(r + i);
-        if (job->codes && job->codes[row] != job->tenant)
-            continue;
-        float s = job->scales[row], e = job->errs[row];
-        for (int j = 0; j < nq; j++) {
-            size_t q = qb + j;
-            float a = s * out[i * nq + j], slack = e + margin[q], ub = a + slack;
-            float *h = w->lbs + q * k;
-            if (w->lens[q] == k && !(ub >= h[0])) /* fast reject: lb <= ub < L */
+    for (int j = 0; j < nq; j++) {
+        size_t q = qb + j;
+        for (uint32_t mk = mask[j]; mk; mk &= mk - 1) {
+            int l = __builtin_ctz(mk);
+            size_t row = r + (size_t)l;
+            if (row >= w->r1 || (job->codes && job->codes[row] != job->tenant))
                 continue;
-            float_push(h, &w->lens[q], k, a - slack);
-            float L = w->lens[q] == k ? h[0] : -INFINITY;
-            if (!(ub >= L))
+            float av = a[j * 16 + l], sl = slack[j * 16 + l], ub = av + sl;
+            if (!(ub >= w->L[q]))
+                continue;
+            float *h = w->lbs + q * k;
+            float_push(h, &w->lens[q], k, av - sl);
+            if (w->lens[q] == k)
+                w->L[q] = h[0];
+            if (!(ub >= w->L[q]))
                 continue;
             if (w->clen[q] == w->ccap[q]) { /* compact, then grow if still crowded */
                 cand *c = w->cands[q];
                 size_t kept = 0;
                 for (size_t t = 0; t < w->clen[q]; t++)
-                    if (c[t].ub >= L)
+                    if (c[t].ub >= w->L[q])
                         c[kept++] = c[t];
                 w->clen[q] = kept;
                 if (kept * 2 > w->ccap[q]) {
@@ -356,7 +428,47 @@ static void scan_i8(worker *w, const float *out, size_t r, int nr, size_t qb, in
                     w->ccap[q] *= 2;
                 }
             }
-            w->cands[q][w->clen[q]++] = (cand){row, ub};
+            w->cands[q][w->clen[q]++] = (cand){(int64_t)row, ub};
+        }
+    }
+}
+
+static void run_f32(worker *w, isa_kernels kern) {
+    const ic_job *job = w->job;
+    size_t d = job->d, m = job->m;
+    float out[TILE_ROWS * MAX_TILE_Q];
+    for (size_t rb = w->r0; rb < w->r1; rb += ROW_BLOCK) {
+        size_t re = rb + ROW_BLOCK < w->r1 ? rb + ROW_BLOCK : w->r1;
+        for (size_t qb = 0; qb < m; qb += kern.tile_q) {
+            int nq = (int)(m - qb < (size_t)kern.tile_q ? m - qb : (size_t)kern.tile_q);
+            for (size_t r = rb; r < re; r += TILE_ROWS) {
+                int nr = (int)(re - r < TILE_ROWS ? re - r : TILE_ROWS);
+                kern.f32(job->vectors + r * d, nr, job->queries + qb * d, nq, d, out);
+                scan_f32(w, out, r, nr, qb, nq);
+            }
+        }
+    }
+}
+
+#define U8_ROW_BLOCK 1024 /* rows of int8 copy kept in L2 while every query tile passes */
+
+static void run_u8(worker *w, isa_kernels kern) {
+    const ic_job *job = w->job;
+    const qctx *qc = w->qc;
+    size_t d4 = (job->d + 3) / 4 * 4, m = job->m;
+    float a[16 * U8_TILE_Q], slack[16 * U8_TILE_Q];
+    uint32_t mask[U8_TILE_Q];
+    for (size_t q = 0; q < m; q++)
+        w->L[q] = -INFINITY;
+    for (size_t rb = w->r0; rb < w->r1 && !w->oom; rb += U8_ROW_BLOCK) {
+        size_t re = rb + U8_ROW_BLOCK < w->r1 ? rb + U8_ROW_BLOCK : w->r1;
+        for (size_t qb = 0; qb < m && !w->oom; qb += kern.u8_tile_q) {
+            int nq = (int)(m - qb < (size_t)kern.u8_tile_q ? m - qb : (size_t)kern.u8_tile_q);
+            for (size_t r = rb; r < re && !w->oom; r += 16) {
+                kern.u8(job->packed + r * d4, qc->qy + qb * d4, nq, d4, job->scales + r, job->errs + r, qc,
+                        qb, w->L, a, slack, mask);
+                scan_u8(w, r, qb, nq, a, slack, mask);
+            }
         }
     }
 }
@@ -365,43 +477,52 @@ static void *run_worker(void *arg) {
     worker *w = arg;
     const ic_job *job = w->job;
     isa_kernels kern = kernels_for(job->isa);
-    size_t d = job->d, m = job->m;
-    float out[TILE_ROWS * MAX_TILE_Q];
-    float *margin = NULL;
-    if (job->qvectors) {
-        margin = malloc(m * sizeof(float));
-        if (!margin) {
-            w->oom = 1;
-            return NULL;
-        }
-        for (size_t q = 0; q < m; q++) {
-            double s = 0.0;
-            for (size_t t = 0; t < d; t++)
-                s += (double)job->queries[q * d + t] * job->queries[q * d + t];
-            margin[q] = (float)((2.0 * d + 4.0) * 0x1p-24 * sqrt(s) * 1.1);
-        }
-    }
     w->allowed = 0;
     for (size_t r = w->r0; r < w->r1; r++)
         w->allowed += !job->codes || job->codes[r] == job->tenant;
-    for (size_t rb = w->r0; rb < w->r1 && !w->oom; rb += ROW_BLOCK) {
-        size_t re = rb + ROW_BLOCK < w->r1 ? rb + ROW_BLOCK : w->r1;
-        for (size_t qb = 0; qb < m && !w->oom; qb += kern.tile_q) {
-            int nq = (int)(m - qb < (size_t)kern.tile_q ? m - qb : (size_t)kern.tile_q);
-            for (size_t r = rb; r < re && !w->oom; r += TILE_ROWS) {
-                int nr = (int)(re - r < TILE_ROWS ? re - r : TILE_ROWS);
-                if (job->qvectors) {
-                    kern.i8(job->qvectors + r * d, nr, job->queries + qb * d, nq, d, out);
-                    scan_i8(w, out, r, nr, qb, nq, margin);
-                } else {
-                    kern.f32(job->vectors + r * d, nr, job->queries + qb * d, nq, d, out);
-                    scan_f32(w, out, r, nr, qb, nq);
-                }
-            }
-        }
-    }
-    free(margin);
+    if (job->packed)
+        run_u8(w, kern);
+    else
+        run_f32(w, kern);
     return NULL;
+}
+
+/* Quantise the queries for the int8 scan (same rule as the rows: s = max|y| / 127). */
+static int quantise_queries(const ic_job *job, qctx *c) {
+    size_t m = job->m, d = job->d, d4 = (d + 3) / 4 * 4;
+    c->qy = calloc(m * d4, 1);
+    c->sy = malloc(m * sizeof(float));
+    c->ey = malloc(m * sizeof(float));
+    c->yn = malloc(m * sizeof(float));
+    c->M = malloc(m * sizeof(float));
+    c->bias = malloc(m * sizeof(int32_t));
+    if (!c->qy || !c->sy || !c->ey || !c->yn || !c->M || !c->bias)
+        return -1;
+    for (size_t q = 0; q < m; q++) {
+        const float *y = job->queries + q * d;
+        float mx = 0.0f;
+        double norm2 = 0.0, err2 = 0.0;
+        int32_t sum = 0;
+        for (size_t t = 0; t < d; t++) {
+            mx = fabsf(y[t]) > mx ? fabsf(y[t]) : mx;
+            norm2 += (double)y[t] * y[t];
+        }
+        float s = mx > 0.0f ? mx / 127.0f : 1.0f;
+        for (size_t t = 0; t < d; t++) {
+            float v = nearbyintf(y[t] / s);
+            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+            c->qy[q * d4 + t] = (int8_t)v;
+            sum += (int32_t)v;
+            double r = (double)y[t] - (double)s * v;
+            err2 += r * r;
+        }
+        c->sy[q] = s;
+        c->ey[q] = nextafterf((float)(sqrt(err2) * (1.0 + 1e-9)), INFINITY);
+        c->yn[q] = nextafterf((float)sqrt(norm2), INFINITY);
+        c->M[q] = (float)((2.0 * d + 4.0) * 0x1p-24 * sqrt(norm2) * 1.1 + 1e-7);
+        c->bias[q] = 128 * sum;
+    }
+    return 0;
 }
 
 /* Re-score the int8 candidates of query q in float32 into heap h (k hits). */
@@ -433,28 +554,34 @@ static size_t rescore(const ic_job *job, worker *ws, int nw, size_t q, ic_hit *h
 
 int ic_topk(const ic_job *job, ic_hit *out_hits, size_t *out_kprime, size_t *out_candidates) {
     size_t m = job->m, k = job->k, n = job->n;
-    int nw = job->threads >= 2 && n >= 2 * TILE_ROWS ? 2 : 1;
+    int nw = job->threads >= 2 && n >= 64 ? 2 : 1;
     worker ws[2];
+    qctx qc;
     int rc = -1, started = 0;
     pthread_t th;
-    size_t split = nw == 2 ? (n / 2) & ~(size_t)(TILE_ROWS - 1) : n;
+    size_t split = nw == 2 ? (n / 2) & ~(size_t)15 : n; /* block aligned for the int8 copy */
     ic_hit *merged = NULL;
     float *tmp = NULL;
     memset(ws, 0, sizeof ws);
+    memset(&qc, 0, sizeof qc);
+    if (job->packed && quantise_queries(job, &qc) < 0)
+        goto cleanup;
     for (int t = 0; t < nw; t++) {
         worker *w = &ws[t];
         w->job = job;
+        w->qc = &qc;
         w->r0 = t == 0 ? 0 : split;
         w->r1 = t == 0 ? split : n;
         w->lens = calloc(m, sizeof(size_t));
         if (!w->lens)
             goto cleanup;
-        if (job->qvectors) {
+        if (job->packed) {
             w->lbs = malloc(m * k * sizeof(float));
+            w->L = malloc(m * sizeof(float));
             w->cands = calloc(m, sizeof(cand *));
             w->clen = calloc(m, sizeof(size_t));
             w->ccap = calloc(m, sizeof(size_t));
-            if (!w->lbs || !w->cands || !w->clen || !w->ccap)
+            if (!w->lbs || !w->L || !w->cands || !w->clen || !w->ccap)
                 goto cleanup;
             for (size_t q = 0; q < m; q++) {
                 w->ccap[q] = 4 * k > 256 ? 4 * k : 256;
@@ -486,7 +613,7 @@ int ic_topk(const ic_job *job, ic_hit *out_hits, size_t *out_kprime, size_t *out
         goto cleanup;
     for (size_t q = 0; q < m; q++) {
         size_t len = 0;
-        if (job->qvectors) {
+        if (job->packed) {
             total += rescore(job, ws, nw, q, merged, &len, tmp);
         } else {
             for (int t = 0; t < nw; t++) {
@@ -511,9 +638,16 @@ cleanup:
         free(w->clen);
         free(w->ccap);
         free(w->lbs);
+        free(w->L);
         free(w->hits);
         free(w->lens);
     }
+    free(qc.qy);
+    free(qc.sy);
+    free(qc.ey);
+    free(qc.yn);
+    free(qc.M);
+    free(qc.bias);
     free(merged);
     free(tmp);
     return rc;

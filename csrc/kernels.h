@@ -25,7 +25,8 @@ typedef struct {
 
 typedef struct {
     const float *vectors;   /* (n, d) float32, C order */
-    const int8_t *qvectors; /* (n, d) int8 scan copy, or NULL for the float32 scan */
+    const uint8_t *packed;  /* int8 scan copy, or NULL for the float32 scan: blocks of 16
+                               rows, (ceil(n/16), ceil(d/4), 16, 4) uint8 = q + 128 */
     const float *scales;    /* (n,) row scale of the int8 copy: x ~= scale * q */
     const float *errs;      /* (n,) upper bound of ||x - scale * q||_2 */
     const int32_t *codes;   /* (n,) tenant code per row, or NULL for no filter */

@@ -19,7 +19,7 @@ def topk(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
 def topk_int8(
     vectors: npt.NDArray[np.float32],
-    qvectors: npt.NDArray[np.int8],
+    packed: npt.NDArray[np.uint8],
     scales: npt.NDArray[np.float32],
     errs: npt.NDArray[np.float32],
     queries: npt.NDArray[np.float32],

@@ -126,39 +126,50 @@ def _check_k(k: Any) -> int:
 def _int8_copy(repo: Repository) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The arena's int8 scan copy, extended (in place, append-only) to ``len(repo)``.
 
-    Per-row symmetric quantisation: ``q = rint(x / s)``, ``s = max|x| / 127``; ``err``
-    is an upper bound on ``||x - s·q||₂`` (computed in float64, rounded up), so
-    ``|x·y - s·(q·y)| <= err·||y||`` for any query ``y`` (Cauchy–Schwarz).
+    Per-row symmetric quantisation ``q = rint(x / s)``, ``s = max|x| / 127``; ``err``
+    is an upper bound on ``||x - s·q||₂`` (float64, rounded up), so
+    ``|x·y - s·(q·y)| <= err·||y||`` (Cauchy–Schwarz). Stored for the VNNI kernel as
+    ``q + 128`` (uint8) in blocks of 16 rows × 4 dimensions: shape
+    ``(ceil(n/16), ceil(d/4), 16, 4)``; ``scales``/``errs`` padded to whole blocks.
+    Returns ``(packed, scales, errs)`` for the first ``len(repo)`` rows.
     """
     arena = repo._arena
-    n = len(repo)
+    n, d = len(repo), repo.dim
+    d4 = -(-d // 4)
+    nb = -(-n // 16)
     with arena.lock:
         cache = arena.cache.get("int8")
-        if cache is None or cache[0].shape[0] < n:
-            cap = arena.capacity
-            qv = np.zeros((cap, repo.dim), dtype=np.int8)
-            sc = np.zeros(cap, dtype=np.float32)
-            er = np.zeros(cap, dtype=np.float32)
+        if cache is None or cache[0].shape[0] < nb:
+            cap = -(-arena.capacity // 16)
+            pk = np.full((cap, d4, 16, 4), 128, dtype=np.uint8)
+            sc = np.zeros(cap * 16, dtype=np.float32)
+            er = np.zeros(cap * 16, dtype=np.float32)
             done = 0
             if cache is not None:
                 done = cache[3]
-                qv[:done], sc[:done], er[:done] = cache[0][:done], cache[1][:done], cache[2][:done]
-            cache = [qv, sc, er, done]
+                pk[: cache[0].shape[0]] = cache[0]
+                sc[: cache[1].shape[0]], er[: cache[2].shape[0]] = cache[1], cache[2]
+            cache = [pk, sc, er, done]
             arena.cache["int8"] = cache
-        qv, sc, er, done = cache
+        pk, sc, er, done = cache
         vec = arena.rw
-        for a in range(done, n, _QUANT_BLOCK):
+        start = done // 16 * 16  # re-pack the partly filled block (its rows never change)
+        for a in range(start, n, _QUANT_BLOCK):
             b = min(n, a + _QUANT_BLOCK)
             x = vec[a:b]
             s = (np.abs(x).max(axis=1) / np.float32(127.0)).astype(np.float32)
             q = np.clip(np.rint(x / s[:, None]), -127, 127).astype(np.int8)
             resid = x.astype(np.float64) - q.astype(np.float64) * s.astype(np.float64)[:, None]
             e = np.sqrt(np.einsum("ij,ij->i", resid, resid)) * (1 + 1e-9)
-            qv[a:b], sc[a:b] = q, s
+            sc[a:b] = s
             er[a:b] = np.nextafter(e.astype(np.float32), np.float32(np.inf))
+            rows = np.full((-(-(b - a) // 16) * 16, d4 * 4), 128, dtype=np.uint8)
+            rows[: b - a, :d] = (q.astype(np.int16) + 128).astype(np.uint8)
+            blocks = rows.reshape(-1, 16, d4, 4).transpose(0, 2, 1, 3)
+            pk[a // 16 : a // 16 + blocks.shape[0]] = blocks
         if n > done:
             cache[3] = n
-        return qv[:n], sc[:n], er[:n]
+        return pk[:nb], sc[: nb * 16], er[: nb * 16]
 
 
 def retrieve(

@@ -171,11 +171,13 @@ def test_argument_validation(simd: ModuleType) -> None:
         simd.topk(v, q, 1, np.zeros(3, np.int32), 0)
     with pytest.raises(TypeError, match="int32"):
         simd.topk(v, q, 1, np.zeros(10, np.int64), 0)
-    _, qv, sc, er = quantise(v)
-    with pytest.raises(ValueError, match="match"):
-        simd.topk_int8(v, qv[:5], sc, er, q, 1)
-    with pytest.raises(TypeError, match="int8"):
-        simd.topk_int8(v, qv.astype(np.int16), sc, er, q, 1)
+    _, pk, sc, er = quantise(v)
+    with pytest.raises(ValueError, match="packed must have shape"):
+        simd.topk_int8(v, pk[:0], sc, er, q, 1)
+    with pytest.raises(ValueError, match="packed must have shape"):
+        simd.topk_int8(v, pk, sc[:3], er, q, 1)
+    with pytest.raises(TypeError, match="uint8"):
+        simd.topk_int8(v, pk.astype(np.int16), sc, er, q, 1)
 
 
 def test_capabilities(simd: ModuleType) -> None:
