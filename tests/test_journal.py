@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -228,6 +229,8 @@ def test_sigkill_loses_at_most_the_in_flight_query(tmp_path: Path) -> None:
         env=env,
     )
     acked: list[tuple[int, int]] = []
+    watchdog = threading.Timer(180, proc.kill)  # a hung worker fails the test, never hangs it
+    watchdog.start()
     try:
         assert proc.stdout is not None
         while len(acked) < 30:
@@ -241,6 +244,7 @@ def test_sigkill_loses_at_most_the_in_flight_query(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGKILL)
         rest, _ = proc.communicate(timeout=60)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
