@@ -111,7 +111,11 @@ def _rebuild(repo: Repository, keep: np.ndarray, transform: Callable[[Entry], En
     if transform is not None:
         entries = [transform(e) for e in entries]
     rows = np.array(repo.vectors[keep], dtype=np.float32, copy=True).reshape(len(entries), repo.dim)
-    return update(empty_repository(repo.dim), entries, rows)
+    try:  # rows that already come from a repository are stored bit-exactly
+        from .store import append_exact
+    except ImportError:  # pragma: no cover - update() renormalises (within 1 ulp)
+        return update(empty_repository(repo.dim), entries, rows)
+    return append_exact(empty_repository(repo.dim), entries, rows)
 
 
 def reduce_repository(repo: Repository) -> Repository:

@@ -182,3 +182,12 @@ def test_hygienic_teacher_passes_answers_through_and_reduces_strategies() -> Non
         raw = run_stream(templated_math_stream(12, n_templates=3, seed=6), [Level(weak), Level(WorkedTeacher(strong))],
                          EMB, calibrations=[never, strong_cal], config=CascadeConfig(backend="numpy"), progress=False)
         assert all("12 + 5" in e.strategy for e in raw.state.repositories[0].entries)
+
+
+def test_drop_keeps_embeddings_bit_exact_at_scale() -> None:
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(3000, 64)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    repo = update(empty_repository(64), [Entry(query=str(i), answer="", strategy="") for i in range(3000)], v)
+    new = drop_strategies(repo, range(0, 3000, 2))
+    np.testing.assert_array_equal(new.vectors, repo.vectors[1::2])
