@@ -23,11 +23,17 @@ What :func:`insitu_calibrate` does
 3. The cascade's thresholds are **recalibrated** on the replay's confidences with Jung's
    sequential rule (``calibrate.calibrate_cascade``: FST per level, δ/M per level).
 4. Which queries taught depends on the thresholds of the replay, so steps 2–3 repeat with
-   the new thresholds until they stop changing (a fixed point; ``max_rounds``). At the fixed
-   point the replay used exactly the thresholds it certifies, and every level was asked on
-   exactly the items Jung's rule calibrates it on. Without convergence the last round's
+   the new thresholds until they stop moving (by more than ``tol``; at most
+   ``max_rounds`` replays). From the second round on, a level that sees strategies keeps
+   its previous threshold when the new FST run certifies it (``monotone``; see
+   :func:`calibrate_replay`), so the rounds cannot cycle. At the fixed point the replay
+   ran with the thresholds it certifies (within ``tol``), and every level was asked on
+   the items Jung's rule calibrates it on. Without convergence the last round's
    thresholds are returned with ``converged=False`` (items a level was not asked in the
-   replay then fall back to their strategy-free values).
+   replay then fall back to their strategy-free values). Why the rounds matter: a single
+   replay at the static thresholds, then a higher λ_w, deploys a cascade that defers —
+   and so teaches and copies — more than the replay saw (tests/statistical:
+   test_replay_with_stream_dynamics).
 
 The assumption under which the guarantee holds
 -----------------------------------------------
