@@ -66,7 +66,8 @@ def timed(fn: Any) -> float:
     return time.perf_counter() - t
 
 
-def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental: int) -> dict[str, Any]:
+def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental: int, ann_max: int,
+        mwm: str = "1GB") -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pgserver
@@ -97,7 +98,8 @@ def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental:
             t_bulk = timed(lambda: [store.push(entries(a, min(n, a + batch)), x[a:min(n, a + batch)])
                                     for a in range(n_inc, n, batch)])
             res["insert_bulk_eps"] = (n - n_inc) / t_bulk if n > n_inc else float("nan")
-            res["index_build_s"] = timed(store.create_ann_index)
+            ann = n <= ann_max
+            res["index_build_s"] = timed(lambda: store.create_ann_index(maintenance_work_mem=mwm)) if ann else None
             # single-entry pushes
             xs = clustered(100, seed=7)
             res["push1_ms"] = [1e3 * timed(lambda i=i: store.push(entries(i, i + 1, "one"), xs[i:i + 1]))
@@ -122,7 +124,7 @@ def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental:
             ids = np.array([e.id for e in local.entries])
             # server top-5
             srv_hnsw, t_sh = [], []
-            for i in range(n_queries):
+            for i in range(n_queries if ann else 0):
                 t = time.perf_counter()
                 r = store.search(q[i:i + 1], 5)
                 t_sh.append(1e3 * (time.perf_counter() - t))
@@ -142,9 +144,9 @@ def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental:
             r = retrieve(local, q[i:i + 1], 5, backend="exact")
             t_le.append(1e3 * (time.perf_counter() - t))
             loc_exact.append(ids[r.indices[0]])
-        t_build = timed(lambda: retrieve(local, q[:1], 5, backend="hnsw"))
+        t_build = timed(lambda: retrieve(local, q[:1], 5, backend="hnsw")) if ann else None
         t_lh, loc_hnsw = [], []
-        for i in range(n_queries):
+        for i in range(n_queries if ann else 0):
             t = time.perf_counter()
             r = retrieve(local, q[i:i + 1], 5, backend="hnsw")
             t_lh.append(1e3 * (time.perf_counter() - t))
@@ -152,6 +154,8 @@ def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental:
         res["loc_exact_ms"], res["loc_hnsw_ms"], res["loc_hnsw_build_s"] = t_le, t_lh, t_build
 
         def recall(got: list[Any]) -> float:
+            if not got:
+                return float("nan")
             return sum(len(set(g.tolist()) & set(e.tolist())) for g, e in zip(got, loc_exact)) / (5 * len(got))
 
         res["recall_srv_hnsw"] = recall(srv_hnsw)
@@ -168,7 +172,13 @@ def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental:
 
 def report(results: list[dict[str, Any]], cmd: str) -> str:
     def ms(xs: list[float]) -> str:
-        return f"{pct(xs, 50):.3g} / {pct(xs, 95):.3g}"
+        return f"{pct(xs, 50):.3g} / {pct(xs, 95):.3g}" if xs else "not run (no index at this size)"
+
+    def build(r: dict[str, Any]) -> str:
+        return "not built" if r["index_build_s"] is None else f"{r['index_build_s']:.0f} s"
+
+    def med(xs: list[float]) -> float:
+        return pct(xs, 50) if xs else float("nan")
 
     lines = [
         "# PostgreSQL + pgvector shared repository — benchmark",
@@ -187,7 +197,7 @@ def report(results: list[dict[str, Any]], cmd: str) -> str:
     for r in results:
         lines.append(
             f"| {r['n']:,} | {r['insert_indexed_eps']:,.0f} entries/s (first {r['n_inc']:,}) "
-            f"| {r['insert_bulk_eps']:,.0f} entries/s | {r['index_build_s']:.0f} s | {ms(r['push1_ms'])} "
+            f"| {r['insert_bulk_eps']:,.0f} entries/s | {build(r)} | {ms(r['push1_ms'])} "
             f"| {r['full_pull_eps']:,.0f} entries/s ({r['full_pull_s']:.1f} s) | {ms(r['sync_ms'])} "
             f"| {ms(r['pull_only_ms'])} |"
         )
@@ -207,7 +217,7 @@ def report(results: list[dict[str, Any]], cmd: str) -> str:
         "",
         "Ratios (median latency, server / local exact C): "
         + ", ".join(
-            f"N={r['n']:,}: server HNSW {pct(r['srv_hnsw_ms'], 50) / pct(r['loc_exact_ms'], 50):.2g}x, "
+            f"N={r['n']:,}: server HNSW {med(r['srv_hnsw_ms']) / med(r['loc_exact_ms']):.2g}x, "
             f"server exact {pct(r['srv_exact_ms'], 50) / pct(r['loc_exact_ms'], 50):.2g}x"
             for r in results
         ),
@@ -223,12 +233,15 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--exact-queries", type=int, default=20)
     ap.add_argument("--incremental", type=int, default=2000, help="rows inserted with the index in place")
+    ap.add_argument("--ann-max", type=int, default=200_000,
+                    help="above this size skip the HNSW index builds (server and local)")
+    ap.add_argument("--maintenance-work-mem", default="1GB", help="for the server's HNSW build")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     results = []
     for n in a.sizes:
         t = time.perf_counter()
-        results.append(run(n, a.batch, a.queries, a.exact_queries, a.incremental))
+        results.append(run(n, a.batch, a.queries, a.exact_queries, a.incremental, a.ann_max, a.maintenance_work_mem))
         print(f"N={n}: done in {time.perf_counter() - t:.0f} s", flush=True)
     cmd = "python bench/bench_pgvector.py --sizes " + " ".join(map(str, a.sizes))
     text = report(results, cmd)
