@@ -262,7 +262,7 @@ def test_watermark_never_skips_a_late_commit(store: PgVectorStore, url: str, tab
             while not probe.execute(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
             ).fetchone()[0]:  # type: ignore[index]
-                assert not done.is_set()
+                assert t.is_alive() and not done.is_set()  # push() must wait, not finish or fail
         mid = store.pull_since(wm)
         assert mid.entries == ()  # nothing visible yet, so the watermark cannot jump
         slow.commit()
