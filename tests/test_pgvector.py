@@ -448,3 +448,21 @@ def test_server_search_entries(store: PgVectorStore) -> None:
     assert hits[0][0][1] == pytest.approx(1.0, abs=1e-6)
     empty = store.search(vs[:2], 0)
     assert empty.indices.shape == (2, 0)
+
+
+def test_retrieve_backend_pgvector(store: PgVectorStore) -> None:
+    import importlib
+
+    retrieve_mod = importlib.import_module("intercascade_core.retrieve")
+
+    if "pgvector" not in retrieve_mod._BACKENDS:
+        pytest.skip("retrieve(backend='pgvector') dispatch is not integrated in retrieve.py yet")
+    rng = np.random.default_rng(10)
+    vs = unit_rows(rng, 50)
+    store.push(entries(50, prefix="r", tenant="acme"), vs)
+    q = unit_rows(rng, 3)
+    top = retrieve(store, q, 5, backend="pgvector", tenant="acme")  # type: ignore[arg-type]
+    want = store.search(q, 5, tenant="acme")
+    np.testing.assert_array_equal(top.indices, want.indices)
+    with pytest.raises(InvalidArgumentError, match="PgVectorStore"):
+        retrieve(empty_repository(DIM), q, 5, backend="pgvector")  # type: ignore[arg-type]
