@@ -66,7 +66,7 @@ def make_cascade(
         levels,
         HashingEmbedder(dim=DIM, seed=seed),
         calibrations=[fixed_calibration(WEAK_THRESHOLD), fixed_calibration(STRONG_THRESHOLD)],
-        config=CascadeConfig(policy="retrieval", k=2, backend="numpy"),
+        config=kw.pop("config", CascadeConfig(policy="retrieval", k=2, backend="numpy")),  # type: ignore[arg-type]
         store=store,
         **kw,  # type: ignore[arg-type]
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -101,13 +102,18 @@ def test_tenant_isolation_after_round_trip(tmp_path_factory, seed, backend) -> N
     _check(grown, labels + ["new"] * 5, extra, 5, backend)
 
 
-def test_tenants_through_the_service() -> None:
-    """Per-request tenants: each request only ever sees its own tenant's strategies, and
-    its strategy is stored under its tenant."""
+@pytest.mark.parametrize(
+    ("policy", "backend"), [("retrieval", "exact"), ("retrieval", "hnsw"), ("random", "numpy")]
+)
+def test_tenants_through_the_service(policy: str, backend: str) -> None:
+    """Per-request tenants: each request only ever sees its own tenant's strategies (top-k
+    on exact and hnsw, and the random-strategy control), and its strategy is stored
+    under its tenant."""
+    from intercascade_core.cascade import CascadeConfig
     from tests._crash_worker import make_cascade, stream
 
-    cascade, client = make_cascade()
-    queries = stream(240, seed=21)
+    cascade, client = make_cascade(config=CascadeConfig(policy=policy, k=2, backend=backend))
+    queries = stream(150, seed=21)
     tenants = [("a", "b", "c")[i % 3] for i in range(len(queries))]
     outs = cascade.ask_many(queries, threads=4, tenant=tenants)
     client.close()
