@@ -73,6 +73,11 @@ def perturbed() -> _Set:
 
 
 @pytest.fixture(scope="module")
+def mixed() -> _Set:
+    return _Set("mixed-MiniLM", data.mixed(N), data.mixed_queries(2048))
+
+
+@pytest.fixture(scope="module")
 def uniform() -> _Set:
     return _Set("uniform", data.uniform(N), data.uniform(2048, seed=data.SEED + 3))
 
@@ -127,28 +132,38 @@ def test_batch(benchmark: Any, perturbed: _Set, batch: int, impl: str) -> None:
     benchmark.extra_info["queries_per_s"] = batch / benchmark.stats.stats.median
 
 
-@pytest.fixture(scope="module")
-def hnsw_repo(perturbed: _Set) -> tuple[_Set, dict[str, float]]:
-    path = data.DATA / f"hnsw_perturbed_{N}_M{HNSW.M}_efc{HNSW.ef_construction}.bin"
+def _hnsw(s: _Set, tag: str) -> tuple[_Set, dict[str, float]]:
+    path = data.DATA / f"hnsw_{tag}_{N}_M{HNSW.M}_efc{HNSW.ef_construction}.bin"
     stats: dict[str, float] = {}
     rss0 = _rss_mib()
-    if path.exists():
-        _ann.load_index(perturbed.repo, str(path), HNSW)
+    if path.exists():  # built earlier by this fixture (same rows, same params): load it
+        _ann.load_index(s.repo, str(path), HNSW)
         stats["build_s"] = float((path.with_suffix(".build_s")).read_text())
     else:
         t = time.perf_counter()
-        _ann.ensure_index(perturbed.repo, HNSW)
+        _ann.ensure_index(s.repo, HNSW)
         stats["build_s"] = time.perf_counter() - t
-        _ann.save_index(perturbed.repo, str(path))
+        _ann.save_index(s.repo, str(path))
         path.with_suffix(".build_s").write_text(f"{stats['build_s']:.1f}")
     stats["index_file_mib"] = path.stat().st_size / 2**20
     stats["rss_delta_mib"] = _rss_mib() - rss0
-    return perturbed, stats
+    return s, stats
 
 
-@pytest.mark.parametrize("ef", [16, 24, 32, 64, 128])
-def test_hnsw_query(benchmark: Any, hnsw_repo: tuple[_Set, dict[str, float]], ef: int) -> None:
-    s, stats = hnsw_repo
+@pytest.fixture(scope="module")
+def hnsw_perturbed(perturbed: _Set) -> tuple[_Set, dict[str, float]]:
+    return _hnsw(perturbed, "perturbed")
+
+
+@pytest.fixture(scope="module")
+def hnsw_mixed(mixed: _Set) -> tuple[_Set, dict[str, float]]:
+    return _hnsw(mixed, "mixed")
+
+
+@pytest.mark.parametrize("dataset", ["hnsw_perturbed", "hnsw_mixed"])
+@pytest.mark.parametrize("ef", [16, 32, 64, 128, 256])
+def test_hnsw_query(benchmark: Any, request: pytest.FixtureRequest, dataset: str, ef: int) -> None:
+    s, stats = request.getfixturevalue(dataset)
     m = 1000
     approx = np.concatenate([retrieve(s.repo, s.queries[i], K, backend="hnsw", ef=ef).indices for i in range(m)])
     hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, s.exact.indices[:m]))
@@ -160,9 +175,9 @@ def test_hnsw_query(benchmark: Any, hnsw_repo: tuple[_Set, dict[str, float]], ef
     )
 
 
-def test_hnsw_add_one(benchmark: Any, hnsw_repo: tuple[_Set, dict[str, float]]) -> None:
+def test_hnsw_add_one(benchmark: Any, hnsw_mixed: tuple[_Set, dict[str, float]]) -> None:
     """One incremental add: update() + growing the index by that row (on the newest version)."""
-    s, _ = hnsw_repo
+    s, _ = hnsw_mixed
     state = {"repo": s.repo, "i": 0}
     extra = np.asarray(data.perturbed_queries(2048))[1024:]
     e = Entry("q", "a", "s")
@@ -190,3 +205,57 @@ def test_update_one(benchmark: Any, uniform: _Set) -> None:
     _info(benchmark, f"update one entry, n={N}", "update")
     benchmark.pedantic(add, rounds=2000, iterations=1)
     assert len(state["repo"]) == N + 2000
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_pass(benchmark: Any, uniform: _Set, threads: int) -> None:
+    """The read bound: one read-only pass over the n x 384 float32 matrix (numpy's
+    vectorised integer OR-reduction over a uint64 view; halves in 2 threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    words = np.asarray(uniform.repo.vectors).view(np.uint64)
+    halves = [words[: len(words) // 2], words[len(words) // 2 :]]
+    pool = ThreadPoolExecutor(2)
+
+    def one() -> None:
+        np.bitwise_or.reduce(words, axis=None)
+
+    def two() -> None:
+        list(pool.map(lambda h: np.bitwise_or.reduce(h, axis=None), halves))
+
+    _info(benchmark, f"read pass, n={N}", f"read {threads}t")
+    benchmark.pedantic(one if threads == 1 else two, rounds=10, iterations=1)
+    pool.shutdown()
+
+
+def _report(path: str) -> str:
+    """Markdown tables (median, ratio to the same group's numpy/read baseline) from a
+    pytest-benchmark JSON file: ``python -m bench.bench_retrieve results.json``."""
+    import json
+    from collections import defaultdict
+
+    doc = json.loads(Path(path).read_text())
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for b in doc["benchmarks"]:
+        groups[b["group"]].append(b)
+    lines = []
+    for group, items in groups.items():
+        base = next((b for b in items if b["extra_info"].get("impl") == "numpy"), None)
+        lines += [f"### {group}", "", "| impl | median | ratio vs numpy (speed-up) | check | load |", "|---|---|---|---|---|"]
+        for b in sorted(items, key=lambda b: b["stats"]["median"]):
+            e, med = b["extra_info"], b["stats"]["median"]
+            unit = f"{med * 1e3:.3f} ms" if med < 10 else f"{med:.2f} s"
+            if "queries_per_s" in e:
+                unit += f" ({e['queries_per_s']:.1f} q/s)"
+            ratio = f"{base['stats']['median'] / med:.2f}×" if base else "—"
+            check = (
+                f"recall@5={e['recall_at_5']:.4f}" if "recall_at_5" in e
+                else f"top-k equal={e['correct']}" if "correct" in e else ""
+            )
+            lines.append(f"| {e['impl']} | {unit} | {ratio} | {check} | {e['load']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(_report(sys.argv[1]))

@@ -83,6 +83,39 @@ def perturbed_queries(m: int) -> np.ndarray:
     return _cached(f"perturbed_queries_{m}", lambda: _perturb(base, m, SEED + 1))
 
 
+def _mix(base: np.ndarray, n: int, seed: int, chunk: int = 1 << 17) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, base.shape[1]), np.float32)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        c = rng.integers(0, base.shape[0], b - a)
+        c2 = rng.integers(0, base.shape[0], b - a)
+        beta = rng.uniform(0.0, 0.3, (b - a, 1)).astype(np.float32)
+        sigma = rng.uniform(0.05, 0.25, (b - a, 1)).astype(np.float32)
+        noise = rng.standard_normal((b - a, base.shape[1]), dtype=np.float32) / np.float32(np.sqrt(base.shape[1]))
+        x = base[c] + beta * (base[c2] - base[c]) + sigma * noise
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[a:b] = x
+    return out
+
+
+def mixed(n: int) -> np.ndarray:
+    """``n`` rows of the second perturbation model: row = normalise(base[c] +
+    β(base[c2] − base[c]) + σ·g/√d), β ~ U(0, 0.3), σ ~ U(0.05, 0.25) — a real problem
+    drifted toward another real problem plus a little isotropic noise (paraphrase and
+    topic drift along real embedding directions). ``perturbed`` puts every row of a
+    cluster at nearly the same distance from every other (an isotropic ball: top-10
+    scores within ~0.004), the hardest case for a graph index; this set is closer to
+    how real paraphrases spread."""
+    base = np.asarray(minilm_base())
+    return _cached(f"mixed_{n}", lambda: _mix(base, n, SEED + 10))
+
+
+def mixed_queries(m: int) -> np.ndarray:
+    base = np.asarray(minilm_base())
+    return _cached(f"mixed_queries_{m}", lambda: _mix(base, m, SEED + 11))
+
+
 def uniform(n: int, seed: int = SEED + 2) -> np.ndarray:
     def build() -> np.ndarray:
         rng = np.random.default_rng(seed)

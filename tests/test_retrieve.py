@@ -173,3 +173,21 @@ def test_exact_falls_back_to_numpy_and_logs_once(no_ext: None, caplog: pytest.Lo
     np.testing.assert_array_equal(a.indices, retrieve(repo, v[:3], 4, backend="numpy").indices)
     np.testing.assert_array_equal(a.indices, b.indices)
     assert sum("numpy path" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_runtime_switch_disables_extension() -> None:
+    """INTERCASCADE_NO_EXT=1 makes backend="exact" use the numpy path (checked in a
+    fresh interpreter, since the switch is read at import)."""
+    import os
+    import subprocess
+
+    code = (
+        "import numpy as np, intercascade_core as ic, sys\n"
+        "r = ic.update(ic.empty_repository(2), [ic.Entry('q', 'a', 's')], np.array([[1, 0]], np.float32))\n"
+        "res = ic.retrieve(r, np.array([1, 0], np.float32), 1)\n"
+        "m = sys.modules['intercascade_core.retrieve']\n"
+        "print(m.extension_available(), res.indices.tolist())\n"
+    )
+    env = dict(os.environ, INTERCASCADE_NO_EXT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "[[0]]"]
