@@ -191,3 +191,33 @@ def test_runtime_switch_disables_extension() -> None:
     env = dict(os.environ, INTERCASCADE_NO_EXT="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "[[0]]"]
+
+
+def test_int8_copy_grows_with_the_repository() -> None:
+    """The int8 scan copy is extended in place as versions grow (partly filled 16-row
+    blocks re-packed, capacity doubling) and every version, old or new, still gets
+    exactly the float32 top-k."""
+    if not retrieve_mod.extension_available():
+        pytest.skip("C extension not built or disabled (INTERCASCADE_NO_EXT=1)")
+    rng = np.random.default_rng(21)
+    x = clustered_unit(rng, 700, 33, clusters=5)
+    v, q = x[:680], x[680:]
+    repo = empty_repository(33)
+    versions = []
+    start = 0
+    for step in (1, 7, 16, 33, 1, 100, 15, 17, 250, 240):
+        repo = update(repo, entries(step), v[start : start + step])
+        start += step
+        versions.append(repo)
+        got = retrieve(repo, q, 6, scan="int8")
+        want = retrieve(repo, q, 6, scan="f32")
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.scores, want.scores)
+    for old in versions:  # old versions after the copy grew past them
+        got = retrieve(old, q, 4, scan="int8")
+        np.testing.assert_array_equal(got.indices, retrieve(old, q, 4, scan="f32").indices)
+        assert got.indices.max() < len(old)
+    branch = update(versions[3], entries(2), v[:2])  # copy-on-branch arena
+    np.testing.assert_array_equal(
+        retrieve(branch, q, 5, scan="int8").indices, retrieve(branch, q, 5, scan="f32").indices
+    )
