@@ -69,6 +69,18 @@ _EXPORTS: dict[str, str] = {
     "HygienicTeacher": "hygiene",
     "drop_strategies": "hygiene",
     "drop_refuted": "hygiene",
+    # durable, multi-tenant repository
+    "Cascade": "service",
+    "save": "store",
+    "open_repository": "store",
+    "StoreError": "store",
+    "CorruptStoreError": "store",
+    "IncompatibleStoreError": "store",
+    "DurableStore": "journal",
+    "export_finetune": "export",
+    "sanitize_strategy": "sanitize",
+    "evict": "prune",
+    "dedupe": "prune",
     # metrics
     "Metrics": "metrics",
     "compute_metrics": "metrics",

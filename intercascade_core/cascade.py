@@ -45,6 +45,7 @@ from .prompts import (
     weak_prompt,
 )
 from .repository import Entry, Repository, empty_repository, update
+from .sanitize import sanitize_strategy
 from .tasks import Query, grade
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -414,7 +415,7 @@ def step(
                 entry = Entry(
                     query=query.text,
                     answer=g.answer if g.answer is not None else "",
-                    strategy=strategy,
+                    strategy=sanitize_strategy(strategy),  # LLM-written: stored sanitised
                     source_level=i,
                     source_model=lv.name,
                     created_at=float(state.n_queries),  # stream position, not wall time

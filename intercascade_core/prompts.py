@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import IntercascadeError, InvalidArgumentError
+from .sanitize import MAX_ANSWER_CHARS, MAX_QUERY_CHARS, MAX_STRATEGY_CHARS, sanitize_text
 from .tasks import Query
 
 __all__ = [
@@ -54,9 +55,10 @@ _MCQ_INSTRUCTIONS = (
 )
 _LETTERS = "ABCD"
 
-# strategy sanity limits: shorter is not a strategy, longer bloats every weak prompt
+# strategy sanity limits: shorter is not a strategy, much longer is not a strategy either;
+# what is kept is cut to the sanitizer's MAX_STRATEGY_CHARS when stored and shown
 MIN_STRATEGY_CHARS = 20
-MAX_STRATEGY_CHARS = 4000
+MAX_PARSED_STRATEGY_CHARS = 4000
 
 
 class StrategyItem(Protocol):
@@ -68,11 +70,6 @@ class StrategyItem(Protocol):
     def answer(self) -> str: ...
     @property
     def strategy(self) -> str: ...
-
-
-def _escape(text: str) -> str:
-    # keep stored text from opening or closing an example block
-    return text.replace("<<<", "<< <").replace(">>>", "> >>")
 
 
 def _problem_block(query: Query) -> str:
@@ -100,9 +97,10 @@ def weak_prompt(query: Query, strategies: Sequence[StrategyItem] = ()) -> str:
     blocks = [STRATEGY_PREFACE, ""]
     for i, item in enumerate(strategies, start=1):
         blocks.append(EXAMPLE_OPEN.format(i=i))
-        blocks.append(f"Problem: {_escape(item.query.strip())}")
-        blocks.append(f"Answer: {_escape(item.answer.strip())}")
-        blocks.append(f"Strategy: {_escape(item.strategy.strip())}")
+        # stored text is LLM-written: sanitised so it cannot forge a delimiter or a label
+        blocks.append(f"Problem: {sanitize_text(item.query.strip(), max_chars=MAX_QUERY_CHARS)}")
+        blocks.append(f"Answer: {sanitize_text(item.answer.strip(), max_chars=MAX_ANSWER_CHARS)}")
+        blocks.append(f"Strategy: {sanitize_text(item.strategy.strip(), max_chars=MAX_STRATEGY_CHARS)}")
         blocks.append(EXAMPLE_CLOSE.format(i=i))
         blocks.append("")
     blocks.append("Now the new problem.")
@@ -195,9 +193,9 @@ def parse_strategy(text: str, *, problem: str | None = None) -> ParsedStrategy:
         raise MalformedStrategy(
             f"Strategy section too short ({len(strategy)} < {MIN_STRATEGY_CHARS} chars)"
         )
-    if len(strategy) > MAX_STRATEGY_CHARS:
+    if len(strategy) > MAX_PARSED_STRATEGY_CHARS:
         raise MalformedStrategy(
-            f"Strategy section too long ({len(strategy)} > {MAX_STRATEGY_CHARS} chars)"
+            f"Strategy section too long ({len(strategy)} > {MAX_PARSED_STRATEGY_CHARS} chars)"
         )
     if problem is not None:
         instance_numbers = set(re.findall(r"\d{2,}", problem))
