@@ -26,8 +26,7 @@ import numpy as np
 import pytest
 
 from bench import data
-from intercascade_core import Entry, empty_repository, retrieve, update
-from intercascade_core import _ann
+from intercascade_core import Entry, _ann, empty_repository, retrieve, update
 
 _retrieve_mod = sys.modules["intercascade_core.retrieve"]
 N = int(os.environ.get("BENCH_N", "1000000"))
@@ -95,7 +94,12 @@ def _numpy_topk(v: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
 def _exact_call(s: _Set, impl: str, q: np.ndarray) -> np.ndarray:
     if impl == "numpy":
         return _numpy_topk(s.repo.vectors, q, K)
-    scan, threads = {"f32-1t": ("f32", 1), "f32-2t": ("f32", 2), "int8-2t": ("int8", 2), "int8-1t": ("int8", 1)}[impl]
+    scan, threads = {
+        "f32-1t": ("f32", 1),
+        "f32-2t": ("f32", 2),
+        "int8-2t": ("int8", 2),
+        "int8-1t": ("int8", 1),
+    }[impl]
     return retrieve(s.repo, q, K, scan=scan, threads=threads).indices
 
 
@@ -165,13 +169,18 @@ def hnsw_mixed(mixed: _Set) -> tuple[_Set, dict[str, float]]:
 def test_hnsw_query(benchmark: Any, request: pytest.FixtureRequest, dataset: str, ef: int) -> None:
     s, stats = request.getfixturevalue(dataset)
     m = 1000
-    approx = np.concatenate([retrieve(s.repo, s.queries[i], K, backend="hnsw", ef=ef).indices for i in range(m)])
-    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, s.exact.indices[:m]))
+    approx = np.concatenate(
+        [retrieve(s.repo, s.queries[i], K, backend="hnsw", ef=ef).indices for i in range(m)]
+    )
+    pairs = zip(approx, s.exact.indices[:m], strict=True)
+    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in pairs)
     recall = hits / (m * K)
     _info(benchmark, f"hnsw 1 query, {s.name}, n={N}", f"hnsw ef={ef}", recall_at_5=recall, **stats)
     qs = itertools.cycle(range(m))
     benchmark.pedantic(
-        lambda: retrieve(s.repo, s.queries[next(qs)], K, backend="hnsw", ef=ef), rounds=300, iterations=1
+        lambda: retrieve(s.repo, s.queries[next(qs)], K, backend="hnsw", ef=ef),
+        rounds=300,
+        iterations=1,
     )
 
 
@@ -241,7 +250,12 @@ def _report(path: str) -> str:
     lines = []
     for group, items in groups.items():
         base = next((b for b in items if b["extra_info"].get("impl") == "numpy"), None)
-        lines += [f"### {group}", "", "| impl | median | ratio vs numpy (speed-up) | check | load |", "|---|---|---|---|---|"]
+        lines += [
+            f"### {group}",
+            "",
+            "| impl | median | ratio vs numpy (speed-up) | check | load |",
+            "|---|---|---|---|---|",
+        ]
         for b in sorted(items, key=lambda b: b["stats"]["median"]):
             e, med = b["extra_info"], b["stats"]["median"]
             unit = f"{med * 1e3:.3f} ms" if med < 10 else f"{med:.2f} s"
@@ -249,8 +263,11 @@ def _report(path: str) -> str:
                 unit += f" ({e['queries_per_s']:.1f} q/s)"
             ratio = f"{base['stats']['median'] / med:.2f}×" if base else "—"
             check = (
-                f"recall@5={e['recall_at_5']:.4f}" if "recall_at_5" in e
-                else f"top-k equal={e['correct']}" if "correct" in e else ""
+                f"recall@5={e['recall_at_5']:.4f}"
+                if "recall_at_5" in e
+                else f"top-k equal={e['correct']}"
+                if "correct" in e
+                else ""
             )
             lines.append(f"| {e['impl']} | {unit} | {ratio} | {check} | {e['load']:.1f} |")
         lines.append("")

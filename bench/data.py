@@ -63,9 +63,9 @@ def _perturb(base: np.ndarray, n: int, seed: int, chunk: int = 1 << 17) -> np.nd
         b = min(n, a + chunk)
         centre = rng.integers(0, base.shape[0], b - a)
         sigma = rng.uniform(0.15, 0.6, (b - a, 1)).astype(np.float32)
-        x = base[centre] + sigma * rng.standard_normal((b - a, base.shape[1]), dtype=np.float32) / np.float32(
-            np.sqrt(base.shape[1])
-        )
+        x = base[centre] + sigma * rng.standard_normal(
+            (b - a, base.shape[1]), dtype=np.float32
+        ) / np.float32(np.sqrt(base.shape[1]))
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out[a:b] = x
     return out
@@ -92,7 +92,9 @@ def _mix(base: np.ndarray, n: int, seed: int, chunk: int = 1 << 17) -> np.ndarra
         c2 = rng.integers(0, base.shape[0], b - a)
         beta = rng.uniform(0.0, 0.3, (b - a, 1)).astype(np.float32)
         sigma = rng.uniform(0.05, 0.25, (b - a, 1)).astype(np.float32)
-        noise = rng.standard_normal((b - a, base.shape[1]), dtype=np.float32) / np.float32(np.sqrt(base.shape[1]))
+        noise = rng.standard_normal((b - a, base.shape[1]), dtype=np.float32) / np.float32(
+            np.sqrt(base.shape[1])
+        )
         x = base[c] + beta * (base[c2] - base[c]) + sigma * noise
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out[a:b] = x

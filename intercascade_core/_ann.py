@@ -28,7 +28,15 @@ import numpy.typing as npt
 from .errors import InvalidArgumentError
 from .repository import Repository
 
-__all__ = ["HnswParams", "DEFAULT_PARAMS", "ensure_index", "search", "index_stats", "save_index", "load_index"]
+__all__ = [
+    "HnswParams",
+    "DEFAULT_PARAMS",
+    "ensure_index",
+    "search",
+    "index_stats",
+    "save_index",
+    "load_index",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +64,9 @@ class _AnnIndex:
         self.index = hnswlib.Index(space="ip", dim=dim)
         self.capacity = 1024
         self.index.init_index(
-            max_elements=self.capacity, M=params.M, ef_construction=params.ef_construction,
+            max_elements=self.capacity,
+            M=params.M,
+            ef_construction=params.ef_construction,
             random_seed=params.seed,
         )
         self.count = 0
@@ -134,7 +144,9 @@ def search(
             idx.index.set_ef(ef_q)
             labels, dist = _knn(idx, repo, queries, kk, None, -1)
             for j in range(m):
-                out_i[j], out_s[j] = _sorted(labels[j].astype(np.int64), (1 - dist[j]).astype(np.float32), kk)
+                out_i[j], out_s[j] = _sorted(
+                    labels[j].astype(np.int64), (1 - dist[j]).astype(np.float32), kk
+                )
             return out_i, out_s
         fetch = min(total, 2 * kk + 16)
         idx.index.set_ef(max(ef_q, fetch))
@@ -144,7 +156,9 @@ def search(
         for j in range(m):
             good = ok(labels[j])
             if np.count_nonzero(good) >= kk:
-                out_i[j], out_s[j] = _sorted(labels[j][good], (1 - dist[j][good]).astype(np.float32), kk)
+                out_i[j], out_s[j] = _sorted(
+                    labels[j][good], (1 - dist[j][good]).astype(np.float32), kk
+                )
             else:
                 short.append(j)
         if short:
@@ -156,15 +170,24 @@ def search(
             idx.index.set_ef(max(ef_q, kk))
             for j in short:
                 try:
-                    lab, dis = idx.index.knn_query(queries[j : j + 1], k=kk, num_threads=1, filter=keep)
+                    lab, dis = idx.index.knn_query(
+                        queries[j : j + 1], k=kk, num_threads=1, filter=keep
+                    )
                 except RuntimeError:  # the filtered graph walk found < k' rows: answer exactly
                     lab, dis = _exact(repo, queries[j : j + 1], kk, codes, tenant_code)
-                out_i[j], out_s[j] = _sorted(lab[0].astype(np.int64), (1 - dis[0]).astype(np.float32), kk)
+                out_i[j], out_s[j] = _sorted(
+                    lab[0].astype(np.int64), (1 - dis[0]).astype(np.float32), kk
+                )
     return out_i, out_s
 
 
 def _knn(
-    idx: _AnnIndex, repo: Repository, q: np.ndarray, k: int, codes: np.ndarray | None, tenant_code: int
+    idx: _AnnIndex,
+    repo: Repository,
+    q: np.ndarray,
+    k: int,
+    codes: np.ndarray | None,
+    tenant_code: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Unfiltered knn_query over the whole index; on hnswlib's "cannot return k
     results" (tiny or poorly connected graphs) answer exactly over the indexed rows."""
@@ -201,7 +224,9 @@ def load_index(repo: Repository, path: str, params: HnswParams | None = None) ->
     idx.index.load_index(str(path), max_elements=0)
     count = idx.index.get_current_count()
     if count > repo._arena.length:
-        raise InvalidArgumentError("path", f"index holds {count} rows, the repository {repo._arena.length}")
+        raise InvalidArgumentError(
+            "path", f"index holds {count} rows, the repository {repo._arena.length}"
+        )
     idx.count = count
     idx.capacity = idx.index.get_max_elements()
     with repo._arena.lock:

@@ -79,8 +79,18 @@ class _Arena:
     """
 
     __slots__ = (
-        "dim", "capacity", "length", "rw", "ro", "entries", "tenants", "tenant_codes",
-        "tenant_codes_ro", "lock", "cache", "__weakref__",
+        "dim",
+        "capacity",
+        "length",
+        "rw",
+        "ro",
+        "entries",
+        "tenants",
+        "tenant_codes",
+        "tenant_codes_ro",
+        "lock",
+        "cache",
+        "__weakref__",
     )
 
     def __init__(self, dim: int, capacity: int) -> None:
@@ -198,7 +208,9 @@ def empty_repository(dim: int) -> Repository:
 
 def _check_vectors(vectors: Any, count: int, dim: int) -> np.ndarray:
     if not isinstance(vectors, np.ndarray):
-        raise InvalidArgumentError("vectors", f"must be a numpy float32 array, got {type(vectors).__name__}")
+        raise InvalidArgumentError(
+            "vectors", f"must be a numpy float32 array, got {type(vectors).__name__}"
+        )
     if vectors.dtype != np.float32:
         raise InvalidArgumentError("vectors", f"must have dtype float32, got {vectors.dtype}")
     if vectors.ndim == 1 and count == 1:
@@ -238,7 +250,9 @@ def update(repo: Repository, entries: Sequence[Entry], vectors: np.ndarray) -> R
         raise InvalidArgumentError("entries", "must be a sequence of Entry")
     for e in entries:
         if not isinstance(e, Entry):
-            raise InvalidArgumentError("entries", f"must contain Entry objects, got {type(e).__name__}")
+            raise InvalidArgumentError(
+                "entries", f"must contain Entry objects, got {type(e).__name__}"
+            )
     count = len(entries)
     rows = _check_vectors(vectors, count, repo.dim)
     if count == 0:
@@ -271,7 +285,9 @@ def _with_id(e: Entry, i: int) -> Entry:
     return type(e)(*values)
 
 
-def _append(arena: _Arena, n: int, entries: Sequence[Entry], rows: np.ndarray, dim: int) -> Repository:
+def _append(
+    arena: _Arena, n: int, entries: Sequence[Entry], rows: np.ndarray, dim: int
+) -> Repository:
     count = len(entries)
     if n + count > arena.capacity:
         arena.grow(n + count)

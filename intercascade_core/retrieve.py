@@ -110,7 +110,8 @@ def _check_queries(query_vectors: Any, dim: int) -> npt.NDArray[np.float32]:
         i = int(np.argmax(bad))
         raise InvalidArgumentError(
             "query_vectors",
-            f"row {i} has L2 norm {norms[i]:.6g}; queries must be unit-norm (within {NORM_TOLERANCE})",
+            f"row {i} has L2 norm {norms[i]:.6g}; "
+            f"queries must be unit-norm (within {NORM_TOLERANCE})",
         )
     return np.ascontiguousarray(q * (1.0 / norms).astype(np.float32)[:, None])
 

@@ -91,5 +91,7 @@ def assert_topk_matches(
         true_ref = vectors[ref_indices[row]].astype(np.float64) @ q
         bad = indices[row] != ref_indices[row]
         gap = np.abs(true_got[bad] - true_ref[bad])
-        assert (gap <= tie_tol).all(), f"query {row}: indices differ beyond a near-tie ({gap.max():.3g})"
+        assert (gap <= tie_tol).all(), (
+            f"query {row}: indices differ beyond a near-tie ({gap.max():.3g})"
+        )
         assert len(set(indices[row].tolist())) == indices.shape[1]

@@ -23,12 +23,14 @@ PARAMS = HnswParams(M=16, ef_construction=100, ef=64, seed=7, threads=1)
 
 
 def _repo(v: np.ndarray, tenants: list[str] | None = None):  # type: ignore[no-untyped-def]
-    es = [Entry(f"q{i}", "a", "s", tenant=tenants[i] if tenants else "default") for i in range(len(v))]
+    es = [
+        Entry(f"q{i}", "a", "s", tenant=tenants[i] if tenants else "default") for i in range(len(v))
+    ]
     return update(empty_repository(v.shape[1]), es, v)
 
 
 def recall(approx: np.ndarray, exact: np.ndarray) -> float:
-    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
+    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact, strict=True))
     return hits / exact.size
 
 
@@ -54,7 +56,9 @@ def test_recall_on_clustered_data(clustered: tuple[np.ndarray, np.ndarray]) -> N
     )
 
 
-def test_grows_incrementally_and_respects_versions(clustered: tuple[np.ndarray, np.ndarray]) -> None:
+def test_grows_incrementally_and_respects_versions(
+    clustered: tuple[np.ndarray, np.ndarray],
+) -> None:
     v, q = clustered
     r1 = _repo(v[:3000])
     ensure_index(r1, PARAMS)

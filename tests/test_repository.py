@@ -20,7 +20,13 @@ def test_empty_repository() -> None:
 
 def test_entry_defaults_and_frozen() -> None:
     e = Entry(query="q", answer="a", strategy="s")
-    assert (e.source_level, e.source_model, e.created_at, e.tenant, e.id) == (0, "", 0.0, "default", -1)
+    assert (e.source_level, e.source_model, e.created_at, e.tenant, e.id) == (
+        0,
+        "",
+        0.0,
+        "default",
+        -1,
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         e.query = "x"  # type: ignore[misc]
     assert not hasattr(e, "__dict__")

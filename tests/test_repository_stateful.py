@@ -47,7 +47,9 @@ class RepositoryMachine(RuleBasedStateMachine):
             Entry(e.query, e.answer, e.strategy, tenant=e.tenant, id=len(model_entries) + i)
             for i, e in enumerate(new_entries)
         ]
-        self.versions.append((new, expect_entries, np.concatenate([model_vectors, new.vectors[len(repo):]])))
+        self.versions.append(
+            (new, expect_entries, np.concatenate([model_vectors, new.vectors[len(repo) :]]))
+        )
         np.testing.assert_allclose(new.vectors[len(repo) :], vectors, rtol=1e-6, atol=1e-7)
 
     @precondition(lambda self: len(self.versions) > 1)

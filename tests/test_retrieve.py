@@ -31,7 +31,10 @@ def impl(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 def _repo(v: np.ndarray, tenants: list[str] | None = None):  # type: ignore[no-untyped-def]
-    es = [Entry(f"q{i}", "a", "s", tenant=(tenants[i] if tenants else "default")) for i in range(len(v))]
+    es = [
+        Entry(f"q{i}", "a", "s", tenant=(tenants[i] if tenants else "default"))
+        for i in range(len(v))
+    ]
     return update(empty_repository(v.shape[1]), es, v)
 
 
@@ -164,7 +167,9 @@ def no_ext(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def test_exact_falls_back_to_numpy_and_logs_once(no_ext: None, caplog: pytest.LogCaptureFixture) -> None:
+def test_exact_falls_back_to_numpy_and_logs_once(
+    no_ext: None, caplog: pytest.LogCaptureFixture
+) -> None:
     v = random_unit(np.random.default_rng(15), 20, 4)
     repo = _repo(v)
     with caplog.at_level(logging.INFO, logger="intercascade_core.retrieve"):
@@ -183,13 +188,16 @@ def test_runtime_switch_disables_extension() -> None:
 
     code = (
         "import numpy as np, intercascade_core as ic, sys\n"
-        "r = ic.update(ic.empty_repository(2), [ic.Entry('q', 'a', 's')], np.array([[1, 0]], np.float32))\n"
+        "e, v = [ic.Entry('q', 'a', 's')], np.array([[1, 0]], np.float32)\n"
+        "r = ic.update(ic.empty_repository(2), e, v)\n"
         "res = ic.retrieve(r, np.array([1, 0], np.float32), 1)\n"
         "m = sys.modules['intercascade_core.retrieve']\n"
         "print(m.extension_available(), res.indices.tolist())\n"
     )
     env = dict(os.environ, INTERCASCADE_NO_EXT="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.split() == ["False", "[[0]]"]
 
 
