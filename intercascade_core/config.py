@@ -8,7 +8,8 @@ below. An annotated example ships as ``intercascade_core/data/examples/config.to
 
 Layout::
 
-    [cascade]            alpha, delta, k, policy, backend, repository, seed, min_n, split_delta
+    [cascade]            alpha, delta, k, policy, backend, repository, seed, min_n, split_delta,
+                         insitu
     [data]               dataset, path, calibration_path, n_calibration, limit, order,
                          templates, variants, calibration_variants, seed
     [embedder]           kind ("minilm" | "hashing"), model_path, tokenizer_path
@@ -95,6 +96,8 @@ class CascadeConfig:
     seed: int = 0
     min_n: int = 30
     split_delta: bool = True
+    #: ``eval``: also run Retrieval with in-situ calibrated thresholds (``eval --insitu``).
+    insitu: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +241,7 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "<config>", base_dir: 
         seed=c.integer("seed", 0, low=0),
         min_n=c.integer("min_n", 30, low=1),
         split_delta=c.get("split_delta", bool, True),
+        insitu=c.get("insitu", bool, False),
     )
     c.finish()
 

@@ -8,7 +8,16 @@
 2. the *same* test stream, with the *same* thresholds, runs through three cascades:
    ``jung`` (no strategies: the baseline), ``random`` (k random stored strategies) and
    ``retrieval`` (the top-k most similar: Inter-Cascade), each from an empty repository;
-3. Table-2 metrics per variant, with token and cost reductions against ``jung``.
+3. Table-2 metrics per variant, with token and cost reductions against ``jung``;
+4. optionally (``insitu=True``) a fourth variant, ``retrieval_insitu``: the Retrieval
+   cascade deployed with thresholds calibrated *in situ*
+   (:func:`~intercascade_core.insitu.insitu_calibrate`: the cascade replayed over the
+   calibration split with strategies, λ recalibrated on the replay's confidences).
+
+:func:`results_document` adds to every variant a ``"risk"`` block
+(:func:`~intercascade_core.insitu.risk_summary`): the empirical risk of the accepted weak
+answers against α, the α certified at λ_w without and with strategies (Theorem 2.2's
+view) and the online audit's verdict replayed over the stream.
 
 :func:`results_document` and :func:`outcome_records` turn the result into the plain data
 that :mod:`intercascade_core.report` writes. :func:`make_levels` builds the cascade's
@@ -28,6 +37,7 @@ import numpy as np
 
 from .cascade import CalibrationRun, CascadeConfig, Level, Outcome, StreamResult, calibrate_levels, run_stream
 from .errors import IntercascadeError, InvalidArgumentError
+from .insitu import InSituCalibration
 from .metrics import Metrics, compute_metrics
 from .tasks import Query
 
@@ -42,6 +52,7 @@ __all__ = [
     "CachedEmbedder",
     "EndpointError",
     "Evaluation",
+    "INSITU_VARIANT",
     "MissingAPIKeyError",
     "check_calibration_run",
     "evaluate",
@@ -50,10 +61,13 @@ __all__ = [
     "sim_client",
     "outcome_records",
     "results_document",
+    "risk_document",
     "variant_summary",
 ]
 
 VARIANTS: Final = ("jung", "random", "retrieval")
+#: The variant ``evaluate(..., insitu=True)`` adds: Retrieval with in-situ thresholds.
+INSITU_VARIANT: Final = "retrieval_insitu"
 
 
 class MissingAPIKeyError(IntercascadeError):
@@ -243,7 +257,10 @@ def load_streams(
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Evaluation:
-    """The calibration run, each variant's stream result and its Table-2 metrics."""
+    """The calibration run, each variant's stream result and its Table-2 metrics.
+
+    ``insitu``: the in-situ calibration behind the ``retrieval_insitu`` variant (None
+    when it did not run)."""
 
     calibration: CalibrationRun
     queries: tuple[Query, ...]
@@ -256,6 +273,7 @@ class Evaluation:
     backend: str
     seed: int
     split_delta: bool
+    insitu: InSituCalibration | None = None
 
 
 def evaluate(
@@ -272,6 +290,8 @@ def evaluate(
     split_delta: bool = True,
     min_n: int = 30,
     variants: Sequence[str] = VARIANTS,
+    insitu: bool = False,
+    insitu_max_rounds: int = 4,
     progress: bool = True,
     on_variant: Callable[[str], None] | None = None,
 ) -> Evaluation:
@@ -279,6 +299,12 @@ def evaluate(
 
     ``variants`` must include ``"jung"`` (the baseline of the reductions). The embedder
     is wrapped in a :class:`CachedEmbedder` so the stream is embedded once.
+
+    ``insitu``: also calibrate the Retrieval cascade in situ
+    (:func:`~intercascade_core.insitu.insitu_calibrate` on the same calibration split,
+    piloted by the strategy-free calibration, at most ``insitu_max_rounds`` replays) and
+    run it on ``test`` as the variant ``"retrieval_insitu"``. The replays call the models
+    on the calibration split again (calibration-time cost, not counted in the metrics).
     """
     if not test:
         raise InvalidArgumentError("test", "the test stream is empty")
@@ -290,7 +316,9 @@ def evaluate(
     )
     check_calibration_run(cal_run, [lv.name for lv in levels])
     cached = embedder if isinstance(embedder, CachedEmbedder) else CachedEmbedder(embedder)
-    if any(v != "jung" for v in variants):
+    if insitu:
+        cached.prime([q.text for q in calibration], progress=progress)
+    if insitu or any(v != "jung" for v in variants):
         cached.prime([q.text for q in test], progress=progress)
     runs: dict[str, StreamResult] = {}
     for v in [v for v in VARIANTS if v in variants]:
@@ -299,6 +327,18 @@ def evaluate(
         cfg = CascadeConfig(policy=v, k=k, backend=backend, seed=seed)  # type: ignore[arg-type]
         runs[v] = run_stream(test, levels, cached, calibrations=cal_run.calibrations, config=cfg,
                              progress=progress, desc=f"stream [{v}]")
+    ins: InSituCalibration | None = None
+    if insitu:
+        from .insitu import insitu_calibrate
+
+        if on_variant is not None:
+            on_variant(INSITU_VARIANT)
+        cfg = CascadeConfig(policy="retrieval", k=k, backend=backend, seed=seed)
+        ins = insitu_calibrate(calibration, levels, cached, alpha=alpha, delta=delta, config=cfg,
+                               split_delta=split_delta, pilot=cal_run, max_rounds=insitu_max_rounds,
+                               progress=progress, min_n=min_n)
+        runs[INSITU_VARIANT] = run_stream(test, levels, cached, calibrations=ins.calibrations, config=cfg,
+                                          progress=progress, desc="stream [retrieval, in-situ λ]")
     base = runs["jung"].outcomes
     metrics = {
         v: compute_metrics(r.outcomes) if v == "jung" else compute_metrics(r.outcomes, baseline=base)
@@ -316,6 +356,7 @@ def evaluate(
         backend=backend,
         seed=seed,
         split_delta=split_delta,
+        insitu=ins,
     )
 
 
@@ -324,6 +365,88 @@ def evaluate(
 
 def _num(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _plain(x: Any) -> Any:
+    """Strict-JSON plain data: NaN/inf floats become None, numpy scalars Python ones."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return _num(float(x))
+    return x
+
+
+def _level_records(names: Sequence[str], cals: Sequence[Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "threshold": _num(c.threshold),
+            "abstained": c.abstained,
+            "guaranteed": c.guaranteed,
+            "alpha": c.alpha,
+            "delta": c.delta,
+            "n_calibration": c.n_calibration,
+            "n_accepted": c.n_accepted,
+            "n_errors": c.n_errors,
+            "risk_bound": _num(c.risk_bound),
+            "note": c.note,
+        }
+        for name, c in zip(names, cals, strict=True)
+    ]
+
+
+def risk_document(ev: Evaluation, variant: str) -> dict[str, Any]:
+    """The ``"risk"`` block of one variant (:func:`~intercascade_core.insitu.risk_summary`).
+
+    The weak level's threshold is the variant's own (the in-situ one for
+    ``retrieval_insitu``, the shared strategy-free one otherwise). Both certified α's are
+    Clopper–Pearson bounds at that level's δ (δ/levels under ``split_delta``, the level the
+    calibration itself used): "without strategies" on the strategy-free calibration data,
+    "with strategies" on the test stream's weak answers whose prompt carried strategies.
+    The audit (:func:`~intercascade_core.audit.audit_outcomes`, every accepted weak answer
+    labelled by its gold answer) spends the full δ.
+    """
+    from .audit import AuditConfig
+    from .insitu import risk_summary
+
+    if variant == INSITU_VARIANT:
+        if ev.insitu is None:
+            raise InvalidArgumentError("variant", "the in-situ variant needs ev.insitu")
+        cal = ev.insitu.calibrations[0]
+    else:
+        cal = ev.calibration.calibrations[0]
+    return _plain(
+        risk_summary(
+            ev.runs[variant].outcomes, cal, alpha=ev.alpha, delta=cal.delta,
+            strategy_free=(ev.calibration.confidences[0], ev.calibration.correct[0]),
+            audit=AuditConfig(alpha=ev.alpha, delta=ev.delta),
+        )
+    )
+
+
+def insitu_document(ev: Evaluation) -> dict[str, Any] | None:
+    """The top-level ``"insitu"`` block: thresholds, rounds and Theorem 2.2's view."""
+    ins = ev.insitu
+    if ins is None:
+        return None
+    return _plain(
+        {
+            "thresholds": list(ins.thresholds),
+            "levels": _level_records(ev.level_names, ins.calibrations),
+            "rounds": ins.rounds,
+            "converged": ins.converged,
+            "thresholds_per_round": [list(t) for t in ins.thresholds_per_round],
+            "replay_with_strategies": sum(ins.with_strategies),
+            "n_calibration": len(ins.with_strategies),
+            "theorem_view": ins.theorem_view(),
+        }
+    )
 
 
 def variant_summary(metrics: Metrics, outcomes: Sequence[Outcome], *, baseline: bool) -> dict[str, Any]:
@@ -397,16 +520,23 @@ def results_document(
         "backend": ev.backend,
         "seed": ev.seed,
     }
+    st["insitu"] = ev.insitu is not None
     st.update(settings or {})
-    return {
+    variants: dict[str, Any] = {}
+    for v in ev.runs:
+        variants[v] = variant_summary(ev.metrics[v], ev.runs[v].outcomes, baseline=(v == "jung"))
+        variants[v]["risk"] = risk_document(ev, v)
+    doc: dict[str, Any] = {
         "schema": "intercascade.eval/1",
         "dataset": dict(dataset),
         "settings": st,
         "calibration": {"levels": levels, "n_calibration": len(ev.calibration.confidences[0])},
-        "variants": {
-            v: variant_summary(ev.metrics[v], ev.runs[v].outcomes, baseline=(v == "jung")) for v in ev.runs
-        },
+        "variants": variants,
     }
+    ins = insitu_document(ev)
+    if ins is not None:
+        doc["insitu"] = ins
+    return doc
 
 
 def outcome_records(ev: Evaluation) -> list[dict[str, Any]]:

@@ -4,7 +4,11 @@ Input is plain data, so this module knows nothing about models or HTTP:
 
 * ``results`` — the JSON document (see :func:`intercascade_core.evaluate.results_document`):
   ``{"variants": {"jung": {...}, "random": {...}, "retrieval": {...}}, "calibration": ...,
-  "dataset": ..., "settings": ...}``, every rate a fraction in [0, 1];
+  "dataset": ..., "settings": ...}``, every rate a fraction in [0, 1]; each variant may
+  carry a ``"risk"`` block (:func:`intercascade_core.insitu.risk_summary`), rendered as the
+  "Risk of accepted weak answers" table, and the document an ``"insitu"`` block
+  (thresholds, rounds, Theorem 2.2's view) when the in-situ variant
+  ``retrieval_insitu`` ran;
 * ``outcomes`` — one flat record per (variant, query) with at least ``variant``, ``index``,
   ``decision``, ``weak_confidence``, ``weak_correct``.
 
@@ -39,7 +43,9 @@ __all__ = [
     "format_percent",
     "readme_section",
     "update_readme",
+    "render_insitu",
     "render_markdown",
+    "render_risk",
     "render_tables",
     "stream_figure",
     "threshold_accuracy_figure",
@@ -52,8 +58,11 @@ LABELS: Final[Mapping[str, str]] = {
     "jung": "Jung (baseline)",
     "random": "Inter-Cascade (Random)",
     "retrieval": "Inter-Cascade (Retrieval)",
+    "retrieval_insitu": "Inter-Cascade (in-situ λ)",
 }
-_COLORS: Final[Mapping[str, str]] = {"jung": "#7f7f7f", "random": "#ff7f0e", "retrieval": "#1f77b4"}
+_COLORS: Final[Mapping[str, str]] = {
+    "jung": "#7f7f7f", "random": "#ff7f0e", "retrieval": "#1f77b4", "retrieval_insitu": "#9467bd",
+}
 
 #: Plot files written by :func:`write_report`.
 PLOTS: Final = (
@@ -96,11 +105,15 @@ def _table(title: str, variants: Mapping[str, Mapping[str, Any]], cols: Sequence
     return "\n".join([f"**{title}**", "", head, rule, *rows])
 
 
+def _ordered(variants: Mapping[str, Any]) -> list[str]:
+    names = [v for v in VARIANTS if v in variants]
+    return names + [v for v in variants if v not in names]
+
+
 def render_tables(results: Mapping[str, Any]) -> str:
     """The paper's Tables 3, 4 and 5 as Markdown, from ``results["variants"]``."""
     variants = results["variants"]
-    names = [v for v in VARIANTS if v in variants]
-    names += [v for v in variants if v not in names]
+    names = _ordered(variants)
     reduced = [v for v in names if "token_reduction" in variants[v]]
     parts = [
         _table("Table 3 — pipeline accuracy, strong-LLM call rate and coverage", variants, TABLE3, names),
@@ -109,6 +122,65 @@ def render_tables(results: Mapping[str, Any]) -> str:
     if reduced:
         parts.append(_table("Table 5 — strong-LLM token and cost reduction against Jung", variants, TABLE5, reduced))
     return "\n\n".join(parts) + "\n"
+
+
+def render_risk(results: Mapping[str, Any]) -> str:
+    """The risk table (:func:`intercascade_core.insitu.risk_table`) of the variants that
+    carry a ``"risk"`` block, in table order; "" when none does."""
+    from .insitu import risk_table
+
+    variants = results["variants"]
+    risk = {v: variants[v]["risk"] for v in _ordered(variants) if isinstance(variants[v].get("risk"), Mapping)}
+    return risk_table(risk, labels=LABELS) if risk else ""
+
+
+def _cert_row(label: str, lam: Any, n: Any, k: Any, bound: Any) -> str:
+    t = "abstain" if lam is None else f"{float(lam):.4f}"
+    b = "–" if bound is None else f"{100.0 * float(bound):.2f}"
+    return f"| {label} | {t} | {n} | {k} | {b} |"
+
+
+def render_insitu(results: Mapping[str, Any]) -> str:
+    """The in-situ calibration (``results["insitu"]``) as Markdown: rounds, thresholds and
+    Theorem 2.2's view at the static λ_w; "" when in-situ calibration did not run."""
+    ins = results.get("insitu")
+    if not isinstance(ins, Mapping):
+        return ""
+    view = ins.get("theorem_view", {})
+    levels = ins.get("levels", [])
+    rounds = ins.get("rounds")
+    per_round = " → ".join(
+        "(" + ", ".join("∞" if t is None else f"{float(t):.4f}" for t in ts) + ")"
+        for ts in ins.get("thresholds_per_round", [])
+    )
+    lines = [
+        (
+            f"**In-situ calibration** — {rounds} replay{'s' if rounds != 1 else ''} of the "
+            f"{ins.get('n_calibration', '?')} calibration queries through the Retrieval cascade "
+            f"({ins.get('replay_with_strategies', '?')} weak prompts of the last replay carried strategies); "
+            f"{'converged' if ins.get('converged') else '**did not converge** (the last round is deployed)'}. "
+            f"Thresholds (weak, …, strong) per round, then the deployed ones: {per_round}."
+        ),
+        "",
+        (
+            "**Theorem 2.2's view** at the static (strategy-free) λ_w: the α it certifies on the strategy-free "
+            "calibration data, u(n, k), and on the first replay, which deployed the static thresholds with "
+            "strategies, u(n′, k′). The theorem predicts the second is smaller; copied wrong strategies can "
+            "make it larger. The in-situ λ_w is certified on the last replay."
+        ),
+        "",
+        "| Threshold, data | λ_w | accepted | wrong | α certified (%) |",
+        "|---|---:|---:|---:|---:|",
+        _cert_row("static λ_w, calibration without strategies", view.get("static_threshold"),
+                  view.get("n_without"), view.get("errors_without"), view.get("alpha_certified_without_strategies")),
+        _cert_row("static λ_w, first replay with strategies", view.get("static_threshold"),
+                  view.get("n_with"), view.get("errors_with"), view.get("alpha_certified_with_strategies")),
+    ]
+    if levels:
+        w = levels[0]
+        lines.append(_cert_row("in-situ λ_w, last replay", w.get("threshold"), w.get("n_accepted"),
+                               w.get("n_errors"), w.get("risk_bound")))
+    return "\n".join(lines) + "\n"
 
 
 def _fmt_threshold(level: Mapping[str, Any]) -> str:
@@ -162,6 +234,30 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = PLOTS) ->
             f"{'yes' if lvl.get('guaranteed') else 'no'} |"
         )
     lines += ["", "## Results", "", render_tables(results).rstrip(), ""]
+    risk = render_risk(results)
+    if risk:
+        n_lv = len(cal.get("levels", [])) or 1
+        split = st.get("split_delta", True) and n_lv > 1
+        lines += [
+            "## Risk of accepted weak answers",
+            "",
+            (
+                f"Per pipeline, on the test stream: the weak answers accepted at λ_w, how many were wrong and "
+                f"their empirical risk against α = {st.get('alpha')}; the α certified at λ_w (Clopper–Pearson "
+                f"upper bound at the weak level's δ{f' = δ/{n_lv}' if split else ''}) without strategies (on the "
+                "strategy-free calibration data) and with strategies (on this stream's weak answers whose prompt "
+                "carried strategies): Theorem 2.2's view; and the verdict of the online risk audit "
+                f"(`intercascade_core.audit`, every accepted weak answer labelled, δ = {st.get('delta')}) "
+                "replayed over the stream: *certified* (upper bound ≤ α), *inconclusive*, or *alarm* (the risk "
+                "is above α at level δ)."
+            ),
+            "",
+            risk.rstrip(),
+            "",
+        ]
+        ins = render_insitu(results)
+        if ins:
+            lines += [ins.rstrip(), ""]
     notes = _notes(results)
     if notes:
         lines += ["## Notes", "", *notes, ""]
@@ -183,23 +279,31 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
     alpha = results.get("settings", {}).get("alpha")
     risks = [
         f"{LABELS.get(v, v)} {format_percent(variants[v].get('weak_accepted_risk'))} %"
-        for v in VARIANTS if v in variants and variants[v].get("weak_accepted_risk") is not None
+        for v in _ordered(variants) if variants[v].get("weak_accepted_risk") is not None
     ]
     if risks and alpha is not None:
         out.append(
             f"- Error rate of accepted weak answers on the test stream (target α = {100 * float(alpha):.0f} %): "
-            + ", ".join(risks) + ". The threshold was calibrated without strategies; with strategies the weak "
-            "model's confidence distribution shifts, so this is measured, not guaranteed."
+            + ", ".join(risks) + ". The shared threshold was calibrated without strategies; with strategies the "
+            "weak model's confidence distribution shifts, so for the strategy pipelines this is measured, not "
+            "guaranteed" + (
+                "." if not any(isinstance(variants[v].get("risk"), Mapping) for v in variants)
+                else " (see *Risk of accepted weak answers*; the in-situ variant is calibrated on "
+                "strategy-augmented prompts)." if "retrieval_insitu" in variants
+                else " (see *Risk of accepted weak answers*)."
+            )
         )
     if "retrieval" in variants and "strong_calls" in variants["retrieval"]:
         out.append(
             "- Strong calls: " + ", ".join(
-                f"{LABELS.get(v, v)} {variants[v]['strong_calls']}" for v in VARIANTS if v in variants
+                f"{LABELS.get(v, v)} {variants[v]['strong_calls']}" for v in _ordered(variants)
+                if "strong_calls" in variants[v]
             ) + f" of {variants['retrieval'].get('n_queries', '?')} queries; strategies stored: "
-            + ", ".join(f"{LABELS.get(v, v)} {variants[v].get('repository_size', 0)}" for v in ("random", "retrieval") if v in variants)
+            + ", ".join(f"{LABELS.get(v, v)} {variants[v].get('repository_size', 0)}" for v in _ordered(variants)
+                        if v != "jung")
             + "."
         )
-    negative = [v for v in ("random", "retrieval") if v in variants
+    negative = [v for v in _ordered(variants) if v != "jung"
                 and (variants[v].get("token_reduction") or 0) < 0]
     if negative:
         out.append(
@@ -265,8 +369,14 @@ def threshold_accuracy_figure(outcomes: Iterable[Mapping[str, Any]], *, weak_thr
     return fig
 
 
-def confidence_histograms_figure(outcomes: Iterable[Mapping[str, Any]], *, weak_threshold: float | None = None) -> Any:
-    """Figure 2(b–d): weak-confidence histograms (correct vs. wrong), one panel per variant."""
+def confidence_histograms_figure(
+    outcomes: Iterable[Mapping[str, Any]],
+    *,
+    weak_threshold: float | None = None,
+    thresholds: Mapping[str, float | None] | None = None,
+) -> Any:
+    """Figure 2(b–d): weak-confidence histograms (correct vs. wrong), one panel per variant.
+    ``thresholds`` overrides ``weak_threshold`` per variant (the in-situ variant's own λ_w)."""
     from matplotlib.figure import Figure
 
     groups = _by_variant(outcomes)
@@ -277,8 +387,9 @@ def confidence_histograms_figure(outcomes: Iterable[Mapping[str, Any]], *, weak_
         conf, ok = _weak_arrays(recs)
         ax.hist([conf[ok], conf[~ok]], bins=bins, stacked=True, color=["#2ca02c", "#d62728"],
                 label=["correct", "wrong"])
-        if weak_threshold is not None and math.isfinite(weak_threshold):
-            ax.axvline(weak_threshold, color="black", linestyle="--", linewidth=1)
+        thr = (thresholds or {}).get(v, weak_threshold)
+        if thr is not None and math.isfinite(thr):
+            ax.axvline(thr, color="black", linestyle="--", linewidth=1)
         ax.set_title(LABELS.get(v, v))
         ax.set_xlabel("weak-LLM confidence")
         ax.grid(alpha=0.3)
@@ -425,7 +536,9 @@ def write_report(
         thr = _weak_threshold(results)
         figures = (
             (PLOTS[0], threshold_accuracy_figure(outcomes, weak_threshold=thr), "Weak-LLM accuracy vs. confidence threshold"),
-            (PLOTS[1], confidence_histograms_figure(outcomes, weak_threshold=thr), "Weak-LLM confidence histograms"),
+            (PLOTS[1], confidence_histograms_figure(outcomes, weak_threshold=thr,
+                                                    thresholds=_variant_thresholds(results)),
+             "Weak-LLM confidence histograms"),
             (PLOTS[2], stream_figure(outcomes), "Strong-LLM calls along the stream"),
         )
         for name, fig, title in figures:
@@ -444,6 +557,16 @@ def write_report(
     report_path = folder / "report.md"
     _atomic_write(report_path, render_markdown(doc, [p.name for p in plot_paths]))
     return ReportFiles(folder, report_path, results_path, outcomes_path, tuple(plot_paths))
+
+
+def _variant_thresholds(results: Mapping[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for v, s in results.get("variants", {}).items():
+        risk = s.get("risk") if isinstance(s, Mapping) else None
+        if isinstance(risk, Mapping) and "threshold" in risk:
+            t = risk["threshold"]
+            out[v] = None if t is None else float(t)
+    return out
 
 
 def _weak_threshold(results: Mapping[str, Any]) -> float | None:

@@ -30,7 +30,9 @@ VARIANT_LABELS = {
     "jung": "Jung (baseline)",
     "random": "Inter-Cascade (Random)",
     "retrieval": "Inter-Cascade (Retrieval)",
+    "retrieval_insitu": "Inter-Cascade (in-situ λ)",
 }
+THREE = ("jung", "random", "retrieval")
 COLUMNS = {
     "Pipeline Acc. (%)": "pipeline_accuracy",
     "Strong Call (%)": "strong_call_rate",
@@ -71,8 +73,9 @@ def test_help_for_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     expected = {
         "calibrate": ("--alpha", "--delta", "--min-n", "--grid", "--json", "--example", "--quiet"),
         "run": ("--config", "--policy", "--limit", "--out", "--quiet"),
-        "eval": ("--config", "--out", "--limit", "--no-plots", "--quiet"),
-        "demo": ("--out", "--templates", "--variants", "--calibration-variants", "--embedder", "--quiet"),
+        "eval": ("--config", "--out", "--limit", "--no-plots", "--insitu", "in situ", "--quiet"),
+        "demo": ("--out", "--templates", "--variants", "--calibration-variants", "--embedder", "--insitu",
+                 "--quiet"),
     }
     assert cli("demo", "--help").returncode == 0  # one subcommand through a real process
     for cmd, options in expected.items():  # the others in-process (same parser, faster)
@@ -193,6 +196,43 @@ def test_eval_with_config_writes_a_consistent_report(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     results = check_report(out, plots=False)
     assert results["dataset"]["n_test"] == 24
+    assert "insitu" not in results and results["settings"]["insitu"] is False
+    assert "In-situ calibration" not in (out / "report.md").read_text()
+
+
+def test_eval_insitu_adds_the_insitu_variant(tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    proc = cli("eval", "--config", str(_config(tmp_path)), "--out", str(out), "--no-plots", "--insitu")
+    assert proc.returncode == 0, proc.stderr
+    assert "in-situ calibration, then retrieval_insitu" in proc.stderr
+    results = check_report(out, plots=False, variants=(*THREE, "retrieval_insitu"))
+    assert results["settings"]["insitu"] is True
+    ins = results["insitu"]
+    assert ins["rounds"] >= 1 and ins["n_calibration"] == results["dataset"]["n_calibration"]
+    assert ins["thresholds"][0] == results["variants"]["retrieval_insitu"]["risk"]["threshold"]
+    # the printed risk table is the report's
+    md = (out / "report.md").read_text()
+    for row in re.findall(r"^\| Inter-Cascade \(in-situ λ\) \|.*$", proc.stdout, re.MULTILINE):
+        assert row in md
+    # the same through the config file: [cascade] insitu = true
+    out2 = tmp_path / "rep2"
+    cfg = _config(tmp_path)
+    text = cfg.read_text()
+    assert "insitu = false" in text  # the shipped example documents the key
+    cfg.write_text(text.replace("insitu = false", "insitu = true"))
+    proc2 = cli("eval", "--config", str(cfg), "--out", str(out2), "--no-plots", "-q")
+    assert proc2.returncode == 0, proc2.stderr
+    again = json.loads((out2 / "results.json").read_text())
+    assert again["variants"] == results["variants"] and again["insitu"] == results["insitu"]
+
+
+def test_demo_insitu_small(tmp_path: Path) -> None:
+    proc = cli("demo", "--out", "d", "--embedder", "hashing", "--templates", "3", "--variants", "5",
+               "--calibration-variants", "50", "--insitu", "--no-plots", "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = check_report(tmp_path / "d", plots=False, variants=(*THREE, "retrieval_insitu"))
+    assert results["dataset"]["n_test"] == 15 and results["insitu"]["n_calibration"] == 150
+    assert "Risk of accepted weak answers" in proc.stdout and "In-situ calibration" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -259,12 +299,80 @@ def png_size_and_text(path: Path) -> tuple[tuple[int, int], str]:
     return size, text
 
 
-def check_report(folder: Path, *, plots: bool = True) -> dict[str, Any]:
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100.0 * float(x):.2f}"
+
+
+def parse_rows(markdown: str, first: str) -> dict[str, dict[str, str]]:
+    """{row label: {column header: cell}} of the Markdown tables whose first header is ``first``."""
+    out: dict[str, dict[str, str]] = {}
+    header: list[str] | None = None
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == first:
+            header = cells
+        elif header and not set(line) <= set("|-: "):
+            out[cells[0]] = dict(zip(header[1:], cells[1:], strict=True))
+    return out
+
+
+def check_risk(md: str, results: dict[str, Any]) -> None:
+    """The risk table's numbers are results.json's, and agree with the variants' metrics."""
+    assert "## Risk of accepted weak answers" in md
+    rows = parse_rows(md, "Variant")
+    assert set(rows) == {VARIANT_LABELS[v] for v in results["variants"]}
+    weak_cal = results["calibration"]["levels"][0]
+    for v, values in results["variants"].items():
+        r, row = values["risk"], rows[VARIANT_LABELS[v]]
+        lam = r["threshold"]
+        assert row["λ_w"] == ("abstain" if lam is None else f"{lam:.4f}")
+        assert row["weak accepted"] == str(r["accepted"]) and row["wrong"] == str(r["errors"])
+        assert row["empirical risk (%)"] == _pct(r["empirical_risk"])
+        assert row["α (%)"] == _pct(r["alpha"]) and r["alpha"] == results["settings"]["alpha"]
+        assert row["exceeds α"] == ("**yes**" if r["exceeds_alpha"] else "no")
+        assert row["α certified, no strategies (%)"] == _pct(r["alpha_certified_without_strategies"])
+        assert row["α certified, with strategies (%)"] == _pct(r["alpha_certified_with_strategies"])
+        verdict = r["audit"]["verdict"]
+        if r["audit"]["alarm_at_label"] is not None:
+            verdict += f" (label {r['audit']['alarm_at_label']})"
+        assert row["audit"] == verdict
+        # the risk block agrees with the variant's own counts
+        assert r["accepted"] == values["accepted_per_level"][0] == r["audit"]["n_labels"]
+        assert r["empirical_risk"] == values["weak_accepted_risk"]
+        assert r["exceeds_alpha"] == (r["empirical_risk"] is not None and r["empirical_risk"] > r["alpha"])
+        if v == "jung":
+            assert r["alpha_certified_with_strategies"] is None and r["accepted_with_strategies"] == 0
+        if v != "retrieval_insitu":  # the shared threshold: certified exactly as the calibration table says
+            assert lam == weak_cal["threshold"]
+            assert r["alpha_certified_without_strategies"] == pytest.approx(weak_cal["risk_bound"])
+    if "insitu" in results:
+        view = results["insitu"]["theorem_view"]
+        cert = parse_rows(md, "Threshold, data")
+        static = "abstain" if view["static_threshold"] is None else f"{view['static_threshold']:.4f}"
+        without = cert["static λ_w, calibration without strategies"]
+        with_s = cert["static λ_w, first replay with strategies"]
+        assert [without["λ_w"], without["accepted"], without["wrong"], without["α certified (%)"]] == [
+            static, str(view["n_without"]), str(view["errors_without"]),
+            _pct(view["alpha_certified_without_strategies"])]
+        assert [with_s["λ_w"], with_s["accepted"], with_s["wrong"], with_s["α certified (%)"]] == [
+            static, str(view["n_with"]), str(view["errors_with"]), _pct(view["alpha_certified_with_strategies"])]
+        assert view["static_threshold"] == weak_cal["threshold"]
+        w = results["insitu"]["levels"][0]
+        assert cert["in-situ λ_w, last replay"]["α certified (%)"] == _pct(w["risk_bound"])
+    else:
+        assert "Threshold, data" not in md
+
+
+def check_report(folder: Path, *, plots: bool = True, variants: tuple[str, ...] = THREE) -> dict[str, Any]:
     md = (folder / "report.md").read_text()
     results = json.loads((folder / "results.json").read_text())
     for title in ("Table 3", "Table 4", "Table 5", "Calibration"):
         assert title in md, title
-    assert set(results["variants"]) == {"jung", "random", "retrieval"}
+    assert list(results["variants"]) == list(variants)
+    check_risk(md, results)
     tables = parse_tables(md)
     for variant, values in results["variants"].items():
         row = tables[VARIANT_LABELS[variant]]
@@ -279,8 +387,8 @@ def check_report(folder: Path, *, plots: bool = True) -> dict[str, Any]:
             assert row[key] == f"{100 * value:.2f}", (variant, key, row[key], value)
     outcomes = [json.loads(x) for x in (folder / "outcomes.jsonl").read_text().splitlines()]
     n = results["dataset"]["n_test"]
-    assert len(outcomes) == 3 * n
-    for v in ("jung", "random", "retrieval"):
+    assert len(outcomes) == len(variants) * n
+    for v in variants:
         mine = [o for o in outcomes if o["variant"] == v]
         assert [o["index"] for o in mine] == list(range(n))
         strong = sum(o["decision"] != "weak_accepted" for o in mine)
@@ -293,7 +401,7 @@ def check_report(folder: Path, *, plots: bool = True) -> dict[str, Any]:
             assert 600 <= w <= 2000 and 300 <= h <= 1200, (name, w, h)
             assert (folder / name).stat().st_size > 20_000
             if name != "confidence_histograms.png":
-                for label in VARIANT_LABELS.values():
+                for label in (VARIANT_LABELS[v] for v in variants):
                     assert label in text, (name, label)
     return results
 

@@ -38,6 +38,12 @@ def test_example_config_parses() -> None:
     assert all(m.simulated for m in cfg.models)
     assert cfg.cascade.k == 2 and cfg.cascade.policy == "retrieval"
     assert cfg.data.dataset == "gsm_symbolic"
+    assert cfg.cascade.insitu is False  # `eval --insitu` turns it on
+
+
+def test_insitu_key(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "[cascade]\ninsitu = true\n" + _MODELS)).cascade.insitu is True
+    assert load_config(_write(tmp_path, _MODELS)).cascade.insitu is False
 
 
 def test_minimal_config_defaults_and_relative_paths(tmp_path: Path) -> None:
@@ -59,6 +65,7 @@ def test_minimal_config_defaults_and_relative_paths(tmp_path: Path) -> None:
         ("[cascade]\nk = -1\n" + _MODELS, "cascade.k"),
         ('[cascade]\npolicy = "smart"\n' + _MODELS, "cascade.policy"),
         ('[cascade]\nbackend = "faiss"\n' + _MODELS, "cascade.backend"),
+        ('[cascade]\ninsitu = "yes"\n' + _MODELS, "cascade.insitu"),
         ("[cascade]\nalhpa = 0.1\n" + _MODELS, "cascade.alhpa"),
         ('[data]\ndataset = "gsm8k"\n' + _MODELS, "data.path"),
         ('[data]\norder = "random"\n' + _MODELS, "data.order"),

@@ -22,6 +22,9 @@ from intercascade_core.report import (
     README_END,
     README_START,
     readme_section,
+    render_insitu,
+    render_markdown,
+    render_risk,
     render_tables,
     update_readme,
     stream_figure,
@@ -242,3 +245,75 @@ def test_readme_block_is_regenerated_between_markers(tmp_path: Path) -> None:
     bare.write_text("no markers\n")
     with pytest.raises(InvalidArgumentError, match="markers"):
         update_readme(bare, section)
+
+
+# --------------------------------------------------------------------------- the risk view
+
+
+def _risk(threshold: float | None, accepted: int, errors: int, *, with_s: float | None, verdict: str,
+          alarm: int | None = None) -> dict[str, Any]:
+    return {
+        "alpha": 0.2, "delta": 0.05, "threshold": threshold, "accepted": accepted, "errors": errors,
+        "empirical_risk": errors / accepted if accepted else None,
+        "exceeds_alpha": bool(accepted) and errors / accepted > 0.2, "risk_upper": 0.3,
+        "alpha_certified_without_strategies": 0.1849, "alpha_certified_with_strategies": with_s,
+        "audit": {"verdict": verdict, "alarm_at_label": alarm, "n_labels": accepted},
+    }
+
+
+def _with_risk() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    results, outcomes = _synthetic(60)
+    v = results["variants"]
+    v["jung"]["risk"] = _risk(0.7, 10, 1, with_s=None, verdict="inconclusive")
+    v["random"]["risk"] = _risk(0.7, 0, 0, with_s=0.5, verdict="inconclusive")
+    v["retrieval"]["risk"] = _risk(0.7, 40, 12, with_s=0.3333, verdict="alarm", alarm=30)
+    v["retrieval_insitu"] = {**v["retrieval"], "risk": _risk(None, 0, 0, with_s=1.0, verdict="inconclusive")}
+    outcomes += [{**o, "variant": "retrieval_insitu"} for o in outcomes if o["variant"] == "retrieval"]
+    results["insitu"] = {
+        "thresholds": [None, 0.25], "rounds": 2, "converged": False, "n_calibration": 50,
+        "replay_with_strategies": 40, "thresholds_per_round": [[0.7, 0.2], [None, 0.25], [None, 0.25]],
+        "levels": [{"threshold": None, "n_accepted": 0, "n_errors": 0, "risk_bound": 1.0}],
+        "theorem_view": {"static_threshold": 0.7, "alpha_certified_without_strategies": 0.1849, "n_without": 30,
+                         "errors_without": 2, "alpha_certified_with_strategies": 0.41, "n_with": 35,
+                         "errors_with": 9, "insitu_threshold": None},
+    }
+    return results, outcomes
+
+
+def test_risk_section_matches_results() -> None:
+    results, _ = _with_risk()
+    md = render_markdown(results, plots=())
+    assert md.index("## Results") < md.index("## Risk of accepted weak answers") < md.index("## Notes")
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip().strip("|").split("|")]
+            for ln in md.splitlines() if ln.startswith("| ") and "λ_w |" not in ln}
+    jung = rows[LABELS["jung"]]
+    assert jung[1:] == ["0.7000", "10", "1", "10.00", "20.00", "no", "18.49", "–", "inconclusive"]
+    assert rows[LABELS["random"]][4] == "–"  # nothing accepted: no empirical risk
+    assert rows[LABELS["retrieval"]][6:] == ["**yes**", "18.49", "33.33", "alarm (label 30)"]
+    assert rows[LABELS["retrieval_insitu"]][1] == "abstain"
+    assert LABELS["retrieval_insitu"] == "Inter-Cascade (in-situ λ)"
+    # the in-situ block: rounds, non-convergence, Theorem 2.2's view
+    ins = render_insitu(results)
+    assert ins.strip() in md and "**did not converge**" in ins and "(0.7000, 0.2000) → (∞, 0.2500)" in ins
+    assert "| static λ_w, first replay with strategies | 0.7000 | 35 | 9 | 41.00 |" in ins
+    assert "| in-situ λ_w, last replay | abstain | 0 | 0 | 100.00 |" in ins
+    # the Tables 3-5 carry the fourth variant too
+    assert LABELS["retrieval_insitu"] in parse_tables(render_tables(results))
+
+
+def test_no_risk_blocks_no_risk_section() -> None:
+    results, _ = _synthetic(30)
+    assert render_risk(results) == "" and render_insitu(results) == ""
+    assert "Risk of accepted weak answers" not in render_markdown(results, plots=())
+
+
+def test_plots_with_the_insitu_variant(tmp_path: Path) -> None:
+    results, outcomes = _with_risk()
+    files = write_report(results, outcomes, tmp_path)
+    doc = check_report_matches_results(files.folder)
+    assert doc["variants"]["retrieval_insitu"]["risk"]["threshold"] is None
+    check_plots(files.folder)
+    assert LABELS["retrieval_insitu"] in png_info(files.folder / PLOTS[2])["text"]["Description"]
+    fig = confidence_histograms_figure(outcomes, weak_threshold=0.7, thresholds={"retrieval_insitu": None})
+    assert [ax.get_title() for ax in fig.axes][-1] == LABELS["retrieval_insitu"]
+    assert len(fig.axes[-1].get_lines()) == 0 and len(fig.axes[0].get_lines()) == 1  # abstains: no λ line
