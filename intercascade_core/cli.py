@@ -225,6 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also rewrite the results block of FILE (between the markers "
                    "<!-- intercascade-demo-results:start/end -->) with the tables and a plot")
 
+    # export ---------------------------------------------------------------------------
+    p = sub.add_parser(
+        "export", parents=[common],
+        help="write a saved strategy repository as a chat-format JSONL fine-tuning set",
+        description="Export the strategies of a saved repository (the folder written by 'run' at "
+        "[cascade].repository) as a JSON Lines fine-tuning set in chat format — the paper's "
+        "periodic offline fine-tuning of the weak model. The file is written atomically.",
+    )
+    p.add_argument("--repository", type=Path, required=True, help="saved repository folder")
+    p.add_argument("--out", type=Path, required=True, help="output .jsonl file")
+    p.add_argument("--tenant", help="export only this tenant's strategies (default: all tenants)")
+    p.add_argument("--min-uses", type=_count(0), default=0,
+                   help="keep only strategies placed in at least this many weak prompts (default 0)")
+    p.add_argument("--verify", choices=("full", "size"), default="full",
+                   help="checks on open: full (checksums of every file, default) or size (structure only)")
+
     # sim-serve ------------------------------------------------------------------------
     p = sub.add_parser(
         "sim-serve", parents=[common],
@@ -240,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- commands
+
+
+def _cmd_export(args: argparse.Namespace, con: Console) -> int:
+    from .export import export_finetune
+    from .store import open_repository
+
+    stored = open_repository(args.repository, verify=args.verify)
+    n = export_finetune(stored.repository, args.out, tenant=args.tenant, uses=stored.uses,
+                        min_uses=args.min_uses)
+    print(f"wrote {n} examples to {args.out}")
+    return EXIT_OK
 
 
 def _cmd_sim_serve(args: argparse.Namespace, con: Console) -> int:
@@ -563,7 +590,7 @@ def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
 
 COMMANDS = {
     "calibrate": _cmd_calibrate, "run": _cmd_run, "eval": _cmd_eval, "demo": _cmd_demo,
-    "sim-serve": _cmd_sim_serve,
+    "export": _cmd_export, "sim-serve": _cmd_sim_serve,
 }
 
 
@@ -574,7 +601,9 @@ def _classify(exc: BaseException) -> int:
     from .config import ConfigError
     from .evaluate import MissingAPIKeyError
 
-    if isinstance(exc, (UsageError, ConfigError, MissingAPIKeyError, InvalidArgumentError)):
+    from .store import StoreError
+
+    if isinstance(exc, (UsageError, ConfigError, MissingAPIKeyError, InvalidArgumentError, StoreError)):
         return EXIT_USAGE
     return EXIT_FAILURE
 
