@@ -9,11 +9,13 @@ Backends:
 
 * ``"exact"`` — the C extension ``intercascade_core._simd`` (SIMD, runtime CPU
   dispatch). With ``scan="auto"`` (default) repositories of at least
-  :data:`INT8_MIN_ROWS` rows are scanned through an int8 copy of the vectors and the
-  candidates that the scan's error bound cannot exclude are re-scored in float32, so
-  the result is *identical* to the float32 scan (``scan="f32"``) while reading 4×
-  fewer bytes. Falls back to ``"numpy"`` (logged once at INFO) when the extension is
-  not built or ``INTERCASCADE_NO_EXT=1``.
+  :data:`INT8_MIN_ROWS` rows are scanned through an int8 copy of the vectors (built
+  lazily per arena and extended in place as versions grow; queries are quantised
+  too, dots are exact integers — AVX-512 VNNI when available), and every row that
+  the scan's error bound cannot exclude is re-scored in float32 with the float32
+  scan's own code, so the result is *identical* to ``scan="f32"`` while reading 4×
+  fewer bytes. Falls back to ``"numpy"`` (logged once at INFO) when the extension
+  is not built or ``INTERCASCADE_NO_EXT=1``.
 * ``"numpy"`` — the pure reference (:mod:`._topk_numpy`).
 * ``"hnsw"`` — approximate, hnswlib (:mod:`._ann`), grown incrementally with the
   repository; answers only with rows of the version asked about.
