@@ -19,6 +19,8 @@ Backends:
 * ``"numpy"`` — the pure reference (:mod:`._topk_numpy`).
 * ``"hnsw"`` — approximate, hnswlib (:mod:`._ann`), grown incrementally with the
   repository; answers only with rows of the version asked about.
+* ``"pgvector"`` — ``repo`` is a :class:`~intercascade_core.pgvector_store.PgVectorStore`;
+  the server searches (``ef`` becomes ``ef_search``) and ``indices`` are its row ids.
 
 Query vectors follow :func:`~intercascade_core.repository.update`'s rule: float32,
 finite, unit norm within ``NORM_TOLERANCE`` (renormalised), otherwise
@@ -45,9 +47,9 @@ __all__ = ["TopK", "retrieve", "extension_available", "INT8_MIN_ROWS"]
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["exact", "numpy", "hnsw"]
+Backend = Literal["exact", "numpy", "hnsw", "pgvector"]
 Scan = Literal["auto", "f32", "int8"]
-_BACKENDS = ("exact", "numpy", "hnsw")
+_BACKENDS = ("exact", "numpy", "hnsw", "pgvector")
 _SCANS = ("auto", "f32", "int8")
 
 #: ``scan="auto"`` uses the int8 scan copy from this many rows on.
@@ -192,10 +194,19 @@ def retrieve(
     hnsw search breadth (default ``max(64, 2k)``); ``threads`` (0 = auto, 1 or 2) is
     the exact backend's thread count. See the module docstring.
     """
-    if not isinstance(repo, Repository):
-        raise InvalidArgumentError("repo", f"must be a Repository, got {type(repo).__name__}")
     if backend not in _BACKENDS:
         raise InvalidArgumentError("backend", f"must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "pgvector":  # server-side search; indices are the server's row ids
+        from .pgvector_store import PgVectorStore
+
+        if not isinstance(repo, PgVectorStore):
+            raise InvalidArgumentError(
+                "repo", f"backend='pgvector' needs a PgVectorStore, got {type(repo).__name__}"
+            )
+        q = _check_queries(query_vectors, repo.dim)
+        return repo.search(q, _check_k(k), tenant=tenant, ef_search=ef)
+    if not isinstance(repo, Repository):
+        raise InvalidArgumentError("repo", f"must be a Repository, got {type(repo).__name__}")
     if scan not in _SCANS:
         raise InvalidArgumentError("scan", f"must be one of {_SCANS}, got {scan!r}")
     if tenant is not None and not isinstance(tenant, str):
