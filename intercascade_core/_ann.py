@@ -46,7 +46,8 @@ class HnswParams:
 
     M: int = 16
     ef_construction: int = 100
-    ef: int = 64
+    # 128: recall@5 0.95 at 0.25 ms p50 on the 1M mixed-MiniLM bench set (ef=64: 0.94)
+    ef: int = 128
     seed: int = 100
     threads: int = 2
 

@@ -191,7 +191,7 @@ def retrieve(
     """Top-``k`` entries of ``repo`` by cosine similarity for each query row.
 
     ``scan`` picks the exact backend's scan ("f32", "int8" or "auto"); ``ef`` is the
-    hnsw search breadth (default ``max(64, 2k)``); ``threads`` (0 = auto, 1 or 2) is
+    hnsw search breadth (default ``max(128, k)``); ``threads`` (0 = auto, 1 or 2) is
     the exact backend's thread count. See the module docstring.
     """
     if backend not in _BACKENDS:
