@@ -81,6 +81,11 @@ _EXPORTS: dict[str, str] = {
     "sanitize_strategy": "sanitize",
     "evict": "prune",
     "dedupe": "prune",
+    # shared repository on PostgreSQL + pgvector (psycopg)
+    "PgVectorStore": "pgvector_store",
+    "PgSync": "pgsync",
+    "ServerUnavailableError": "pgvector_store",
+    "PgVectorMissingError": "pgvector_store",
     # metrics
     "Metrics": "metrics",
     "compute_metrics": "metrics",
