@@ -292,6 +292,9 @@ class ChatModel:
         for name, value in (("timeout", timeout), ("deadline", deadline)):
             if not (isinstance(value, int | float) and value > 0):
                 raise InvalidArgumentError(name, f"must be > 0 seconds, got {value!r}")
+        for name, value in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise InvalidArgumentError(name, f"must be a finite number >= 0 seconds, got {value!r}")
         if not (isinstance(max_retries, int) and max_retries >= 0):
             raise InvalidArgumentError("max_retries", f"must be an int >= 0, got {max_retries!r}")
         if confidence_span not in ("all", "answer"):
@@ -365,6 +368,10 @@ class ChatModel:
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as e:
                 # connect/read/write timeouts, refused or reset connections, dropped replies
                 last = f"{type(e).__name__}: {e}"
+            except httpx.HTTPError as e:
+                # proxy, bad URL scheme, local protocol or body-decoding errors: retrying cannot
+                # help, but the caller still gets a typed, recordable ModelError
+                raise ModelError(f"{self.model}: {type(e).__name__}: {e}", model=self.model) from e
             else:
                 status = resp.status_code
                 if status == 200:

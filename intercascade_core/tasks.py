@@ -94,7 +94,16 @@ _LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-Da-d])\)?(?![A-Za-z])")
 
 def parse_number(text: str) -> float | None:
     """Parse ``'1,234'``, ``'$5.50'``, ``'12%'``, ``'-3/4'``, ``'\\frac{3}{4}'`` to a float;
-    ``None`` when *text* is not a single number (up to trailing punctuation and units words)."""
+    ``None`` when *text* is not a single finite number (up to trailing punctuation and units
+    words). Model output is untrusted: huge values (``1e400/1``) are ``None``, never an error."""
+    try:
+        value = _parse_number(text)
+    except (OverflowError, ValueError, ZeroDivisionError):
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _parse_number(text: str) -> float | None:
     s = text.strip().strip("*").strip()
     s = s.rstrip(".;!")
     s = re.sub(r"\\?\$", "", s)  # dollar signs, also LaTeX-escaped
