@@ -201,7 +201,13 @@ def read_journal(path: str | os.PathLike[str]) -> JournalScan:
         length, crc = _FRAME.unpack_from(data, pos)
         end = pos + _FRAME.size + length
         if length > MAX_RECORD_BYTES or end > len(data):
-            # incomplete: only acceptable as the very last thing in the file
+            # incomplete: only acceptable as the very last thing in the file — a complete,
+            # checksummed frame further on means this length field was damaged instead
+            if _complete_frame_after(data, pos):
+                raise JournalCorruptError(
+                    p, f"record {len(records) + 1} at byte {pos}: bad length {length} "
+                    "followed by more records"
+                )
             torn = True
             break
         payload = data[pos + _FRAME.size : end]
@@ -220,6 +226,22 @@ def read_journal(path: str | os.PathLike[str]) -> JournalScan:
         records.append(rec)
         pos = end
     return JournalScan(tuple(records), dim, model_id, pos, torn)
+
+
+def _complete_frame_after(data: bytes, pos: int) -> bool:
+    """Whether a complete frame with a matching checksum starts anywhere after ``pos``.
+
+    Run only when a torn tail is suspected (at open). Random bytes rarely decode to a
+    length that fits the rest of the file, so few offsets cost a checksum.
+    """
+    last = len(data) - _FRAME.size
+    for off in range(pos + 1, last + 1):
+        length, crc = _FRAME.unpack_from(data, off)
+        end = off + _FRAME.size + length
+        if 4 <= length <= MAX_RECORD_BYTES and end <= len(data):
+            if zlib.crc32(data[off + _FRAME.size : end]) == crc:
+                return True
+    return False
 
 
 class Journal:
@@ -251,6 +273,7 @@ class Journal:
                 stacklevel=2,
             )
         self.records = scan.records
+        self._broken: str | None = None
         self._fd = os.open(self.path, os.O_RDWR)
         if scan.torn:
             os.ftruncate(self._fd, scan.valid_end)
@@ -260,14 +283,37 @@ class Journal:
     def append(
         self, lsn: int, entries: Sequence[Entry], vectors: np.ndarray, uses: Sequence[int] = ()
     ) -> None:
-        """Append one record (one write; fsynced when ``fsync="always"``)."""
+        """Append one record (one write; fsynced when ``fsync="always"``).
+
+        All or nothing: a record larger than :data:`MAX_RECORD_BYTES` is refused before
+        anything is written, and a failed write or fsync is rolled back (the file is
+        truncated to where the record began) before the error propagates. If even the
+        rollback fails, the journal refuses further appends, so it never holds a record
+        whose lsn a later append would repeat.
+        """
+        if self._broken is not None:
+            raise JournalCorruptError(self.path, f"an earlier append failed and could not be undone: {self._broken}")
         buf = _encode(lsn, entries, vectors, uses)
-        view = memoryview(buf)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        if self.fsync == "always":
-            os.fsync(self._fd)
+        if len(buf) - _FRAME.size > MAX_RECORD_BYTES:
+            raise InvalidArgumentError(
+                "entries", f"one journal record would take {len(buf)} bytes, more than "
+                f"MAX_RECORD_BYTES={MAX_RECORD_BYTES}; log the batch in smaller parts"
+            )
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(buf)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            if self.fsync == "always":
+                os.fsync(self._fd)
+        except BaseException as exc:
+            try:
+                os.ftruncate(self._fd, start)
+                os.fsync(self._fd)
+            except OSError as undo:
+                self._broken = f"{exc!r}; rollback failed: {undo!r}"
+            raise
 
     def reset(self) -> None:
         """Atomically replace the journal by an empty one (after a checkpoint)."""
