@@ -110,7 +110,10 @@ def _check_unit_interval_open(name: str, value: object) -> float:
 
 def _check_confidences(name: str, values: object) -> npt.NDArray[np.float64]:
     try:
-        arr = np.asarray(values, dtype=np.float64)
+        raw = np.asarray(values)
+        if raw.dtype.kind not in "biuf":  # no silent parsing of strings or objects
+            raise TypeError(f"got dtype {raw.dtype}")
+        arr = raw.astype(np.float64, copy=False)
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(name, f"must be an array of real numbers ({exc})") from None
     if arr.ndim != 1:
@@ -407,9 +410,7 @@ def defer(calibration: Calibration, confidences: npt.ArrayLike) -> bool | npt.ND
     """
     if not isinstance(calibration, Calibration):
         raise InvalidArgumentError("calibration", f"must be a Calibration, got {type(calibration).__name__}")
-    arr = np.asarray(confidences, dtype=np.float64) if not isinstance(confidences, str) else None
-    if arr is None:
-        raise InvalidArgumentError("confidences", f"must be numeric, got {confidences!r}")
+    arr = np.asarray(confidences)
     flat = _check_confidences("confidences", arr.reshape(-1))
     decision = flat < calibration.threshold
     if arr.ndim == 0:

@@ -126,6 +126,10 @@ class CascadeConfig:
             raise InvalidArgumentError(
                 "backend", f"expected one of {get_args(RetrievalBackend)}, got {self.backend!r}"
             )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InvalidArgumentError("seed", f"must be an int >= 0, got {self.seed!r}")
+        if self.tenant is not None and not isinstance(self.tenant, str):
+            raise InvalidArgumentError("tenant", f"must be a str or None, got {self.tenant!r}")
         if self.teach not in get_args(Teach):
             raise InvalidArgumentError(
                 "teach", f"expected one of {get_args(Teach)}, got {self.teach!r}"

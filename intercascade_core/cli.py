@@ -463,11 +463,18 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
     conf = CascadeConfig(policy=policy, k=cfg.cascade.k, backend=backend, seed=cfg.cascade.seed)  # type: ignore[arg-type]
     state = init_state(cal_run.calibrations, embedder.dim)
     repo_path = cfg.cascade.repository if policy != "jung" else ""
+    if repo_path and len(state.repositories) != 1:
+        raise UsageError(
+            f"[cascade].repository saves one repository, but {len(levels)} models keep "
+            f"{len(state.repositories)}; leave it empty, or use the Python API (store.save per level)"
+        )
+    old_uses = None
     if repo_path and Path(repo_path).exists():
         from .store import open_repository
 
         stored = open_repository(repo_path, model_id=embedder.model_id, dim=embedder.dim)
-        state = replace(state, repositories=tuple(stored.repository for _ in state.repositories))
+        state = replace(state, repositories=(stored.repository,))
+        old_uses = stored.uses
         con.info(f"loaded the strategy repository {repo_path} ({len(stored.repository)} entries)")
     result = run_stream(test, levels, embedder, state=state, config=conf,
                         progress=not con.quiet, desc=f"stream [{policy}]")
@@ -496,8 +503,14 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
     if repo_path:
         from .store import save
 
+        import numpy as np
+
         repo = result.state.repositories[0]
-        save(repo_path, repo, model_id=embedder.model_id, overwrite=True)
+        # keep the usage counters of the entries that were loaded; new entries start at 0
+        uses = np.zeros(len(repo), dtype=np.int64)
+        if old_uses is not None:
+            uses[: len(old_uses)] = old_uses
+        save(repo_path, repo, model_id=embedder.model_id, uses=uses, overwrite=True)
         con.info(f"saved the strategy repository ({len(repo)} entries) to {repo_path}")
     return EXIT_OK
 
@@ -628,8 +641,11 @@ def _classify(exc: BaseException) -> int:
     from .config import ConfigError
     from .evaluate import MissingAPIKeyError
 
-    from .store import StoreError
+    from .journal import JournalCorruptError
+    from .store import CorruptStoreError, StoreError
 
+    if isinstance(exc, (CorruptStoreError, JournalCorruptError)):
+        return EXIT_FAILURE  # damaged data is a runtime failure, not a usage error
     if isinstance(exc, (UsageError, ConfigError, MissingAPIKeyError, InvalidArgumentError, StoreError)):
         return EXIT_USAGE
     return EXIT_FAILURE

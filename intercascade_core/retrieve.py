@@ -52,6 +52,9 @@ Scan = Literal["auto", "f32", "int8"]
 _BACKENDS = ("exact", "numpy", "hnsw", "pgvector")
 _SCANS = ("auto", "f32", "int8")
 
+#: the int8 kernel's int32 accumulators are exact up to this dimension (2**31 // 127**2).
+INT8_MAX_DIM = 2**31 // 127**2
+
 #: ``scan="auto"`` uses the int8 scan copy from this many rows on.
 INT8_MIN_ROWS = 1 << 14
 
@@ -240,7 +243,12 @@ def retrieve(
 
     assert _ext is not None
     codes = None if tenant is None else repo.tenant_codes
-    use_int8 = scan == "int8" or (scan == "auto" and len(repo) >= INT8_MIN_ROWS)
+    k = min(k, len(repo))  # the C argument is a C long: a huge k must not overflow it
+    # the int8 kernel sums int8 products in int32: exact only up to 2**31 / 127**2 dims
+    int8_ok = repo.dim <= INT8_MAX_DIM
+    if scan == "int8" and not int8_ok:
+        raise InvalidArgumentError("scan", f"the int8 scan supports dim <= {INT8_MAX_DIM}, got {repo.dim}")
+    use_int8 = scan == "int8" or (scan == "auto" and int8_ok and len(repo) >= INT8_MIN_ROWS)
     if use_int8:
         qv, s, e = _int8_copy(repo)
         idx, sc, _ = _ext.topk_int8(repo.vectors, qv, s, e, q, k, codes, code, threads=threads)

@@ -353,6 +353,7 @@ GOOD = dict(confidences=[0.5] * 40, correct=[True] * 40, alpha=0.1, delta=0.1)
         ({"confidences": [-0.1, 0.5], "correct": [True, True]}, "confidences"),
         ({"confidences": [[0.5]], "correct": [True]}, "confidences"),
         ({"confidences": ["a", "b"], "correct": [True, True]}, "confidences"),
+        ({"confidences": ["0.5", "0.6"], "correct": [True, True]}, "confidences"),  # no silent parsing
         ({"confidences": [], "correct": []}, "confidences"),
         ({"correct": [0.5] * 40}, "correct"),
         ({"correct": ["yes"] * 40}, "correct"),
@@ -391,6 +392,9 @@ def test_other_functions_iv():
         defer(cal, float("nan"))
     with pytest.raises(InvalidArgumentError, match="calibration"):
         defer(0.5, 0.5)  # type: ignore[arg-type]
+    for bad in (["a"], {"x": 1}, "0.5", [object()]):
+        with pytest.raises(InvalidArgumentError, match="confidences"):
+            defer(cal, bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="n_errors"):
         risk_upper_bound(5, 3, delta=0.1)
     with pytest.raises(InvalidArgumentError, match="n_errors"):
