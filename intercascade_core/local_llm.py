@@ -326,8 +326,12 @@ def serve(
     _wait_ready(base, timeout=120.0, alive=lambda: True)
     if ready is not None:
         ready(base)
+    ev = stop if stop is not None else threading.Event()
+    if stop is None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: ev.set())  # SIGTERM: a clean stop
     try:
-        (stop or threading.Event()).wait()
+        while not ev.wait(0.5):
+            pass
     finally:
         del server
 
