@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .calibrate import DEFAULT_GRID_SIZE, Calibration, calibrate_cascade, certify, risk_upper_bound
+from .calibrate import Calibration, _make_grid, calibrate_cascade, certify, risk_upper_bound
 from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -182,16 +182,6 @@ def replay_pairs(
     return confs, corr, asked, with_s
 
 
-def _grid_points(grid: Any, conf: np.ndarray) -> np.ndarray:
-    if grid is None:
-        return np.linspace(0.0, 1.0, DEFAULT_GRID_SIZE)
-    if isinstance(grid, str):
-        return np.unique(conf)
-    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
-        return np.linspace(0.0, 1.0, int(grid))
-    return np.asarray(grid, dtype=np.float64)
-
-
 def calibrate_replay(
     confidences: Sequence[npt.ArrayLike],
     correct: Sequence[npt.ArrayLike],
@@ -233,7 +223,7 @@ def calibrate_replay(
             cal = calibrate_cascade([ci], [oi], alpha=alpha, delta=d, split_delta=False, **calibrate_kw)[0]
             f = math.nan if floor[i] is None else float(floor[i])  # type: ignore[arg-type]
             if cal.guaranteed and cal.threshold < f:
-                grid = _grid_points(calibrate_kw.get("grid"), ci)
+                grid, _ = _make_grid(calibrate_kw.get("grid"), ci)
                 acc = ci >= f
                 n_acc = int(acc.sum())
                 if math.isinf(f) or (n_acc >= min_n and bool(np.any(grid == f))):

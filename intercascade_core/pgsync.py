@@ -48,6 +48,7 @@ import numpy.typing as npt
 from .errors import IntercascadeError, InvalidArgumentError
 from .pgvector_store import PgVectorStore, ServerUnavailableError, content_hash
 from .repository import Entry, Repository, empty_repository, update
+from .store import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cascade import CascadeConfig, CascadeState, Level, Outcome
@@ -78,25 +79,8 @@ class SyncStats:
     failures: int = 0  # contacts that found the server unavailable
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platform dependent
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _encode(e: Entry, row: npt.NDArray[np.float32]) -> str:

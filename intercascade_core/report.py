@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -510,9 +509,9 @@ def _finite(x: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .store import atomic_write_bytes  # fsync + unique temp name + atomic rename
+
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_report(
