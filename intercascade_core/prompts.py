@@ -45,9 +45,11 @@ STRATEGY_PREFACE = (
 )
 STRATEGY_REQUEST_MARK = "Write a general, reusable strategy"
 
+# "Reason step by step, briefly" first: with "write only the final answer" up front, small
+# models (Qwen2.5-Coder-0.5B) skip their working and guess (measured: 2/8 vs 5/8 correct).
 _MATH_INSTRUCTIONS = (
-    "Solve the following math problem step by step. On the last line, write only the final "
-    'answer in the form "Answer: <number>".'
+    "Solve the following math problem. Reason step by step, briefly, and then on the last "
+    'line write the final answer in the form "Answer: <number>".'
 )
 _MCQ_INSTRUCTIONS = (
     "Answer the following multiple-choice question. Think briefly, then on the last line write "
