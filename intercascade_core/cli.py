@@ -518,7 +518,7 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
 def _evaluate_and_report(
     *, cal: Sequence[Any], test: Sequence[Any], levels: Sequence[Any], embedder: Any, alpha: float, delta: float,
     k: int, backend: str, seed: int, split_delta: bool, min_n: int, out: Path, plots: bool, dataset: dict[str, Any],
-    settings: dict[str, Any], con: Console, insitu: bool = False,
+    settings: dict[str, Any], con: Console, insitu: bool = False, insitu_rounds: int = 4,
 ) -> int:
     from .evaluate import INSITU_VARIANT, evaluate, outcome_records, results_document
     from .report import render_insitu, render_risk, render_tables, write_report
@@ -536,8 +536,8 @@ def _evaluate_and_report(
             con.info(f"running {v} ...")
 
     ev = evaluate(cal, test, levels, embedder, alpha=alpha, delta=delta, k=k, backend=backend, seed=seed,
-                  split_delta=split_delta, min_n=min_n, insitu=insitu, progress=not con.quiet,
-                  on_variant=announce)
+                  split_delta=split_delta, min_n=min_n, insitu=insitu, insitu_max_rounds=insitu_rounds,
+                  progress=not con.quiet, on_variant=announce)
     doc = results_document(ev, dataset=dataset, settings=settings)
     doc["wall_time_s"] = round(time.perf_counter() - t0, 2)
     files = write_report(doc, outcome_records(ev), out, plots=plots)
@@ -570,7 +570,7 @@ def _cmd_eval(args: argparse.Namespace, con: Console) -> int:
         k=cfg.cascade.k, backend=backend, seed=cfg.cascade.seed, split_delta=cfg.cascade.split_delta,
         min_n=cfg.cascade.min_n, out=args.out, plots=not args.no_plots, dataset=info,
         settings=_settings(cfg.models, embedder, backend, any(m.simulated for m in cfg.models)), con=con,
-        insitu=args.insitu or cfg.cascade.insitu,
+        insitu=args.insitu or cfg.cascade.insitu, insitu_rounds=cfg.cascade.insitu_rounds,
     )
 
 

@@ -78,6 +78,9 @@ class ModelConfig:
     timeout: float = 60.0
     max_retries: int = 6
     confidence_span: str = "all"
+    #: JSON-lines file memoising this model's temperature-0 replies ("" = none); see
+    #: :mod:`intercascade_core.response_cache`.
+    response_cache: str = ""
 
     @property
     def simulated(self) -> bool:
@@ -98,6 +101,8 @@ class CascadeConfig:
     split_delta: bool = True
     #: ``eval``: also run Retrieval with in-situ calibrated thresholds (``eval --insitu``).
     insitu: bool = False
+    #: ``eval``: at most this many replays of the calibration split for in-situ calibration
+    insitu_rounds: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +113,8 @@ class DataConfig:
     n_calibration: int = 200
     limit: int = 0
     order: str = "shuffled"
-    templates: int = 10
+    #: a count (a seeded sample of the usable templates) or explicit template ids
+    templates: int | tuple[int, ...] = 10
     variants: int = 20
     calibration_variants: int = 20
     seed: int = 0
@@ -212,6 +218,15 @@ class _Reader:
             raise self.error(extra[0], "unknown key (check the spelling; see the example config)")
 
 
+def _templates(d: _Reader) -> int | tuple[int, ...]:
+    value = d.get("templates", (int, list), 10)
+    if isinstance(value, int):
+        return d.integer("templates", 10, low=1)
+    if not value or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        raise d.error("templates", f"expected a count or a non-empty list of template ids; got {value!r}")
+    return tuple(value)
+
+
 def _kind_name(kinds: tuple[type, ...]) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
              dict: "a table", list: "an array"}
@@ -242,6 +257,7 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "<config>", base_dir: 
         min_n=c.integer("min_n", 30, low=1),
         split_delta=c.get("split_delta", bool, True),
         insitu=c.get("insitu", bool, False),
+        insitu_rounds=c.integer("insitu_rounds", 4, low=1),
     )
     c.finish()
 
@@ -254,7 +270,7 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "<config>", base_dir: 
         n_calibration=d.integer("n_calibration", 200, low=0),
         limit=d.integer("limit", 0, low=0),
         order=d.choice("order", ORDERS, "shuffled"),
-        templates=d.integer("templates", 10, low=1),
+        templates=_templates(d),
         variants=d.integer("variants", 20, low=1),
         calibration_variants=d.integer("calibration_variants", 20, low=1),
         seed=d.integer("seed", 0, low=0),
@@ -296,6 +312,7 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "<config>", base_dir: 
             timeout=m.number("timeout", 60.0, low=0.0, open_low=True),
             max_retries=m.integer("max_retries", 6, low=0),
             confidence_span=m.choice("confidence_span", ("all", "answer"), "all"),
+            response_cache=_path(m.get("response_cache", str, ""), base_dir),
         )
         if not mc.model:
             raise m.error("model", "must not be empty")

@@ -147,7 +147,8 @@ def make_levels(
     ``sim_client`` (an ``httpx.Client`` over a ``MockTransport``: no socket, no key; see
     :func:`sim_client`); its ``model`` (``sim-weak``, ``sim-mid``, ``sim-strong``) picks
     the simulated profile. Other models are :class:`~intercascade_core.llm.ChatModel`
-    clients over ``client`` (default: their own); a model whose ``api_key_env`` names an
+    clients over ``client`` (default: their own, memoising temperature-0 replies in the
+    model's ``response_cache`` file when one is set); a model whose ``api_key_env`` names an
     unset variable raises :class:`MissingAPIKeyError`.
     """
     from .llm import ChatModel, Price
@@ -170,8 +171,15 @@ def make_levels(
                     raise MissingAPIKeyError(
                         f"models[{i}] ({m.name}): environment variable {m.api_key_env} is not set"
                     )
+            model_client = client
+            if m.response_cache and client is None:
+                import httpx
+
+                from .response_cache import ResponseCache
+
+                model_client = httpx.Client(transport=ResponseCache(m.response_cache))
             model = ChatModel(
-                m.base_url, m.model, api_key=key, client=client, timeout=m.timeout,
+                m.base_url, m.model, api_key=key, client=model_client, timeout=m.timeout,
                 max_retries=m.max_retries, confidence_span=m.confidence_span,  # type: ignore[arg-type]
                 price=price,
             )
@@ -226,7 +234,9 @@ def load_streams(
         sp = gsm_symbolic_split(templates=data.templates, variants=data.variants,
                                 calibration_variants=data.calibration_variants, seed=data.seed, order=data.order)
         cal, test = sp.calibration, sp.test
-        desc = (f"GSM-Symbolic (reasoning-gym): {data.templates} templates, {data.variants} test and "
+        tpl = (f"{data.templates}" if isinstance(data.templates, int)
+               else f"{len(data.templates)} ({', '.join(map(str, data.templates))})")
+        desc = (f"GSM-Symbolic (reasoning-gym): {tpl} templates, {data.variants} test and "
                 f"{data.calibration_variants} calibration variants per template")
     else:
         kw: dict[str, Any] = {"seed": data.seed} if data.dataset == "nasa_history" else {}
@@ -570,6 +580,11 @@ def outcome_records(ev: Evaluation) -> list[dict[str, Any]]:
                     "stored_in": list(o.stored_in),
                     "strategy_rejected": o.strategy_rejected,
                     "failures": list(o.failures),
+                    "calls": [u.calls + t.calls for u, t in zip(o.usage, o.teach_usage, strict=True)],
+                    "completion_tokens": [
+                        u.completion_tokens + t.completion_tokens
+                        for u, t in zip(o.usage, o.teach_usage, strict=True)
+                    ],
                     "tokens": [u.tokens + t.tokens for u, t in zip(o.usage, o.teach_usage, strict=True)],
                     "cost": [
                         None if u.cost is None or t.cost is None else u.cost + t.cost

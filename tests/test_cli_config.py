@@ -56,6 +56,23 @@ def test_minimal_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert not cfg.models[0].simulated
 
 
+def test_template_ids_rounds_and_response_cache(tmp_path: Path) -> None:
+    text = ("[cascade]\ninsitu_rounds = 2\n[data]\ntemplates = [26, 58]\n"
+            + _MODELS.replace('model = "small"', 'model = "small"\nresponse_cache = "cache/weak.jsonl"'))
+    cfg = load_config(_write(tmp_path, text))
+    assert cfg.data.templates == (26, 58)
+    assert cfg.cascade.insitu_rounds == 2
+    assert cfg.models[0].response_cache == str(tmp_path / "cache" / "weak.jsonl")
+    assert cfg.models[1].response_cache == ""
+    assert load_config(_write(tmp_path, _MODELS)).data.templates == 10
+
+
+def test_the_local_llm_experiment_config_parses() -> None:
+    cfg = load_config(Path(__file__).parents[1] / "bench" / "local_llm" / "config.toml")
+    assert cfg.cascade.insitu and [m.name for m in cfg.models] == ["weak", "strong"]
+    assert all(m.response_cache and not m.simulated for m in cfg.models)
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
@@ -70,6 +87,11 @@ def test_minimal_config_defaults_and_relative_paths(tmp_path: Path) -> None:
         ('[data]\ndataset = "gsm8k"\n' + _MODELS, "data.path"),
         ('[data]\norder = "random"\n' + _MODELS, "data.order"),
         ("[data]\nvariants = true\n" + _MODELS, "data.variants"),
+        ("[data]\ntemplates = []\n" + _MODELS, "data.templates"),
+        ('[data]\ntemplates = [1, "2"]\n' + _MODELS, "data.templates"),
+        ("[data]\ntemplates = 0\n" + _MODELS, "data.templates"),
+        ("[cascade]\ninsitu_rounds = 0\n" + _MODELS, "cascade.insitu_rounds"),
+        (_MODELS + "response_cache = 3\n", "models[1].response_cache"),
         ('[embedder]\nkind = "bert"\n' + _MODELS, "embedder.kind"),
         ("", "models"),
         ('[[models]]\nbase_url = "http://x/v1"\nmodel = "m"\n', "models"),
