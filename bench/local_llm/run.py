@@ -1,0 +1,202 @@
+"""The cascade end to end with a real local weak/strong LLM pair on the CPU.
+
+    python bench/local_llm/run.py [--out docs/local-llm] [--config bench/local_llm/config.toml]
+
+1. starts the two llama.cpp servers of ``config.toml`` (``LocalServer``: 2 threads,
+   ``OMP_WAIT_POLICY=PASSIVE``; the GGUF files are assembled and sha256-checked first;
+   install them with ``scripts/prepare-local-llm.sh``);
+2. runs ``intercascade eval --config config.toml --out OUT`` (Jung, Random, Retrieval and,
+   with ``insitu = true``, Retrieval with in-situ thresholds) and keeps its log;
+3. appends to ``OUT/report.md`` what ``eval`` cannot know: per-model accuracy on the stream,
+   seconds per call and per query per model (from the response logs), the machine, its
+   load and the wall time.
+
+Sizing (measured on the 2-core machine before the run): a weak call takes ~10 s, a strong
+call ~20 s. Calibration asks both models all 40 calibration queries (~20 min); each policy
+asks the weak model all 30 test queries (~5 min) plus the strong model (and its strategy
+call) for the deferred ones; the in-situ calibration replays the 40 calibration queries up
+to twice. Identical temperature-0 requests (the strategy-free calls every policy shares)
+are answered once and memoised (``response_cache``), which is what makes four policies fit
+in about 60-90 minutes. Response logs live in ``bench/local_llm/cache/`` (git-ignored); a
+rerun with them replays the same replies in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+SECTION = "## Real local models: accuracy and time"
+
+
+def _port(base_url: str) -> int:
+    return int(base_url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+def _load_avg() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def call_times(cache_file: Path) -> dict[str, Any]:
+    """Per-model timing from a response log: every record is one real (uncached) call.
+
+    A least-squares fit ``seconds = a + b * completion_tokens`` turns a variant's token
+    counts into model seconds, since cached replays took no model time in this run.
+    """
+    from intercascade_core.response_cache import read_cache
+
+    recs = read_cache(cache_file)
+    secs = np.array([r.elapsed_s for r in recs], dtype=np.float64)
+    toks = np.array([json.loads(r.body).get("usage", {}).get("completion_tokens", 0) for r in recs],
+                    dtype=np.float64)
+    out: dict[str, Any] = {"calls": len(recs)}
+    if len(recs) == 0:
+        return out
+    out.update(median_s=float(np.median(secs)), mean_s=float(secs.mean()),
+               mean_completion_tokens=float(toks.mean()),
+               gen_tokens_per_s=float(toks.sum() / secs.sum()) if secs.sum() > 0 else None)
+    if len(recs) >= 3 and np.ptp(toks) > 0:
+        b, a = np.polyfit(toks, secs, 1)
+        out.update(fit_a=float(a), fit_b=float(b))
+    else:
+        out.update(fit_a=0.0, fit_b=float(secs.sum() / max(toks.sum(), 1.0)))
+    return out
+
+
+def model_seconds(calls: float, completion_tokens: float, t: dict[str, Any]) -> float:
+    return calls * t["fit_a"] + completion_tokens * t["fit_b"]
+
+
+def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_before: str,
+              load_after: str) -> str:
+    from intercascade_core.config import load_config
+
+    cfg = load_config(cfg_path)
+    doc = json.loads((out / "results.json").read_text())
+    recs = [json.loads(line) for line in (out / "outcomes.jsonl").read_text().splitlines() if line]
+    names = [m.name for m in cfg.models]
+    times = {m.name: call_times(Path(m.response_cache)) for m in cfg.models}
+    lines = [SECTION, ""]
+    lines.append(f"Made by `{command}` in {wall_s / 60:.1f} min wall on {os.cpu_count()} cores "
+                 f"({_cpu_name()}); load average (1/5/15 min) {load_before} before, {load_after} "
+                 f"after. Models: " + ", ".join(f"{m.name} = `{m.model}`" for m in cfg.models)
+                 + ", greedy decoding (temperature 0), llama.cpp via xllamacpp, 2 threads each.")
+    lines += ["", "**Per-model accuracy** (strategy-free prompt: calibration split; Jung's test "
+              "stream for the weak model, which answers every query there)", "",
+              "| model | calibration split | test stream (Jung) |", "|---|---|---|"]
+    jung = [r for r in recs if r["variant"] == "jung"]
+    for i, lv in enumerate(doc["calibration"]["levels"]):
+        acc_cal = lv.get("calibration_accuracy")
+        key = "weak_correct" if i == 0 else "strong_correct"
+        asked = [r[key] for r in jung if r[key] is not None]
+        test = f"{sum(asked)}/{len(asked)} = {sum(asked) / len(asked):.0%}" if asked else "-"
+        if i > 0 and asked:
+            test += " (deferred queries only)"
+        cal_s = f"{acc_cal:.0%} of {lv['n_items']}" if acc_cal is not None else "-"
+        lines.append(f"| {names[i]} | {cal_s} | {test} |")
+    lines += ["", "**Seconds per call** (every real call of the run; replays of identical "
+              "temperature-0 requests were served from the response log and are not counted)", "",
+              "| model | real calls | median s/call | mean s/call | completion tokens/call | generated tokens/s |",
+              "|---|---|---|---|---|---|"]
+    for name, t in times.items():
+        if t["calls"]:
+            lines.append(f"| {name} | {t['calls']} | {t['median_s']:.1f} | {t['mean_s']:.1f} | "
+                         f"{t['mean_completion_tokens']:.0f} | {t['gen_tokens_per_s']:.1f} |")
+    lines += ["", "**Model seconds per query** on the test stream, per policy: each policy's calls "
+              "and completion tokens (answers and strategy writing) priced with the per-model fit "
+              "`s = a + b * completion_tokens` of the calls above ("
+              + "; ".join(f"{n}: a = {t['fit_a']:.2f} s, b = {t['fit_b'] * 1000:.0f} ms/token"
+                          for n, t in times.items() if t["calls"]) + ").", "",
+              "| policy | " + " | ".join(f"{n} calls/query | {n} s/query" for n in names) + " | total s/query |",
+              "|---|" + "---|" * (2 * len(names) + 1)]
+    for v in doc["variants"]:
+        rows = [r for r in recs if r["variant"] == v]
+        cells, total = [], 0.0
+        for i, n in enumerate(names):
+            calls = sum(r["calls"][i] for r in rows)
+            toks = sum(r["completion_tokens"][i] for r in rows)
+            sec = model_seconds(calls, toks, times[n]) if times[n]["calls"] else float("nan")
+            total += sec
+            cells += [f"{calls / len(rows):.2f}", f"{sec / len(rows):.1f}"]
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {total / len(rows):.1f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=HERE / "config.toml")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "local-llm")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="only (re)write the appended section from an existing run in --out")
+    args = ap.parse_args(argv)
+
+    from intercascade_core.config import load_config
+    from intercascade_core.local_llm import LocalServer
+
+    cfg = load_config(args.config)
+    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
+    command = f"python {rel(__file__)} --config {rel(args.config)} --out {rel(args.out)}"
+    if args.summary_only:
+        meta = json.loads((args.out / "run.json").read_text())
+        text = summarise(args.out, args.config, meta["command"], meta["wall_s"], meta["load_before"],
+                         meta["load_after"])
+    else:
+        load_before = _load_avg()
+        t0 = time.perf_counter()
+        weak, strong = cfg.models[0], cfg.models[-1]
+        with LocalServer("weak", port=_port(weak.base_url)), LocalServer("strong", port=_port(strong.base_url)):
+            eval_cmd = [sys.executable, "-m", "intercascade_core", "eval", "--config", str(args.config),
+                        "--out", str(args.out)]
+            print("+", shlex.join(eval_cmd), flush=True)
+            args.out.mkdir(parents=True, exist_ok=True)
+            with open(args.out / "eval.log", "w") as log:
+                proc = subprocess.Popen(eval_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    sys.stdout.write(line)
+                    log.write(line)
+                rc = proc.wait()
+        if rc != 0:
+            print(f"intercascade eval failed (exit {rc}); see {args.out / 'eval.log'}", file=sys.stderr)
+            return rc
+        wall = time.perf_counter() - t0
+        meta = {"command": command, "wall_s": wall, "load_before": load_before, "load_after": _load_avg()}
+        (args.out / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+        text = summarise(args.out, args.config, command, wall, load_before, meta["load_after"])
+    report = args.out / "report.md"
+    body = report.read_text()
+    if SECTION in body:
+        body = body[: body.index(SECTION)].rstrip() + "\n\n"
+    report.write_text(body + text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
