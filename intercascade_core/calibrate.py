@@ -95,6 +95,24 @@ class Calibration:
         """Error rate of the accepted calibration items (NaN when none is accepted)."""
         return self.n_errors / self.n_accepted if self.n_accepted else math.nan
 
+    def summary(self) -> dict[str, object]:
+        """A JSON-ready record (an infinite threshold and a NaN risk become None), as the
+        CLI and ``results.json`` print it."""
+        finite = lambda x: x if math.isfinite(x) else None  # noqa: E731
+        return {
+            "threshold": finite(self.threshold),
+            "abstained": self.abstained,
+            "guaranteed": self.guaranteed,
+            "alpha": self.alpha,
+            "delta": self.delta,
+            "n_calibration": self.n_calibration,
+            "n_accepted": self.n_accepted,
+            "n_errors": self.n_errors,
+            "empirical_risk": finite(self.empirical_risk),
+            "risk_bound": finite(self.risk_bound),
+            "note": self.note,
+        }
+
 
 # --------------------------------------------------------------------------- input checks
 

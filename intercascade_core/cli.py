@@ -330,20 +330,7 @@ def _cmd_calibrate(args: argparse.Namespace, con: Console) -> int:
     )
     levels = []
     for name, cal in zip(data.levels, cals, strict=True):
-        levels.append({
-            "level": name,
-            "threshold": None if math.isinf(cal.threshold) else cal.threshold,
-            "abstained": cal.abstained,
-            "guaranteed": cal.guaranteed,
-            "alpha": cal.alpha,
-            "delta": cal.delta,
-            "n_calibration": cal.n_calibration,
-            "n_accepted": cal.n_accepted,
-            "n_errors": cal.n_errors,
-            "empirical_risk": None if math.isnan(cal.empirical_risk) else cal.empirical_risk,
-            "risk_bound": cal.risk_bound,
-            "note": cal.note,
-        })
+        levels.append({"level": name, **cal.summary()})
     all_guaranteed = all(c.guaranteed for c in cals)
     if args.json:
         con.result(json.dumps({"file": str(path), "n_items": int(data.confidences[0].size), "alpha": args.alpha,

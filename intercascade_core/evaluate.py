@@ -393,22 +393,7 @@ def _plain(x: Any) -> Any:
 
 
 def _level_records(names: Sequence[str], cals: Sequence[Any]) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": name,
-            "threshold": _num(c.threshold),
-            "abstained": c.abstained,
-            "guaranteed": c.guaranteed,
-            "alpha": c.alpha,
-            "delta": c.delta,
-            "n_calibration": c.n_calibration,
-            "n_accepted": c.n_accepted,
-            "n_errors": c.n_errors,
-            "risk_bound": _num(c.risk_bound),
-            "note": c.note,
-        }
-        for name, c in zip(names, cals, strict=True)
-    ]
+    return [{"name": name, **c.summary()} for name, c in zip(names, cals, strict=True)]
 
 
 def risk_document(ev: Evaluation, variant: str) -> dict[str, Any]:

@@ -416,3 +416,13 @@ def test_calibration_record_fields():
     assert isinstance(cal, Calibration)
     assert (cal.n_calibration, cal.n_accepted, cal.n_errors, cal.min_n) == (60, 60, 0, 30)
     assert cal.risk_bound == pytest.approx(1 - 0.1 ** (1 / 60))
+
+
+def test_summary_is_json_ready_for_an_abstaining_calibration() -> None:
+    import json
+
+    cal = calibrate(np.array([0.9, 0.8, 0.7]), np.array([False, False, False]), alpha=0.1, delta=0.1)
+    s = cal.summary()
+    assert cal.abstained and s["threshold"] is None and s["empirical_risk"] is None
+    assert s["n_accepted"] == 0 and s["n_calibration"] == 3
+    json.dumps(s, allow_nan=False)  # no inf / NaN leaks into JSON
