@@ -101,8 +101,18 @@ def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_befor
     recs = [json.loads(line) for line in (out / "outcomes.jsonl").read_text().splitlines() if line]
     names = [m.name for m in cfg.models]
     times = {m.name: call_times(Path(m.response_cache)) for m in cfg.models}
+    from intercascade_core.response_cache import read_cache
+
+    model_s = sum(r.elapsed_s for m in cfg.models for r in read_cache(m.response_cache))
+    n_real = sum(t["calls"] for t in times.values())
     lines = [SECTION, ""]
-    lines.append(f"Made by `{command}` in {wall_s / 60:.1f} min wall on {os.cpu_count()} cores "
+    lines.append(f"The response logs hold {n_real} real model calls, {model_s / 60:.1f} min of model time "
+                 "in all; every other call of the four policies repeated one of them byte for byte "
+                 "and was replayed from the log. Wall time of the invocation that wrote this report: "
+                 f"{wall_s / 60:.1f} min (less than the model time when the logs already held replies "
+                 "from an earlier invocation).")
+    lines.append("")
+    lines.append(f"Made by `{command}` on {os.cpu_count()} cores "
                  f"({_cpu_name()}); load average (1/5/15 min) {load_before} before, {load_after} "
                  f"after. Models: " + ", ".join(f"{m.name} = `{m.model}`" for m in cfg.models)
                  + ", greedy decoding (temperature 0), llama.cpp via xllamacpp, 2 threads each.")
