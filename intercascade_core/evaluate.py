@@ -177,7 +177,10 @@ def make_levels(
 
                 from .response_cache import ResponseCache
 
-                model_client = httpx.Client(transport=ResponseCache(m.response_cache))
+                try:
+                    model_client = httpx.Client(transport=ResponseCache(m.response_cache))
+                except InvalidArgumentError as e:
+                    raise InvalidArgumentError(f"models[{i}].response_cache", str(e)) from None
             model = ChatModel(
                 m.base_url, m.model, api_key=key, client=model_client, timeout=m.timeout,
                 max_retries=m.max_retries, confidence_span=m.confidence_span,  # type: ignore[arg-type]
@@ -491,22 +494,8 @@ def results_document(
     levels = []
     for name, cal, confs, corr in zip(ev.level_names, ev.calibration.calibrations, ev.calibration.confidences,
                                       ev.calibration.correct, strict=True):
-        levels.append(
-            {
-                "name": name,
-                "threshold": _num(cal.threshold),
-                "abstained": cal.abstained,
-                "guaranteed": cal.guaranteed,
-                "alpha": cal.alpha,
-                "delta": cal.delta,
-                "n_calibration": cal.n_calibration,
-                "n_accepted": cal.n_accepted,
-                "n_errors": cal.n_errors,
-                "risk_bound": _num(cal.risk_bound),
-                "calibration_accuracy": (sum(corr) / len(corr)) if corr else None,
-                "n_items": len(confs),
-            }
-        )
+        levels.append({"name": name, **cal.summary(),
+                       "calibration_accuracy": (sum(corr) / len(corr)) if corr else None, "n_items": len(confs)})
     st = {
         "alpha": ev.alpha,
         "delta": ev.delta,

@@ -85,7 +85,10 @@ def read_cache(path: str | os.PathLike[str]) -> list[CacheRecord]:
 class ResponseCache(httpx.BaseTransport):
     """Serve repeated temperature-0 chat requests from ``path``; forward the rest to
     ``inner`` (default: a plain ``httpx.HTTPTransport``). ``hits`` and ``misses`` count
-    memoisable requests. Thread-safe."""
+    memoisable requests. Only 200 replies that are chat completions (a JSON object with
+    ``choices``) are stored. Thread-safe, with one writer per file: two threads missing
+    on the same request both ask the model (at temperature 0 they get the same reply,
+    stored twice; reading keeps one)."""
 
     def __init__(self, path: str | os.PathLike[str], inner: httpx.BaseTransport | None = None) -> None:
         if not isinstance(path, str | os.PathLike) or not str(path):
@@ -127,8 +130,8 @@ class ResponseCache(httpx.BaseTransport):
         finally:
             resp.close()
         elapsed = time.perf_counter() - t0
-        if resp.status_code == 200:
-            text = content.decode("utf-8")
+        text = _completion_text(content) if resp.status_code == 200 else None
+        if text is not None:  # anything else is left for ChatModel to classify, not memoised
             self._append(CacheRecord(key, url, str(payload.get("model", "")), elapsed, text))
         return _json_response(resp.status_code, content, request, resp.headers)
 
@@ -139,9 +142,15 @@ class ResponseCache(httpx.BaseTransport):
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as f:
-                f.write(line.encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
+                start = f.tell()
+                try:
+                    f.write(line.encode("utf-8"))
+                    f.flush()
+                    os.fsync(f.fileno())
+                except BaseException:
+                    # a partial line would be glued to the next append and damage the file
+                    f.truncate(start)
+                    raise
             self._bodies[rec.key] = rec.body
 
     def close(self) -> None:
@@ -158,6 +167,17 @@ def _memoisable(request: httpx.Request) -> dict[str, Any] | None:
     if not isinstance(payload, dict) or payload.get("temperature") != 0:
         return None
     return payload
+
+
+def _completion_text(content: bytes) -> str | None:
+    """The reply as text when it is a chat completion worth replaying, else None."""
+    try:
+        text = content.decode("utf-8")
+        doc = json.loads(text)
+    except ValueError:  # UnicodeDecodeError is a ValueError
+        return None
+    ok = isinstance(doc, dict) and isinstance(doc.get("choices"), list) and doc["choices"]
+    return text if ok else None
 
 
 def _json_response(status: int, content: bytes, request: httpx.Request,

@@ -27,17 +27,19 @@ def run_mod():
 
 def _fill_log(path: Path, token_counts: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     """Write real cache records through ResponseCache: the fake server 'takes' 1 s + 0.1 s
-    per completion token on an injected clock."""
+    per completion token + 0.01 s per prompt token (prompt tokens 100, 200, ...) on an
+    injected clock."""
     counts = iter(token_counts)
+    prompts = iter(range(100, 100 * (len(token_counts) + 1), 100))
     clock = [0.0]
 
     def server(request: httpx.Request) -> httpx.Response:
-        n = next(counts)
-        clock[0] += 1.0 + 0.1 * n
+        n, p = next(counts), next(prompts)
+        clock[0] += 1.0 + 0.1 * n + 0.01 * p
         return httpx.Response(200, json={
             "choices": [{"message": {"content": "Answer: 1"}, "finish_reason": "stop",
                          "logprobs": {"content": [{"token": "1", "logprob": -0.1}]}}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": n}})
+            "usage": {"prompt_tokens": p, "completion_tokens": n}})
 
     import intercascade_core.response_cache as rc
 
@@ -51,16 +53,17 @@ def _fill_log(path: Path, token_counts: list[int], monkeypatch: pytest.MonkeyPat
 
 def test_call_times_recovers_the_per_token_cost(run_mod, tmp_path, monkeypatch):
     log = tmp_path / "weak.jsonl"
-    _fill_log(log, [10, 20, 40, 80], monkeypatch)
+    _fill_log(log, [10, 20, 40, 80, 5], monkeypatch)
     t = run_mod.call_times(log)
-    assert t["calls"] == 4
+    assert t["calls"] == 5
     assert t["fit_a"] == pytest.approx(1.0, abs=1e-3) and t["fit_b"] == pytest.approx(0.1, abs=1e-4)
-    assert run_mod.model_seconds(2, 30, t) == pytest.approx(2 * 1.0 + 30 * 0.1, abs=1e-2)
+    assert t["fit_c"] == pytest.approx(0.01, abs=1e-5)
+    assert run_mod.model_seconds(2, 30, 500, t) == pytest.approx(2 * 1.0 + 30 * 0.1 + 500 * 0.01, abs=1e-2)
     assert run_mod.call_times(tmp_path / "missing.jsonl") == {"calls": 0}
 
 
 def test_summary_section_counts_calls_and_accuracy(run_mod, tmp_path, monkeypatch):
-    for name, toks in (("weak", [10, 20, 30]), ("strong", [50, 100, 150])):
+    for name, toks in (("weak", [10, 20, 30, 5]), ("strong", [50, 100, 150, 20])):
         _fill_log(tmp_path / f"{name}.jsonl", toks, monkeypatch)
     cfg = tmp_path / "c.toml"
     cfg.write_text("".join(
@@ -72,18 +75,23 @@ def test_summary_section_counts_calls_and_accuracy(run_mod, tmp_path, monkeypatc
               {"name": "strong", "calibration_accuracy": 0.75, "n_items": 4}]
     (out / "results.json").write_text(json.dumps(
         {"calibration": {"levels": levels}, "variants": {"jung": {}, "retrieval": {}}}))
+    def rec(variant, weak_ok, strong_ok, calls, comp, prompt):
+        return {"variant": variant, "weak_correct": weak_ok, "strong_correct": strong_ok, "calls": calls,
+                "completion_tokens": comp, "tokens": [c + p for c, p in zip(comp, prompt)]}
+
     recs = [
-        {"variant": "jung", "weak_correct": True, "strong_correct": None, "calls": [1, 0], "completion_tokens": [10, 0]},
-        {"variant": "jung", "weak_correct": False, "strong_correct": True, "calls": [1, 1], "completion_tokens": [20, 100]},
-        {"variant": "retrieval", "weak_correct": True, "strong_correct": None, "calls": [1, 0], "completion_tokens": [10, 0]},
-        {"variant": "retrieval", "weak_correct": True, "strong_correct": None, "calls": [1, 0], "completion_tokens": [30, 0]},
+        rec("jung", True, None, [1, 0], [10, 0], [100, 0]),
+        rec("jung", False, True, [1, 1], [20, 100], [100, 100]),
+        rec("retrieval", True, None, [1, 0], [10, 0], [300, 0]),
+        rec("retrieval", True, None, [1, 0], [30, 0], [300, 0]),
     ]
     (out / "outcomes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     text = run_mod.summarise(out, cfg, "cmd", 60.0, "1.00", "2.00")
     assert text.startswith(run_mod.SECTION)
-    assert "hold 6 real model calls" in text
+    assert "hold 8 real model calls" in text
     assert "| weak | 50% of 4 | 1/2 = 50% |" in text
     assert "| strong | 75% of 4 | 1/1 = 100% (deferred queries only) |" in text
-    # jung: weak 2 calls + 30 tokens -> 2*1 + 30*0.1 = 5 s over 2 queries; strong 1 call + 100 tokens -> 11 s
-    assert "| jung | 1.00 | 2.5 | 0.50 | 5.5 | 8.0 |" in text
-    assert "| retrieval | 1.00 | 3.0 | 0.00 | 0.0 | 3.0 |" in text
+    # jung: weak 2 calls, 30 completion and 200 prompt tokens -> 2 + 3 + 2 = 7 s over 2 queries;
+    # strong 1 call, 100 + 100 tokens -> 1 + 10 + 1 = 12 s. retrieval: weak 2 + 4 + 6 = 12 s
+    assert "| jung | 1.00 | 3.5 | 0.50 | 6.0 | 9.5 |" in text
+    assert "| retrieval | 1.00 | 6.0 | 0.00 | 0.0 | 6.0 |" in text

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.llm import ChatModel
+from intercascade_core.llm import ChatModel, MalformedResponse, RetriesExhausted
 from intercascade_core.response_cache import (
     CorruptCacheError,
     ResponseCache,
@@ -70,9 +70,69 @@ def test_sampling_requests_and_errors_are_not_memoised(tmp_path):
     assert _ask(m, "a", temperature=0.7) == "reply 1 to a"
     assert _ask(m, "a", temperature=0.7) == "reply 2 to a"
     failing = CountingServer(status=503)
-    with pytest.raises(Exception):
+    with pytest.raises(RetriesExhausted):
         _ask(_model(path, failing), "z")
     assert read_cache(path) == []  # neither the sampled replies nor the 503 were stored
+
+
+@pytest.mark.parametrize("content", [b"<html>proxy error</html>", b"\xff\xfe", b'{"choices": []}'])
+def test_a_200_reply_that_is_not_a_completion_is_not_stored(tmp_path, content):
+    path = tmp_path / "c.jsonl"
+    calls = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(200, content=content)
+
+    m = _model(path, server)
+    for _ in range(2):
+        with pytest.raises(MalformedResponse):  # typed, as without the cache
+            _ask(m, "a")
+    assert len(calls) == 2 and read_cache(path) == []  # asked again, never replayed
+
+
+def test_gets_and_non_json_posts_pass_through_uncounted(tmp_path):
+    seen = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        return httpx.Response(200, json={"ok": True})
+
+    cache = ResponseCache(tmp_path / "c.jsonl", inner=httpx.MockTransport(server))
+    with httpx.Client(transport=cache) as client:
+        client.get("http://m.test/v1/models")
+        client.get("http://m.test/v1/models")
+        client.post("http://m.test/v1/x", content=b"not json")
+    assert seen == ["GET", "GET", "POST"] and cache.hits == cache.misses == 0
+
+
+def test_hit_and_miss_counters(tmp_path):
+    cache = ResponseCache(tmp_path / "c.jsonl", inner=httpx.MockTransport(CountingServer()))
+    m = ChatModel("http://m.test/v1", "m", client=httpx.Client(transport=cache), max_retries=0)
+    for text in ("a", "a", "b", "a"):
+        _ask(m, text)
+    assert (cache.hits, cache.misses) == (2, 2)
+
+
+def test_a_failed_append_leaves_no_partial_line(tmp_path, monkeypatch):
+    path = tmp_path / "c.jsonl"
+    server = CountingServer()
+    m = _model(path, server)
+    _ask(m, "a")
+    real_fsync = __import__("os").fsync
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    import intercascade_core.response_cache as rc
+
+    monkeypatch.setattr(rc.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        _ask(m, "b")
+    monkeypatch.setattr(rc.os, "fsync", real_fsync)
+    _ask(m, "c")
+    texts = [json.loads(r.body)["choices"][0]["message"]["content"] for r in read_cache(path)]
+    assert texts == ["reply 1 to a", "reply 3 to c"]  # "b" rolled back, the file intact
 
 
 def test_torn_last_line_is_dropped_and_truncated(tmp_path):

@@ -65,31 +65,34 @@ def _cpu_name() -> str:
 def call_times(cache_file: Path) -> dict[str, Any]:
     """Per-model timing from a response log: every record is one real (uncached) call.
 
-    A least-squares fit ``seconds = a + b * completion_tokens`` turns a variant's token
-    counts into model seconds, since cached replays took no model time in this run.
+    A least-squares fit ``seconds = a + b * completion_tokens + c * prompt_tokens`` turns
+    a policy's token counts into model seconds (replays from the log took no model time;
+    prompts with strategies are longer, and reading them costs time on a CPU).
     """
     from intercascade_core.response_cache import read_cache
 
     recs = read_cache(cache_file)
-    secs = np.array([r.elapsed_s for r in recs], dtype=np.float64)
-    toks = np.array([json.loads(r.body).get("usage", {}).get("completion_tokens", 0) for r in recs],
-                    dtype=np.float64)
     out: dict[str, Any] = {"calls": len(recs)}
-    if len(recs) == 0:
+    if not recs:
         return out
+    usage = [json.loads(r.body).get("usage") or {} for r in recs]
+    secs = np.array([r.elapsed_s for r in recs], dtype=np.float64)
+    comp = np.array([u.get("completion_tokens") or 0 for u in usage], dtype=np.float64)
+    prompt = np.array([u.get("prompt_tokens") or 0 for u in usage], dtype=np.float64)
     out.update(median_s=float(np.median(secs)), mean_s=float(secs.mean()),
-               mean_completion_tokens=float(toks.mean()),
-               gen_tokens_per_s=float(toks.sum() / secs.sum()) if secs.sum() > 0 else None)
-    if len(recs) >= 3 and np.ptp(toks) > 0:
-        b, a = np.polyfit(toks, secs, 1)
-        out.update(fit_a=float(a), fit_b=float(b))
-    else:
-        out.update(fit_a=0.0, fit_b=float(secs.sum() / max(toks.sum(), 1.0)))
+               mean_completion_tokens=float(comp.mean()), mean_prompt_tokens=float(prompt.mean()),
+               completion_tokens_per_s=float(comp.sum() / secs.sum()) if secs.sum() > 0 else None)
+    design = np.column_stack([np.ones_like(secs), comp, prompt])
+    if len(recs) >= 4 and np.linalg.matrix_rank(design) == 3:
+        a, b, c = np.linalg.lstsq(design, secs, rcond=None)[0]
+        out.update(fit_a=float(a), fit_b=float(b), fit_c=float(c))
+    else:  # too few or degenerate calls for a fit: the mean call
+        out.update(fit_a=float(secs.mean()), fit_b=0.0, fit_c=0.0)
     return out
 
 
-def model_seconds(calls: float, completion_tokens: float, t: dict[str, Any]) -> float:
-    return calls * t["fit_a"] + completion_tokens * t["fit_b"]
+def model_seconds(calls: float, completion_tokens: float, prompt_tokens: float, t: dict[str, Any]) -> float:
+    return calls * t["fit_a"] + completion_tokens * t["fit_b"] + prompt_tokens * t["fit_c"]
 
 
 def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_before: str,
@@ -97,6 +100,8 @@ def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_befor
     from intercascade_core.config import load_config
 
     cfg = load_config(cfg_path)
+    if len(cfg.models) != 2:
+        raise SystemExit(f"{cfg_path}: this report is written for a weak/strong pair, got {len(cfg.models)} models")
     doc = json.loads((out / "results.json").read_text())
     recs = [json.loads(line) for line in (out / "outcomes.jsonl").read_text().splitlines() if line]
     names = [m.name for m in cfg.models]
@@ -107,17 +112,16 @@ def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_befor
     n_real = sum(t["calls"] for t in times.values())
     lines = [SECTION, ""]
     lines.append(f"The response logs hold {n_real} real model calls, {model_s / 60:.1f} min of model time "
-                 "in all; every other call of the four policies repeated one of them byte for byte "
-                 "and was replayed from the log. Wall time of the invocation that wrote this report: "
-                 f"{wall_s / 60:.1f} min (less than the model time when the logs already held replies "
-                 "from an earlier invocation).")
+                 f"in all (the logs may span several invocations of this script); every other call of "
+                 f"the {len(doc['variants'])} policies repeated one of them byte for byte and was replayed "
+                 f"from the log. Wall time of the invocation that wrote this report: {wall_s / 60:.1f} min.")
     lines.append("")
     lines.append(f"Made by `{command}` on {os.cpu_count()} cores "
                  f"({_cpu_name()}); load average (1/5/15 min) {load_before} before, {load_after} "
                  f"after. Models: " + ", ".join(f"{m.name} = `{m.model}`" for m in cfg.models)
                  + ", greedy decoding (temperature 0), llama.cpp via xllamacpp, 2 threads each.")
-    lines += ["", "**Per-model accuracy** (strategy-free prompt: calibration split; Jung's test "
-              "stream for the weak model, which answers every query there)", "",
+    lines += ["", ("**Per-model accuracy** (strategy-free prompt: calibration split; Jung's test "
+              "stream for the weak model, which answers every query there)"), "",
               "| model | calibration split | test stream (Jung) |", "|---|---|---|"]
     jung = [r for r in recs if r["variant"] == "jung"]
     for i, lv in enumerate(doc["calibration"]["levels"]):
@@ -129,18 +133,21 @@ def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_befor
             test += " (deferred queries only)"
         cal_s = f"{acc_cal:.0%} of {lv['n_items']}" if acc_cal is not None else "-"
         lines.append(f"| {names[i]} | {cal_s} | {test} |")
-    lines += ["", "**Seconds per call** (every real call of the run; replays of identical "
-              "temperature-0 requests were served from the response log and are not counted)", "",
-              "| model | real calls | median s/call | mean s/call | completion tokens/call | generated tokens/s |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", ("**Seconds per call** (every real call in the response logs; replays of identical "
+              "temperature-0 requests are not counted)"), "",
+              ("| model | real calls | median s/call | mean s/call | prompt tokens/call | completion tokens/call "
+              "| completion tokens per wall second |"),
+              "|---|---|---|---|---|---|---|"]
     for name, t in times.items():
         if t["calls"]:
             lines.append(f"| {name} | {t['calls']} | {t['median_s']:.1f} | {t['mean_s']:.1f} | "
-                         f"{t['mean_completion_tokens']:.0f} | {t['gen_tokens_per_s']:.1f} |")
+                         f"{t['mean_prompt_tokens']:.0f} | {t['mean_completion_tokens']:.0f} | "
+                         f"{t['completion_tokens_per_s']:.1f} |")
     lines += ["", "**Model seconds per query** on the test stream, per policy: each policy's calls "
-              "and completion tokens (answers and strategy writing) priced with the per-model fit "
-              "`s = a + b * completion_tokens` of the calls above ("
-              + "; ".join(f"{n}: a = {t['fit_a']:.2f} s, b = {t['fit_b'] * 1000:.0f} ms/token"
+              "and tokens (answers and strategy writing) priced with the per-model least-squares fit "
+              "`s = a + b * completion_tokens + c * prompt_tokens` of the calls above ("
+              + "; ".join(f"{n}: a = {t['fit_a']:.2f} s, b = {t['fit_b'] * 1000:.0f} ms, "
+                          f"c = {t['fit_c'] * 1000:.1f} ms per token"
                           for n, t in times.items() if t["calls"]) + ").", "",
               "| policy | " + " | ".join(f"{n} calls/query | {n} s/query" for n in names) + " | total s/query |",
               "|---|" + "---|" * (2 * len(names) + 1)]
@@ -149,8 +156,9 @@ def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_befor
         cells, total = [], 0.0
         for i, n in enumerate(names):
             calls = sum(r["calls"][i] for r in rows)
-            toks = sum(r["completion_tokens"][i] for r in rows)
-            sec = model_seconds(calls, toks, times[n]) if times[n]["calls"] else float("nan")
+            comp = sum(r["completion_tokens"][i] for r in rows)
+            prompt = sum(r["tokens"][i] - r["completion_tokens"][i] for r in rows)
+            sec = model_seconds(calls, comp, prompt, times[n]) if times[n]["calls"] else float("nan")
             total += sec
             cells += [f"{calls / len(rows):.2f}", f"{sec / len(rows):.1f}"]
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {total / len(rows):.1f} |")
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from intercascade_core.local_llm import LocalServer
 
     cfg = load_config(args.config)
-    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
+    rel = lambda p: os.path.relpath(p, ROOT)
     command = f"python {rel(__file__)} --config {rel(args.config)} --out {rel(args.out)}"
     if args.summary_only:
         meta = json.loads((args.out / "run.json").read_text())
