@@ -40,6 +40,6 @@ def test_sim_serve_answers_like_the_mock_transport_and_stops_on_sigint():
             out, err = proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()  # never leak the server into later tests
-            out, err = proc.communicate()
+            _, err = proc.communicate()
             pytest.fail(f"sim-serve did not stop within 90 s of SIGINT; stderr: {err[-2000:]}")
     assert proc.returncode == 0, err
