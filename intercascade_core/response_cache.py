@@ -63,9 +63,13 @@ def request_key(url: str, payload: Any) -> str:
 def read_cache(path: str | os.PathLike[str]) -> list[CacheRecord]:
     """All complete records of a cache file, in the order they were written (empty if the
     file does not exist)."""
-    p = Path(path)
+    return _scan(Path(path))[0]
+
+
+def _scan(p: Path) -> tuple[list[CacheRecord], int, int]:
+    """The records, the length of the complete lines and the file size (one read)."""
     if not p.exists():
-        return []
+        return [], 0, 0
     raw = p.read_bytes()
     lines = raw.split(b"\n")
     torn = lines.pop()  # b"" when the file ends with a newline
@@ -78,8 +82,8 @@ def read_cache(path: str | os.PathLike[str]) -> list[CacheRecord]:
             raise CorruptCacheError(f"{p}: line {n} is not a cache record ({e})") from None
     if torn:
         warnings.warn(f"{p}: dropped an incomplete last line ({len(torn)} bytes)", TornCacheWarning,
-                      stacklevel=2)
-    return out
+                      stacklevel=3)
+    return out, len(raw) - len(torn), len(raw)
 
 
 class ResponseCache(httpx.BaseTransport):
@@ -98,18 +102,14 @@ class ResponseCache(httpx.BaseTransport):
             raise InvalidArgumentError("path", f"{self.path} is a directory, expected a file")
         self._inner = inner if inner is not None else httpx.HTTPTransport()
         self._lock = threading.Lock()
-        records = read_cache(self.path)
+        records, complete, size = _scan(self.path)
         self._bodies = {r.key: r.body for r in records}
-        if self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
-            self._truncate_torn_tail()  # else the next append would extend the torn line
+        if complete < size:  # cut the torn line, else the next append would extend it
+            with open(self.path, "r+b") as f:
+                f.truncate(complete)
+                os.fsync(f.fileno())
         self.hits = 0
         self.misses = 0
-
-    def _truncate_torn_tail(self) -> None:
-        data = self.path.read_bytes()
-        with open(self.path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-            os.fsync(f.fileno())
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         payload = _memoisable(request)

@@ -79,7 +79,7 @@ def call_times(cache_file: Path) -> dict[str, Any]:
     secs = np.array([r.elapsed_s for r in recs], dtype=np.float64)
     comp = np.array([u.get("completion_tokens") or 0 for u in usage], dtype=np.float64)
     prompt = np.array([u.get("prompt_tokens") or 0 for u in usage], dtype=np.float64)
-    out.update(median_s=float(np.median(secs)), mean_s=float(secs.mean()),
+    out.update(total_s=float(secs.sum()), median_s=float(np.median(secs)), mean_s=float(secs.mean()),
                mean_completion_tokens=float(comp.mean()), mean_prompt_tokens=float(prompt.mean()),
                completion_tokens_per_s=float(comp.sum() / secs.sum()) if secs.sum() > 0 else None)
     design = np.column_stack([np.ones_like(secs), comp, prompt])
@@ -106,9 +106,7 @@ def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_befor
     recs = [json.loads(line) for line in (out / "outcomes.jsonl").read_text().splitlines() if line]
     names = [m.name for m in cfg.models]
     times = {m.name: call_times(Path(m.response_cache)) for m in cfg.models}
-    from intercascade_core.response_cache import read_cache
-
-    model_s = sum(r.elapsed_s for m in cfg.models for r in read_cache(m.response_cache))
+    model_s = sum(t.get("total_s", 0.0) for t in times.values())
     n_real = sum(t["calls"] for t in times.values())
     lines = [SECTION, ""]
     lines.append(f"The response logs hold {n_real} real model calls, {model_s / 60:.1f} min of model time "
