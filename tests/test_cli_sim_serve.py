@@ -15,13 +15,17 @@ from intercascade_core.sim import SimBackend
 
 
 def test_sim_serve_answers_like_the_mock_transport_and_stops_on_sigint():
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "intercascade_core", "sim-serve", "--port", "0", "--seed", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # a test run launched as a shell background job (`cmd &`) has SIGINT ignored, and an
-        # ignored signal stays ignored across exec: the server would never see the Ctrl-C
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # A test run launched as a shell background job (`cmd &`) has SIGINT ignored, and an
+    # ignored signal stays ignored across exec, so the server would never see the Ctrl-C.
+    # With a Python handler installed here, the child starts with the default action.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "intercascade_core", "sim-serve", "--port", "0", "--seed", "3"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         line = proc.stdout.readline()  # "serving simulated models at http://127.0.0.1:PORT/v1 ..."
         assert "serving simulated models at http://127.0.0.1:" in line, line + proc.stderr.read()
