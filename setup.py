@@ -1,4 +1,4 @@
-"""Build the optional C extension ``intercascade_core._simd`` (SIMD cosine top-k).
+"""Build the optional C extension ``intercascade_core.core._simd`` (SIMD cosine top-k).
 
 Everything else lives in ``pyproject.toml``. The extension is optional: when it
 cannot be compiled the pure-numpy path is used and a banner says so, except when
@@ -68,7 +68,7 @@ def extensions() -> list[Extension]:
         return []
     return [
         Extension(
-            "intercascade_core._simd",
+            "intercascade_core.core._simd",
             sources=sources,
             include_dirs=["csrc", np.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

@@ -77,7 +77,7 @@ class Unavailable(Exception):
 
 def make_backend(name: str) -> tuple[Callable[[list[str]], np.ndarray], Callable[[str], int]]:
     """-> (embed(texts), count_tokens(text)); raises Unavailable when it cannot run here."""
-    from intercascade_core.minilm import MiniLMEmbedder
+    from intercascade_core.models.minilm import MiniLMEmbedder
 
     if name == "onnx-int8":
         e = MiniLMEmbedder(cache_size=0, batch_size=32)
@@ -166,7 +166,7 @@ if "pytest" in sys.modules:
         _run(benchmark, name, batch, length)
 
     def test_cache_hit(benchmark) -> None:  # type: ignore[no-untyped-def]
-        from intercascade_core.minilm import MiniLMEmbedder
+        from intercascade_core.models.minilm import MiniLMEmbedder
 
         e = MiniLMEmbedder(cache_size=1024)
         q = [gsm_text(random.Random(7))]
@@ -234,7 +234,7 @@ def interleaved(rounds_b1: int = 60, rounds_b32: int = 12, seed: int = 0) -> str
 def cache_hit_rate(n: int = 20000) -> float:
     import time
 
-    from intercascade_core.minilm import MiniLMEmbedder
+    from intercascade_core.models.minilm import MiniLMEmbedder
 
     e = MiniLMEmbedder(cache_size=1024)
     q = [gsm_text(random.Random(7))]

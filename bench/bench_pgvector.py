@@ -50,7 +50,7 @@ def clustered(n: int, seed: int, n_clusters: int = 200) -> np.ndarray:
 
 
 def entries(lo: int, hi: int, prefix: str = "q") -> list[Any]:
-    from intercascade_core.repository import Entry
+    from intercascade_core.core.repository import Entry
 
     return [Entry(f"{prefix} {i}: what is the answer", f"{i}", f"strategy {prefix} {i}: reduce to a known form")
             for i in range(lo, hi)]
@@ -72,9 +72,9 @@ def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental:
         warnings.simplefilter("ignore")
         import pgserver
 
-    from intercascade_core.pgsync import PgSync
-    from intercascade_core.pgvector_store import PgVectorStore
-    from intercascade_core.retrieve import retrieve
+    from intercascade_core.core.retrieve import retrieve
+    from intercascade_core.storage.pgvector import PgVectorStore
+    from intercascade_core.storage.sync import PgSync
 
     base = Path(tempfile.mkdtemp(prefix="intercascade-pg-bench-"))
     base.chmod(0o755)

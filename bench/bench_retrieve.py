@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 
 from bench import data
-from intercascade_core import Entry, _ann, empty_repository, retrieve, update
+from intercascade_core import Entry, empty_repository, retrieve, update
+from intercascade_core.storage import hnsw as _ann
 
-_retrieve_mod = sys.modules["intercascade_core.retrieve"]
+_retrieve_mod = sys.modules["intercascade_core.core.retrieve"]
 N = int(os.environ.get("BENCH_N", "1000000"))
 K = 5
 HNSW = _ann.HnswParams(M=16, ef_construction=100, ef=64, seed=100, threads=2)

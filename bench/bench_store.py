@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from intercascade_core.journal import Journal
-from intercascade_core.repository import Entry, empty_repository, update
-from intercascade_core.retrieve import retrieve
-from intercascade_core.store import open_repository, save
+from intercascade_core.core.repository import Entry, empty_repository, update
+from intercascade_core.core.retrieve import retrieve
+from intercascade_core.storage.journal import Journal
+from intercascade_core.storage.store import open_repository, save
 
 N = int(os.environ.get("BENCH_STORE_N", "1000000"))
 DIM = 384

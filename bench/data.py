@@ -48,7 +48,7 @@ def problem_texts(count: int = BASE) -> list[str]:
 
 def minilm_base() -> np.ndarray:
     def build() -> np.ndarray:
-        from intercascade_core.minilm import MiniLMEmbedder
+        from intercascade_core.models.minilm import MiniLMEmbedder
 
         emb = MiniLMEmbedder().embed(problem_texts())
         return np.ascontiguousarray(emb, dtype=np.float32)

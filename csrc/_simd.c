@@ -1,4 +1,4 @@
-/* _simd.c -- CPython glue for the cosine top-k kernels (intercascade_core._simd).
+/* _simd.c -- CPython glue for the cosine top-k kernels (intercascade_core.core._simd).
  *
  * Conventions (pyrsistent-style): ic_* are module functions, everything is
  * static, every function that allocates ends in one `cleanup:` label.
@@ -266,7 +266,7 @@ static PyModuleDef_Slot ic_slots[] = {
 
 static struct PyModuleDef ic_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "intercascade_core._simd",
+    .m_name = "intercascade_core.core._simd",
     .m_doc = "SIMD cosine top-k (float32 and int8 + float32 re-score) with runtime CPU dispatch.",
     .m_size = 0,
     .m_methods = ic_methods,

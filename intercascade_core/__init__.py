@@ -2,10 +2,16 @@
 model is both a helper (it answers deferred queries) and a teacher (it writes reusable
 strategies that help the weak model on similar future queries).
 
-The core is pure: immutable records and functions that return new values
-(:func:`calibrate`, :func:`defer`, :func:`retrieve`, :func:`update`). Adapters
-(HTTP models, the ONNX embedder, hnswlib, files) are imported lazily, so
-``import intercascade_core`` stays light.
+The package is one house with wings:
+
+* :mod:`.core` — pure: calibration, the repository, retrieval, the cascade machine;
+* :mod:`.models` — adapters that answer or embed (HTTP chat client, MiniLM, simulator);
+* :mod:`.storage` — durable stores, PostgreSQL/pgvector, the hnswlib index, export;
+* :mod:`.lab` — datasets, configs, evaluation and reports;
+* :mod:`.service` (the thread-safe shell), :mod:`.cli` and :mod:`.errors`.
+
+This module is the public face: the names below. Adapters are imported on first use
+(PEP 562), so ``import intercascade_core`` does not load onnxruntime or httpx.
 """
 
 from __future__ import annotations
@@ -16,94 +22,68 @@ from typing import Any
 __version__ = "0.1.0"
 
 # The pure core is imported eagerly: a submodule whose name equals a function's
-# (``calibrate``, ``retrieve``) must be bound before anything imports it, or the
-# package attribute would name the module instead of the function.
-from .calibrate import (
-    Calibration,
-    alpha_gain_normal_approx,
-    alpha_gain_same_coverage_approx,
-    calibrate,
-    calibrate_cascade,
-    certify,
-    defer,
-    normal_approx_upper_bound,
-    risk_upper_bound,
+# (``calibrate``, ``retrieve``) must not shadow the function at the root.
+from .core.calibrate import Calibration, calibrate, calibrate_cascade, certify, defer
+from .core.cascade import (
+    CascadeConfig,
+    CascadeState,
+    Level,
+    Outcome,
+    calibrate_levels,
+    run_stream,
+    step,
 )
-from .embed import Embedder, HashingEmbedder
-from .errors import IntercascadeError, InvalidArgumentError
-from .repository import Entry, Repository, empty_repository, update
-from .retrieve import TopK, retrieve
+from .core.protocols import Embedder, TextModel
+from .core.repository import Entry, Repository, empty_repository, update
+from .core.retrieve import TopK, retrieve
+from .core.sanitize import sanitize_strategy
+from .core.tasks import Query
+from .errors import IntercascadeError, InvalidArgumentError, LogprobsUnavailable, ModelError
 
-# Adapters and heavier modules: public name -> submodule, imported on first access (PEP 562)
-_EXPORTS: dict[str, str] = {
-    # embeddings (onnxruntime, tokenizers)
-    "MiniLMEmbedder": "minilm",
-    # model access
-    "ChatModel": "llm",
-    "Generation": "llm",
-    "LogprobsUnavailable": "llm",
-    "ModelError": "llm",
-    # tasks
-    "Query": "tasks",
-    "grade": "tasks",
-    # the cascade
-    "CascadeState": "cascade",
-    "Outcome": "cascade",
-    "Level": "cascade",
-    "CascadeConfig": "cascade",
-    "StreamResult": "cascade",
-    "init_state": "cascade",
-    "calibrate_levels": "cascade",
-    "step": "cascade",
-    "run_stream": "cascade",
-    # keeping the guarantee when strategies shift confidences
-    "InSituCalibration": "insitu",
-    "insitu_calibrate": "insitu",
-    "risk_summary": "insitu",
-    "AuditConfig": "audit",
-    "AuditState": "audit",
-    "RiskAlarm": "audit",
-    "init_audit": "audit",
-    "observe": "audit",
-    "audited_stream": "audit",
-    "HygienicTeacher": "hygiene",
-    "drop_strategies": "hygiene",
-    "drop_refuted": "hygiene",
-    # durable, multi-tenant repository
+# adapters and the service: public name -> module, imported on first access
+_LAZY: dict[str, str] = {
+    "ChatModel": "models.chat",
+    "MiniLMEmbedder": "models.minilm",
+    "DurableStore": "storage.journal",
     "Cascade": "service",
-    "save": "store",
-    "open_repository": "store",
-    "StoreError": "store",
-    "CorruptStoreError": "store",
-    "IncompatibleStoreError": "store",
-    "DurableStore": "journal",
-    "export_finetune": "export",
-    "sanitize_strategy": "sanitize",
-    "evict": "prune",
-    "dedupe": "prune",
-    # shared repository on PostgreSQL + pgvector (psycopg)
-    "PgVectorStore": "pgvector_store",
-    "PgSync": "pgsync",
-    "ServerUnavailableError": "pgvector_store",
-    "PgVectorMissingError": "pgvector_store",
-    # metrics
-    "Metrics": "metrics",
-    "compute_metrics": "metrics",
 }
 
-__all__ = sorted(
-    [
-        "Calibration", "Embedder", "Entry", "HashingEmbedder", "IntercascadeError",
-        "InvalidArgumentError", "Repository", "TopK", "alpha_gain_normal_approx",
-        "alpha_gain_same_coverage_approx", "calibrate", "calibrate_cascade", "certify", "defer",
-        "empty_repository", "normal_approx_upper_bound", "retrieve", "risk_upper_bound", "update",
-        *_EXPORTS,
-    ]
-)
+__all__ = [
+    "Calibration",
+    "Cascade",
+    "CascadeConfig",
+    "CascadeState",
+    "ChatModel",
+    "DurableStore",
+    "Embedder",
+    "Entry",
+    "IntercascadeError",
+    "InvalidArgumentError",
+    "Level",
+    "LogprobsUnavailable",
+    "MiniLMEmbedder",
+    "ModelError",
+    "Outcome",
+    "Query",
+    "Repository",
+    "TextModel",
+    "TopK",
+    "calibrate",
+    "calibrate_cascade",
+    "calibrate_levels",
+    "certify",
+    "defer",
+    "empty_repository",
+    "retrieve",
+    "run_stream",
+    "sanitize_strategy",
+    "step",
+    "update",
+]
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
+    module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'intercascade_core' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
@@ -112,4 +92,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_LAZY))

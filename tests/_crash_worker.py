@@ -14,12 +14,12 @@ import time
 
 import httpx
 
-from intercascade_core.calibrate import Calibration
-from intercascade_core.cascade import CascadeConfig, Level
-from intercascade_core.embed import HashingEmbedder
-from intercascade_core.llm import ChatModel
+from intercascade_core.core.calibrate import Calibration
+from intercascade_core.core.cascade import CascadeConfig, Level
+from intercascade_core.models.chat import ChatModel
+from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.models.sim import SimBackend, templated_math_stream
 from intercascade_core.service import Cascade
-from intercascade_core.sim import SimBackend, templated_math_stream
 
 DIM = 64
 WEAK_THRESHOLD = 0.9

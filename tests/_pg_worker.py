@@ -86,9 +86,9 @@ def unit_vector(key: str, dim: int = 384) -> np.ndarray:
 
 
 def _worker(url: str, table: str, wid: int, n: int, state_dir: str) -> None:
-    from intercascade_core.pgsync import PgSync
-    from intercascade_core.pgvector_store import PgVectorStore, content_hash
-    from intercascade_core.repository import Entry
+    from intercascade_core.core.repository import Entry
+    from intercascade_core.storage.pgvector import PgVectorStore, content_hash
+    from intercascade_core.storage.sync import PgSync
 
     with PgVectorStore.connect(url, 384, table=table) as store:
         sync = PgSync(store, state_dir=state_dir, retry_interval=0.0)

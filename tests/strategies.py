@@ -45,7 +45,7 @@ def unit_matrix(draw: st.DrawFn, rows: int, dim: int) -> np.ndarray:
 
 def entries(count: int, prefix: str = "q", tenant: str = "default") -> list:
     """``count`` simple entries (import kept local so the strategies stay light)."""
-    from intercascade_core.repository import Entry
+    from intercascade_core.core.repository import Entry
 
     return [Entry(f"{prefix}{i}", f"a{i}", f"s{i}", tenant=tenant) for i in range(count)]
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from intercascade_core import Entry, empty_repository, retrieve, update
-from intercascade_core._ann import HnswParams, ensure_index, index_stats
+from intercascade_core.storage.hnsw import HnswParams, ensure_index, index_stats
 from tests.strategies import clustered_unit
 
 pytest.importorskip("hnswlib")

@@ -13,11 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from intercascade_core.audit import (
+from intercascade_core.core.audit import (
     AuditConfig,
     AuditState,
     RiskAlarm,
-    RiskAlarmError,
     apply_alarm,
     audit_outcomes,
     audited_stream,
@@ -30,13 +29,13 @@ from intercascade_core.audit import (
     should_label,
     strong_model_grader,
 )
-from intercascade_core.calibrate import Calibration, calibrate
-from intercascade_core.cascade import CascadeConfig, CascadeState, Level, Outcome, init_state
-from intercascade_core.embed import HashingEmbedder
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.llm import ChatModel
-from intercascade_core.sim import DEFAULT_PROFILES, SimProfile, templated_math_stream
-from intercascade_core.sim_copying import CopyingSimBackend
+from intercascade_core.core.calibrate import Calibration, calibrate
+from intercascade_core.core.cascade import CascadeConfig, CascadeState, Level, Outcome, init_state
+from intercascade_core.errors import InvalidArgumentError, RiskAlarmError
+from intercascade_core.models.chat import ChatModel
+from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.models.sim import DEFAULT_PROFILES, SimProfile, templated_math_stream
+from intercascade_core.models.sim_copying import CopyingSimBackend
 
 ALPHA, DELTA = 0.15, 0.1
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from intercascade_core import CascadeConfig, Entry, InvalidArgumentError, empty_repository, retrieve, update
+from intercascade_core import (
+    CascadeConfig,
+    Entry,
+    InvalidArgumentError,
+    empty_repository,
+    retrieve,
+    update,
+)
 
 
 @pytest.mark.parametrize("backend", ["exact", "numpy", "hnsw"])

@@ -20,5 +20,5 @@ import pytest
     reason="the extension is switched off on purpose",
 )
 def test_c_extension_is_built_and_importable():
-    simd = importlib.import_module("intercascade_core._simd")
+    simd = importlib.import_module("intercascade_core.core._simd")
     assert simd.__file__ and simd.__file__.endswith(".so")

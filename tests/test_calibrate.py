@@ -13,12 +13,14 @@ from scipy import optimize, stats
 from intercascade_core import (
     Calibration,
     InvalidArgumentError,
-    alpha_gain_normal_approx,
-    alpha_gain_same_coverage_approx,
     calibrate,
     calibrate_cascade,
     certify,
     defer,
+)
+from intercascade_core.core.calibrate import (
+    alpha_gain_normal_approx,
+    alpha_gain_same_coverage_approx,
     normal_approx_upper_bound,
     risk_upper_bound,
 )

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from intercascade_core.calibrate import Calibration
-from intercascade_core.cascade import (
+from intercascade_core.core.calibrate import Calibration
+from intercascade_core.core.cascade import (
     CascadeConfig,
     CascadeState,
     Level,
@@ -23,17 +23,13 @@ from intercascade_core.cascade import (
     run_stream,
     step,
 )
-from intercascade_core.embed import HashingEmbedder
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.llm import (
-    ChatModel,
-    Generation,
-    LogprobsUnavailable,
-    confidence_from_logprobs,
-)
-from intercascade_core.metrics import compute_metrics
-from intercascade_core.sim import Faults, SimBackend, start_server, templated_math_stream
-from intercascade_core.tasks import Query
+from intercascade_core.core.metrics import compute_metrics
+from intercascade_core.core.protocols import Generation
+from intercascade_core.core.tasks import Query
+from intercascade_core.errors import InvalidArgumentError, LogprobsUnavailable
+from intercascade_core.models.chat import ChatModel, confidence_from_logprobs
+from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.models.sim import Faults, SimBackend, start_server, templated_math_stream
 
 ALPHA, DELTA = 0.2, 0.1
 EMB = HashingEmbedder(dim=64)
@@ -376,8 +372,8 @@ def test_validation_names_the_bad_value(sim: Sim, cals) -> None:
 
 @pytest.mark.parametrize("backend", ["exact", "hnsw"])
 def test_backends_agree_with_numpy(sim: Sim, cals, backend: str) -> None:
-    if backend == "hnsw" and importlib.util.find_spec("intercascade_core._ann") is None:
-        pytest.skip("the hnsw adapter (intercascade_core._ann) is not available")
+    if backend == "hnsw" and importlib.util.find_spec("intercascade_core.storage.hnsw") is None:
+        pytest.skip("the hnsw adapter (intercascade_core.storage.hnsw) is not available")
 
     def run(b: str) -> list[Any]:
         return decisions(

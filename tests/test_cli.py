@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from intercascade_core.calibrate import calibrate_cascade
 from intercascade_core.cli import main
-from intercascade_core.datasets import load_confidences
+from intercascade_core.core.calibrate import calibrate_cascade
+from intercascade_core.lab.datasets import load_confidences
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "intercascade_core" / "data" / "examples"

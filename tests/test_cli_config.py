@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from intercascade_core.config import ConfigError, load_config
+from intercascade_core.errors import ConfigError
+from intercascade_core.lab.config import load_config
 
 EXAMPLE = Path(__file__).parents[1] / "intercascade_core" / "data" / "examples" / "config.toml"
 

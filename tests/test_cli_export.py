@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from intercascade_core import Entry, empty_repository, update
-from intercascade_core.store import save
+from intercascade_core.storage.store import save
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ import sys
 import httpx
 import pytest
 
-from intercascade_core.sim import SimBackend
+from intercascade_core.models.sim import SimBackend
 
 
 def test_sim_serve_answers_like_the_mock_transport_and_stops_on_sigint():

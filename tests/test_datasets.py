@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from intercascade_core.datasets import (
-    DatasetFormatError,
+from intercascade_core.core.tasks import grade
+from intercascade_core.errors import DatasetFormatError, InvalidArgumentError
+from intercascade_core.lab.datasets import (
     Problem,
     gsm_symbolic_split,
     gsm_symbolic_templates,
@@ -23,8 +24,6 @@ from intercascade_core.datasets import (
     split_problems,
     to_queries,
 )
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.tasks import grade
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intercascade_core.embed import Embedder, HashingEmbedder, validate_texts
+from intercascade_core.core.protocols import Embedder, validate_texts
 from intercascade_core.errors import InvalidArgumentError
+from intercascade_core.models.hashing import HashingEmbedder
 
 
 def _check_contract(v: np.ndarray, n: int, dim: int) -> None:
@@ -62,7 +63,7 @@ def test_hashing_seed_changes_vectors() -> None:
 
 def test_hashing_stable_across_processes() -> None:
     code = (
-        "from intercascade_core.embed import HashingEmbedder;"
+        "from intercascade_core.models.hashing import HashingEmbedder;"
         "print(HashingEmbedder(dim=32).embed(['stable hashing across processes']).tobytes().hex())"
     )
     outs = {

@@ -17,10 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from intercascade_core.cascade import Level
-from intercascade_core.embed import HashingEmbedder
+from intercascade_core.core.cascade import Level
 from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.evaluate import (
+from intercascade_core.lab.evaluate import (
     INSITU_VARIANT,
     Evaluation,
     evaluate,
@@ -28,8 +27,7 @@ from intercascade_core.evaluate import (
     results_document,
     risk_document,
 )
-from intercascade_core.llm import ChatModel
-from intercascade_core.report import (
+from intercascade_core.lab.report import (
     LABELS,
     PLOTS,
     render_insitu,
@@ -37,8 +35,10 @@ from intercascade_core.report import (
     render_risk,
     write_report,
 )
-from intercascade_core.sim import DEFAULT_PROFILES, SimProfile, templated_math_stream
-from intercascade_core.sim_copying import CopyingSimBackend
+from intercascade_core.models.chat import ChatModel
+from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.models.sim import DEFAULT_PROFILES, SimProfile, templated_math_stream
+from intercascade_core.models.sim_copying import CopyingSimBackend
 
 ALPHA, DELTA = 0.2, 0.1
 CAL = templated_math_stream(200, n_templates=8, seed=100)

@@ -9,14 +9,11 @@ import httpx
 import numpy as np
 import pytest
 
-from intercascade_core.config import DataConfig, ModelConfig
-from intercascade_core.datasets import gsm_symbolic_split, to_queries
-from intercascade_core.embed import HashingEmbedder
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.evaluate import (
+from intercascade_core.errors import EndpointError, InvalidArgumentError, MissingAPIKeyError
+from intercascade_core.lab.config import DataConfig, ModelConfig
+from intercascade_core.lab.datasets import gsm_symbolic_split, to_queries
+from intercascade_core.lab.evaluate import (
     CachedEmbedder,
-    EndpointError,
-    MissingAPIKeyError,
     evaluate,
     load_streams,
     make_levels,
@@ -24,7 +21,8 @@ from intercascade_core.evaluate import (
     results_document,
     sim_client,
 )
-from intercascade_core.sim import template_signature
+from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.models.sim import template_signature
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 SIM_MODELS = (
@@ -146,8 +144,8 @@ def test_cached_embedder_embeds_each_text_once() -> None:
 
 
 def test_sim_client_recognises_templates_by_group() -> None:
-    from intercascade_core.prompts import weak_prompt
-    from intercascade_core.tasks import grade
+    from intercascade_core.core.prompts import weak_prompt
+    from intercascade_core.core.tasks import grade
 
     qs = to_queries(gsm_symbolic_split(templates=1, variants=30, calibration_variants=0, seed=5).test)
     assert len({template_signature(q.text) for q in qs}) > 1  # names/objects vary within a template

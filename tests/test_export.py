@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from intercascade_core.core.repository import Entry, empty_repository, update
 from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.export import export_finetune
-from intercascade_core.repository import Entry, empty_repository, update
+from intercascade_core.storage.export import export_finetune
 from tests.strategies import random_unit
 
 

@@ -11,11 +11,9 @@ import httpx
 import numpy as np
 import pytest
 
-from intercascade_core.calibrate import calibrate
-from intercascade_core.cascade import CascadeConfig, Level, init_state, run_stream
-from intercascade_core.embed import HashingEmbedder
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.hygiene import (
+from intercascade_core.core.calibrate import calibrate
+from intercascade_core.core.cascade import CascadeConfig, Level, init_state, run_stream
+from intercascade_core.core.hygiene import (
     HygienicTeacher,
     drop_refuted,
     drop_strategies,
@@ -25,16 +23,19 @@ from intercascade_core.hygiene import (
     reduced_strategy_text,
     refuted_ids,
 )
-from intercascade_core.llm import ChatModel, Generation
-from intercascade_core.prompts import (
+from intercascade_core.core.prompts import (
     as_messages,
     strategy_free_prompt,
     strategy_generation_prompt,
     weak_prompt,
 )
-from intercascade_core.repository import Entry, Repository, empty_repository, update
-from intercascade_core.sim import SimBackend, templated_math_stream
-from intercascade_core.tasks import Query
+from intercascade_core.core.protocols import Generation
+from intercascade_core.core.repository import Entry, Repository, empty_repository, update
+from intercascade_core.core.tasks import Query
+from intercascade_core.errors import InvalidArgumentError
+from intercascade_core.models.chat import ChatModel
+from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.models.sim import SimBackend, templated_math_stream
 
 EMB = HashingEmbedder(dim=32)
 

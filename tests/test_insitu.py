@@ -19,18 +19,16 @@ import httpx
 import numpy as np
 import pytest
 
-from intercascade_core.audit import AuditConfig
-from intercascade_core.calibrate import calibrate_cascade, risk_upper_bound
-from intercascade_core.cascade import (
+from intercascade_core.core.audit import AuditConfig
+from intercascade_core.core.calibrate import calibrate_cascade, risk_upper_bound
+from intercascade_core.core.cascade import (
     CascadeConfig,
     Level,
     StreamResult,
     calibrate_levels,
     run_stream,
 )
-from intercascade_core.embed import HashingEmbedder
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.insitu import (
+from intercascade_core.core.insitu import (
     InSituCalibration,
     calibrate_replay,
     deploy_state,
@@ -39,12 +37,14 @@ from intercascade_core.insitu import (
     risk_summary,
     risk_table,
 )
-from intercascade_core.llm import ChatModel
-from intercascade_core.prompts import as_messages, weak_prompt
-from intercascade_core.repository import Entry
-from intercascade_core.sim import DEFAULT_PROFILES, SimProfile, templated_math_stream
-from intercascade_core.sim_copying import CopyingSimBackend
-from intercascade_core.tasks import Query
+from intercascade_core.core.prompts import as_messages, weak_prompt
+from intercascade_core.core.repository import Entry
+from intercascade_core.core.tasks import Query
+from intercascade_core.errors import InvalidArgumentError
+from intercascade_core.models.chat import ChatModel
+from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.models.sim import DEFAULT_PROFILES, SimProfile, templated_math_stream
+from intercascade_core.models.sim_copying import CopyingSimBackend
 
 ALPHA, DELTA = 0.2, 0.1
 EMB = HashingEmbedder(dim=64)
@@ -156,7 +156,7 @@ def test_replay_is_the_deployed_cascade(world: World) -> None:
     """The recorded replay is exactly run_stream over the calibration split with the
     thresholds of the last round."""
     ins = world.insitu
-    from intercascade_core.calibrate import Calibration
+    from intercascade_core.core.calibrate import Calibration
 
     last = [Calibration(**{**{f: getattr(c, f) for f in c.__slots__}, "threshold": t})
             for c, t in zip(ins.calibrations, ins.thresholds_per_round[-2], strict=True)]
@@ -279,7 +279,7 @@ def test_risk_summary_of_a_strategy_free_variant(world: World) -> None:
 
 
 def test_copying_stream_dynamics() -> None:
-    from intercascade_core.sim_copying import CopyingProcess
+    from intercascade_core.models.sim_copying import CopyingProcess
 
     proc = CopyingProcess()
     noise = proc.stream_noise(np.random.default_rng(0), 4, 300, n_templates=5)

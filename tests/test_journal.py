@@ -16,18 +16,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intercascade_core.embed import HashingEmbedder
-from intercascade_core.journal import (
+from intercascade_core.core.repository import Entry, update
+from intercascade_core.errors import CorruptStoreError, IncompatibleStoreError, JournalCorruptError
+from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.storage.journal import (
     CURRENT,
     JOURNAL,
     DurableStore,
     Journal,
-    JournalCorruptError,
     TornJournalWarning,
     read_journal,
 )
-from intercascade_core.repository import Entry, update
-from intercascade_core.store import CorruptStoreError, IncompatibleStoreError
 from tests.strategies import random_unit
 
 DIM = 8

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from intercascade_core import Entry, InvalidArgumentError
-from intercascade_core import journal as journal_mod
-from intercascade_core.journal import Journal, JournalCorruptError, read_journal
+from intercascade_core.errors import JournalCorruptError
+from intercascade_core.storage import journal as journal_mod
+from intercascade_core.storage.journal import Journal, read_journal
 
 DIM = 8
 

@@ -12,17 +12,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.llm import (
+from intercascade_core.errors import (
     AuthenticationError,
     BadRequestError,
-    ChatModel,
     ContextLengthExceeded,
     DeadlineExceeded,
+    InvalidArgumentError,
     LogprobsUnavailable,
     MalformedResponse,
-    Price,
     RetriesExhausted,
+)
+from intercascade_core.models.chat import (
+    ChatModel,
+    Price,
     answer_span_confidence,
     confidence_from_logprobs,
     price_for,

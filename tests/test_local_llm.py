@@ -18,13 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from intercascade_core import local_llm
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.local_llm import (
+from intercascade_core.errors import ChecksumMismatch, InvalidArgumentError, MissingPartPackage
+from intercascade_core.models import local_llm
+from intercascade_core.models.local_llm import (
     MODELS,
-    ChecksumMismatch,
     LocalServer,
-    MissingPartPackage,
     ModelSpec,
     assemble,
     missing_packages,
@@ -156,11 +154,11 @@ def _skip_reason() -> str | None:
 def test_real_pair_end_to_end_over_http():
     """Weak defers -> strong answers and teaches (strategy stored); a similar query is then
     accepted by the weak model with that strategy retrieved. Four model calls."""
-    from intercascade_core.calibrate import Calibration
-    from intercascade_core.cascade import CascadeConfig, Level, init_state, step
-    from intercascade_core.embed import HashingEmbedder
-    from intercascade_core.llm import ChatModel
-    from intercascade_core.tasks import Query
+    from intercascade_core.core.calibrate import Calibration
+    from intercascade_core.core.cascade import CascadeConfig, Level, init_state, step
+    from intercascade_core.core.tasks import Query
+    from intercascade_core.models.chat import ChatModel
+    from intercascade_core.models.hashing import HashingEmbedder
 
     def cal(threshold: float) -> Calibration:
         return Calibration(threshold=threshold, alpha=0.1, delta=0.1, n_calibration=0,

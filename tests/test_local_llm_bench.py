@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from intercascade_core.llm import ChatModel
-from intercascade_core.response_cache import ResponseCache
+from intercascade_core.models.chat import ChatModel
+from intercascade_core.models.response_cache import ResponseCache
 
 RUN = Path(__file__).parents[1] / "bench" / "local_llm" / "run.py"
 
@@ -41,7 +41,7 @@ def _fill_log(path: Path, token_counts: list[int], monkeypatch: pytest.MonkeyPat
                          "logprobs": {"content": [{"token": "1", "logprob": -0.1}]}}],
             "usage": {"prompt_tokens": p, "completion_tokens": n}})
 
-    import intercascade_core.response_cache as rc
+    import intercascade_core.models.response_cache as rc
 
     cache = ResponseCache(path, inner=httpx.MockTransport(server))
     with monkeypatch.context() as m:

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intercascade_core.cascade import Outcome, Usage
+from intercascade_core.core.cascade import Outcome, Usage
+from intercascade_core.core.metrics import compute_metrics, reduction
 from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.metrics import compute_metrics, reduction
 
 
 @st.composite

@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from intercascade_core.embed import Embedder
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.minilm import (
+from intercascade_core.core.protocols import Embedder
+from intercascade_core.errors import EmbedderUnavailable, InvalidArgumentError
+from intercascade_core.models.minilm import (
     DEFAULT_MODEL_SHA256,
     ENV_MODEL,
     ENV_TOKENIZER,
-    EmbedderUnavailable,
     MiniLMEmbedder,
     default_tokenizer_path,
 )
@@ -387,8 +386,8 @@ def test_shipped_tokenizer_and_licence_notice() -> None:
 
 def test_core_import_does_not_load_onnxruntime() -> None:
     code = (
-        "import sys, intercascade_core, intercascade_core.embed;"
-        "intercascade_core.HashingEmbedder;"
+        "import sys, intercascade_core, intercascade_core.models.hashing;"
+        ""
         "bad = [m for m in ('onnxruntime', 'tokenizers', 'torch', 'transformers') "
         "if m in sys.modules];"
         "assert not bad, bad"

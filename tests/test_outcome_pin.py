@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
-from intercascade_core.cascade import CascadeConfig, Level, calibrate_levels, run_stream
-from intercascade_core.embed import HashingEmbedder
-from intercascade_core.llm import ChatModel
-from intercascade_core.sim import Faults, SimBackend, templated_math_stream
+from intercascade_core.core.cascade import CascadeConfig, Level, calibrate_levels, run_stream
+from intercascade_core.models.chat import ChatModel
+from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.models.sim import Faults, SimBackend, templated_math_stream
 
 PIN = Path(__file__).parent / "fixtures" / "outcome_pin.json"
 

@@ -23,7 +23,6 @@ import pytest
 try:
     import psycopg
     import psycopg_pool  # noqa: F401
-
     from _pg_worker import import_pgserver
 
     import_pgserver()
@@ -35,18 +34,17 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 
 from _pg_worker import data_dir, shutdown, start_server
 
-from intercascade_core import pgvector_store as pgs
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.pgsync import PgSync
-from intercascade_core.pgvector_store import (
+from intercascade_core.core.repository import Entry, empty_repository, update
+from intercascade_core.core.retrieve import retrieve
+from intercascade_core.errors import (
+    InvalidArgumentError,
     PgVectorMissingError,
-    PgVectorStore,
     SchemaError,
     ServerUnavailableError,
-    content_hash,
 )
-from intercascade_core.repository import Entry, empty_repository, update
-from intercascade_core.retrieve import retrieve
+from intercascade_core.storage import pgvector as pgs
+from intercascade_core.storage.pgvector import PgVectorStore, content_hash
+from intercascade_core.storage.sync import PgSync
 
 DIM = 384
 HERE = Path(__file__).parent
@@ -453,7 +451,7 @@ def test_server_search_entries(store: PgVectorStore) -> None:
 def test_retrieve_backend_pgvector(store: PgVectorStore) -> None:
     import importlib
 
-    retrieve_mod = importlib.import_module("intercascade_core.retrieve")
+    retrieve_mod = importlib.import_module("intercascade_core.core.retrieve")
 
     if "pgvector" not in retrieve_mod._BACKENDS:
         pytest.skip("retrieve(backend='pgvector') dispatch is not integrated in retrieve.py yet")

@@ -15,7 +15,6 @@ import pytest
 try:
     import psycopg
     import psycopg_pool  # noqa: F401
-
     from _pg_worker import import_pgserver
 
     import_pgserver()
@@ -27,13 +26,13 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 
 from _pg_worker import data_dir, restart_server, shutdown, start_server, stop_server
 
-from intercascade_core.calibrate import Calibration
-from intercascade_core.cascade import CascadeConfig, Level, init_state, run_stream
-from intercascade_core.embed import HashingEmbedder
-from intercascade_core.llm import ChatModel
-from intercascade_core.pgsync import PgSync
-from intercascade_core.pgvector_store import PgVectorStore, content_hash
-from intercascade_core.sim import SimBackend, templated_math_stream
+from intercascade_core.core.calibrate import Calibration
+from intercascade_core.core.cascade import CascadeConfig, Level, init_state, run_stream
+from intercascade_core.models.chat import ChatModel
+from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.models.sim import SimBackend, templated_math_stream
+from intercascade_core.storage.pgvector import PgVectorStore, content_hash
+from intercascade_core.storage.sync import PgSync
 
 DIM = 384
 EMB = HashingEmbedder(dim=DIM)

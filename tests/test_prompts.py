@@ -6,16 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intercascade_core.prompts import (
-    MalformedStrategy,
+from intercascade_core.core.prompts import (
     answer_and_strategy_prompt,
     parse_strategy,
     strategy_free_prompt,
     strategy_generation_prompt,
     weak_prompt,
 )
-from intercascade_core.repository import Entry
-from intercascade_core.tasks import Query
+from intercascade_core.core.repository import Entry
+from intercascade_core.core.tasks import Query
+from intercascade_core.errors import MalformedStrategy
 
 _text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=200).filter(
     lambda s: s.strip() != ""

@@ -7,8 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.prune import (
+from intercascade_core.core.prune import (
     add_unique,
     compact,
     dedupe,
@@ -16,7 +15,8 @@ from intercascade_core.prune import (
     find_near_duplicate,
     record_uses,
 )
-from intercascade_core.repository import Entry, empty_repository, update
+from intercascade_core.core.repository import Entry, empty_repository, update
+from intercascade_core.errors import InvalidArgumentError
 from tests.strategies import random_unit
 
 DIM = 16

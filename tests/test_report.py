@@ -14,21 +14,21 @@ import numpy as np
 import pytest
 
 from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.report import (
+from intercascade_core.lab.report import (
     LABELS,
     PLOTS,
-    confidence_histograms_figure,
-    format_percent,
     README_END,
     README_START,
+    confidence_histograms_figure,
+    format_percent,
     readme_section,
     render_insitu,
     render_markdown,
     render_risk,
     render_tables,
-    update_readme,
     stream_figure,
     threshold_accuracy_figure,
+    update_readme,
     write_report,
 )
 

@@ -8,14 +8,14 @@ import json
 import httpx
 import pytest
 
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.llm import ChatModel, MalformedResponse, RetriesExhausted
-from intercascade_core.response_cache import (
+from intercascade_core.errors import (
     CorruptCacheError,
-    ResponseCache,
-    TornCacheWarning,
-    read_cache,
+    InvalidArgumentError,
+    MalformedResponse,
+    RetriesExhausted,
 )
+from intercascade_core.models.chat import ChatModel
+from intercascade_core.models.response_cache import ResponseCache, TornCacheWarning, read_cache
 
 
 class CountingServer:
@@ -124,7 +124,7 @@ def test_a_failed_append_leaves_no_partial_line(tmp_path, monkeypatch):
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    import intercascade_core.response_cache as rc
+    import intercascade_core.models.response_cache as rc
 
     monkeypatch.setattr(rc.os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space"):

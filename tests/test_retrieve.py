@@ -13,8 +13,8 @@ from intercascade_core import Entry, InvalidArgumentError, empty_repository, ret
 from tests.strategies import clustered_unit, entries, random_unit
 
 # the submodule shares the function's name: reach it through sys.modules (importing
-# ``intercascade_core.retrieve`` first would bind the package attribute to the module)
-retrieve_mod = sys.modules["intercascade_core.retrieve"]
+# ``intercascade_core.core.retrieve`` first would bind the package attribute to the module)
+retrieve_mod = sys.modules["intercascade_core.core.retrieve"]
 
 BACKENDS = ["numpy", "exact"]
 
@@ -172,7 +172,7 @@ def test_exact_falls_back_to_numpy_and_logs_once(
 ) -> None:
     v = random_unit(np.random.default_rng(15), 20, 4)
     repo = _repo(v)
-    with caplog.at_level(logging.INFO, logger="intercascade_core.retrieve"):
+    with caplog.at_level(logging.INFO, logger="intercascade_core.core.retrieve"):
         a = retrieve(repo, v[:3], 4)
         b = retrieve(repo, v[:3], 4)
     np.testing.assert_array_equal(a.indices, retrieve(repo, v[:3], 4, backend="numpy").indices)
@@ -191,7 +191,7 @@ def test_runtime_switch_disables_extension() -> None:
         "e, v = [ic.Entry('q', 'a', 's')], np.array([[1, 0]], np.float32)\n"
         "r = ic.update(ic.empty_repository(2), e, v)\n"
         "res = ic.retrieve(r, np.array([1, 0], np.float32), 1)\n"
-        "m = sys.modules['intercascade_core.retrieve']\n"
+        "m = sys.modules['intercascade_core.core.retrieve']\n"
         "print(m.extension_available(), res.indices.tolist())\n"
     )
     env = dict(os.environ, INTERCASCADE_NO_EXT="1")

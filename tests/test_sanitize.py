@@ -9,16 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.prompts import weak_prompt
-from intercascade_core.repository import Entry
-from intercascade_core.sanitize import (
+from intercascade_core.core.prompts import weak_prompt
+from intercascade_core.core.repository import Entry
+from intercascade_core.core.sanitize import (
     MAX_STRATEGY_CHARS,
     sanitize_entry,
     sanitize_strategy,
     sanitize_text,
 )
-from intercascade_core.tasks import Query
+from intercascade_core.core.tasks import Query
+from intercascade_core.errors import InvalidArgumentError
 
 hostile = st.text(
     st.sampled_from(

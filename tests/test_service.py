@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from intercascade_core.cascade import Level, run_stream
-from intercascade_core.embed import HashingEmbedder
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.service import Cascade, ServiceClosedError
+from intercascade_core.core.cascade import Level, run_stream
+from intercascade_core.errors import InvalidArgumentError, ServiceClosedError
+from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.service import Cascade
 from tests._crash_worker import (
     DIM,
     STRONG_THRESHOLD,
@@ -110,7 +110,7 @@ def test_single_thread_service_equals_run_stream() -> None:
     cascade, client = make_cascade()
     outs = [cascade.ask(q) for q in queries]
     levels, client2 = sim_levels()
-    from intercascade_core.cascade import CascadeConfig
+    from intercascade_core.core.cascade import CascadeConfig
 
     ref = run_stream(
         queries,
@@ -191,7 +191,7 @@ def test_cap_evicts_least_used(tmp_path: Path) -> None:
 
 
 def test_sanitises_strategies_before_storing() -> None:
-    from intercascade_core.llm import Generation
+    from intercascade_core.core.protocols import Generation
 
     class Hostile:
         model = "hostile"

@@ -9,29 +9,28 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.llm import (
-    BadRequestError,
-    ChatModel,
-    LogprobsUnavailable,
-    MalformedResponse,
-    answer_span_confidence,
-)
-from intercascade_core.prompts import (
+from intercascade_core.core.prompts import (
     as_messages,
     strategy_free_prompt,
     strategy_generation_prompt,
     weak_prompt,
 )
-from intercascade_core.repository import Entry
-from intercascade_core.sim import (
+from intercascade_core.core.repository import Entry
+from intercascade_core.core.tasks import Query, grade
+from intercascade_core.errors import (
+    BadRequestError,
+    InvalidArgumentError,
+    LogprobsUnavailable,
+    MalformedResponse,
+)
+from intercascade_core.models.chat import ChatModel, answer_span_confidence
+from intercascade_core.models.sim import (
     Faults,
     SimBackend,
     start_server,
     template_signature,
     templated_math_stream,
 )
-from intercascade_core.tasks import Query, grade
 
 
 def body(model: str, prompt: str) -> bytes:

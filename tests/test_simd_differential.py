@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from intercascade_core import InvalidArgumentError, retrieve
-from intercascade_core._topk_numpy import topk as reference
+from intercascade_core.core._topk_numpy import topk as reference
 from tests.strategies import assert_topk_matches, clustered_unit, random_unit
 
-retrieve_mod = sys.modules["intercascade_core.retrieve"]
+retrieve_mod = sys.modules["intercascade_core.core.retrieve"]
 
 pytestmark = pytest.mark.needs_ext
 
@@ -30,9 +30,9 @@ ISAS = ["scalar", "avx2", "avx512"]
 @pytest.fixture(scope="module")
 def simd() -> ModuleType:
     try:
-        from intercascade_core import _simd
+        from intercascade_core.core import _simd
     except ImportError:
-        pytest.skip("C extension intercascade_core._simd is not built")
+        pytest.skip("C extension intercascade_core.core._simd is not built")
     return _simd
 
 
@@ -187,7 +187,7 @@ def test_capabilities(simd: ModuleType) -> None:
 
 def test_multi_phase_init_gives_fresh_module(simd: ModuleType) -> None:
     """Re-importing after removal yields a new module object (PEP 489, markupsafe's test)."""
-    name = "intercascade_core._simd"
+    name = "intercascade_core.core._simd"
     saved = sys.modules.pop(name)
     try:
         fresh = importlib.import_module(name)

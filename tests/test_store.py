@@ -13,17 +13,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.repository import Entry, empty_repository, update
-from intercascade_core.retrieve import retrieve
-from intercascade_core.store import (
+from intercascade_core.core.repository import Entry, empty_repository, update
+from intercascade_core.core.retrieve import retrieve
+from intercascade_core.errors import (
+    CorruptStoreError,
+    IncompatibleStoreError,
+    InvalidArgumentError,
+    StoreError,
+)
+from intercascade_core.storage.store import (
     DATA_FILES,
     ENTRIES,
     MANIFEST,
     VECTORS,
-    CorruptStoreError,
-    IncompatibleStoreError,
-    StoreError,
     open_repository,
     save,
 )
@@ -368,7 +370,7 @@ def test_fuzz_byte_flips_never_crash_or_load_partially(
 
 
 def test_append_exact_stores_rows_bit_exactly() -> None:
-    from intercascade_core.store import append_exact
+    from intercascade_core.core.repository import append_exact
 
     rng = np.random.default_rng(4)
     raw = rng.standard_normal((6, 16)).astype(np.float32)

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from intercascade_core.core.tasks import Query, extract_answer, grade, parse_number
 from intercascade_core.errors import InvalidArgumentError
-from intercascade_core.tasks import Query, extract_answer, grade, parse_number
 
 
 @pytest.mark.parametrize(

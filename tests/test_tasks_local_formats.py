@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from intercascade_core.tasks import extract_answer, grade
+from intercascade_core.core.tasks import extract_answer, grade
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intercascade_core.repository import Entry, empty_repository, update
-from intercascade_core.retrieve import retrieve
-from intercascade_core.store import open_repository, save
+from intercascade_core.core.repository import Entry, empty_repository, update
+from intercascade_core.core.retrieve import retrieve
+from intercascade_core.storage.store import open_repository, save
 from tests.strategies import random_unit
 
 DIM = 12
@@ -78,7 +78,7 @@ def test_tenant_isolation_property(seed, n, n_tenants, batches, k, backend) -> N
 
 def test_tenant_isolation_large_exact_int8_path() -> None:
     """Past INT8_MIN_ROWS the exact backend scans an int8 copy: still isolated."""
-    from intercascade_core.retrieve import INT8_MIN_ROWS
+    from intercascade_core.core.retrieve import INT8_MIN_ROWS
 
     repo, labels, vec, rng = _build(1, INT8_MIN_ROWS + 100, 3, 2)
     queries = vec[rng.integers(0, len(labels), size=16)]
@@ -109,7 +109,7 @@ def test_tenants_through_the_service(policy: str, backend: str) -> None:
     """Per-request tenants: each request only ever sees its own tenant's strategies (top-k
     on exact and hnsw, and the random-strategy control), and its strategy is stored
     under its tenant."""
-    from intercascade_core.cascade import CascadeConfig
+    from intercascade_core.core.cascade import CascadeConfig
     from tests._crash_worker import make_cascade, stream
 
     cascade, client = make_cascade(config=CascadeConfig(policy=policy, k=2, backend=backend))

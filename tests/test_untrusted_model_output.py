@@ -9,15 +9,15 @@ import pytest
 from intercascade_core import (
     CascadeConfig,
     ChatModel,
-    Generation,
-    HashingEmbedder,
     InvalidArgumentError,
     Level,
     ModelError,
     Query,
     run_stream,
 )
-from intercascade_core.tasks import grade, parse_number
+from intercascade_core.core.protocols import Generation
+from intercascade_core.core.tasks import grade, parse_number
+from intercascade_core.models.hashing import HashingEmbedder
 from tests._crash_worker import fixed_calibration
 
 HOSTILE = [

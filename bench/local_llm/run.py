@@ -69,7 +69,7 @@ def call_times(cache_file: Path) -> dict[str, Any]:
     a policy's token counts into model seconds (replays from the log took no model time;
     prompts with strategies are longer, and reading them costs time on a CPU).
     """
-    from intercascade_core.response_cache import read_cache
+    from intercascade_core.models.response_cache import read_cache
 
     recs = read_cache(cache_file)
     out: dict[str, Any] = {"calls": len(recs)}
@@ -97,7 +97,7 @@ def model_seconds(calls: float, completion_tokens: float, prompt_tokens: float, 
 
 def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_before: str,
               load_after: str) -> str:
-    from intercascade_core.config import load_config
+    from intercascade_core.lab.config import load_config
 
     cfg = load_config(cfg_path)
     if len(cfg.models) != 2:
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only (re)write the appended section from an existing run in --out")
     args = ap.parse_args(argv)
 
-    from intercascade_core.config import load_config
-    from intercascade_core.local_llm import LocalServer
+    from intercascade_core.lab.config import load_config
+    from intercascade_core.models.local_llm import LocalServer
 
     cfg = load_config(args.config)
     rel = lambda p: os.path.relpath(p, ROOT)

@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from intercascade_core.audit import AuditConfig, _critical_counts, checkpoint_delta, first_alarm
+from intercascade_core.core.audit import (
+    AuditConfig,
+    _critical_counts,
+    checkpoint_delta,
+    first_alarm,
+)
 
 pytestmark = pytest.mark.statistical
 

@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from intercascade_core.calibrate import calibrate
-from intercascade_core.insitu import calibrate_replay
-from intercascade_core.sim_copying import CopyingProcess
+from intercascade_core.core.calibrate import calibrate
+from intercascade_core.core.insitu import calibrate_replay
+from intercascade_core.models.sim_copying import CopyingProcess
 
 pytestmark = pytest.mark.statistical
 

@@ -1,0 +1,659 @@
+"""The Inter-Cascade pipeline (algorithms.md §3, the paper's Algorithms 2 and 3).
+
+A :class:`CascadeState` is a value: the calibrated thresholds per level, the strategy
+repositories (one per level but the last), the counter that seeds the random variant and
+run counters. :func:`step` takes a state and one query, with the models and the embedder
+injected, and returns ``(new_state, Outcome)``; the model calls are its only I/O and the
+old state stays valid. :func:`run_stream` folds :func:`step` over a stream.
+
+Per query, level i = 0..N-1 in order (0 = weakest):
+
+1. levels but the last retrieve ``k`` strategies from their repository (policy
+   ``retrieval``: top-k cosine; ``random``: k drawn uniformly, seeded; ``jung``: none)
+   and prepend them to the strategy-free prompt (no strategies = the identical prompt);
+2. the level answers; if its confidence clears its threshold (``conf >= λ_i``) the
+   answer is output, and a level >= 1 *teaches*: it writes a strategy (a second call by
+   default, so its answer and confidence are exactly the baseline's) which is stored in
+   every weaker level's repository (``teach="all_weaker"``) or the previous one's
+   (``"previous"``); otherwise the query is deferred to level i+1;
+3. past the last level the query is discarded (uncovered).
+
+A model call that fails for good (typed :class:`~intercascade_core.errors.ModelError`) is
+recorded with its reason and treated as a deferral, so no query is ever lost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+
+from ..errors import InvalidArgumentError, MalformedStrategy, ModelError
+from .calibrate import Calibration, calibrate_cascade
+from .prompts import (
+    answer_and_strategy_prompt,
+    as_messages,
+    parse_strategy,
+    strategy_free_prompt,
+    strategy_generation_prompt,
+    weak_prompt,
+)
+from .protocols import Generation, TextModel
+from .repository import Entry, Repository, empty_repository, update
+from .sanitize import sanitize_strategy
+from .tasks import Query, grade
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .protocols import Embedder
+
+__all__ = [
+    "CalibrationRun",
+    "CascadeConfig",
+    "CascadeState",
+    "Counters",
+    "Level",
+    "Outcome",
+    "StrategyUse",
+    "StreamResult",
+    "Usage",
+    "calibrate_levels",
+    "init_state",
+    "run_stream",
+    "step",
+]
+
+Policy = Literal["jung", "random", "retrieval"]
+Teach = Literal["all_weaker", "previous"]
+StrategyMode = Literal["two_call", "single_call"]
+Status = Literal["accepted", "discarded"]
+RetrievalBackend = Literal["exact", "numpy", "hnsw"]  # retrieve.Backend, without importing it
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One model of the cascade. ``params`` are extra request parameters (e.g.
+    ``{"temperature": 0, "max_tokens": 1024}``) sent with each of its calls."""
+
+    model: TextModel
+    name: str = ""
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        if not callable(getattr(self.model, "generate", None)):
+            raise InvalidArgumentError(
+                "model", f"needs a .generate(messages, **params) method, got {self.model!r}"
+            )
+        if not self.name:
+            object.__setattr__(self, "name", str(getattr(self.model, "model", "")) or "model")
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeConfig:
+    """How the cascade uses strategies.
+
+    policy: ``"retrieval"`` (Inter-Cascade), ``"random"`` (the random-strategy control) or
+    ``"jung"`` (no strategies, no teaching: the baseline). k: strategies per prompt.
+    backend: ``retrieve`` backend (``"exact"``, ``"numpy"``, ``"hnsw"``).
+    teach: which weaker repositories a confident level >= 1 writes to.
+    strategy_mode: ``"two_call"`` (answer with the baseline prompt, then a strategy call on
+    acceptance) or ``"single_call"`` (the last level answers and writes the strategy at
+    once; its model should then use ``confidence_span="answer"``).
+    seed: seeds the random policy. tenant: repository tenant for storing and retrieving.
+    """
+
+    policy: Policy = "retrieval"
+    k: int = 2
+    backend: RetrievalBackend = "exact"
+    teach: Teach = "all_weaker"
+    strategy_mode: StrategyMode = "two_call"
+    seed: int = 0
+    tenant: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in get_args(Policy):
+            raise InvalidArgumentError(
+                "policy", f"expected one of {get_args(Policy)}, got {self.policy!r}"
+            )
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+            raise InvalidArgumentError("k", f"must be an int >= 0, got {self.k!r}")
+        if self.backend not in get_args(RetrievalBackend):
+            raise InvalidArgumentError(
+                "backend", f"expected one of {get_args(RetrievalBackend)}, got {self.backend!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InvalidArgumentError("seed", f"must be an int >= 0, got {self.seed!r}")
+        if self.tenant is not None and not isinstance(self.tenant, str):
+            raise InvalidArgumentError("tenant", f"must be a str or None, got {self.tenant!r}")
+        if self.teach not in get_args(Teach):
+            raise InvalidArgumentError(
+                "teach", f"expected one of {get_args(Teach)}, got {self.teach!r}"
+            )
+        if self.strategy_mode not in get_args(StrategyMode):
+            raise InvalidArgumentError(
+                "strategy_mode",
+                f"expected one of {get_args(StrategyMode)}, got {self.strategy_mode!r}",
+            )
+
+    @property
+    def teaches(self) -> bool:
+        return self.policy != "jung"
+
+
+# ----------------------------------------------------------------------------- state
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """The run counters of a state, as a value that adds and subtracts field by field.
+
+    A concurrent shell rebases a request's effect as ``current + (mine - base)``; since
+    ``+`` and ``-`` walk every field, a counter added here can never be dropped there.
+    Tuples (per-level counts) add element-wise; an empty tuple is the zero of any length.
+    ``rng_counter`` with the config's seed keys the random policy's draws, so a run
+    resumed from a state draws exactly what the uninterrupted run would have drawn.
+    """
+
+    n_queries: int = 0
+    calls: tuple[int, ...] = ()
+    accepted: tuple[int, ...] = ()
+    n_discarded: int = 0
+    n_failed_calls: int = 0
+    n_stored: int = 0
+    n_rejected_strategies: int = 0
+    rng_counter: int = 0
+
+    @classmethod
+    def zero(cls, n_levels: int) -> Counters:
+        return cls(calls=(0,) * n_levels, accepted=(0,) * n_levels)
+
+    def _combine(self, other: Counters, sign: int) -> Counters:
+        if not isinstance(other, Counters):
+            return NotImplemented
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, tuple):
+                a, b = a or (0,) * len(b), b or (0,) * len(a)
+                if len(a) != len(b):
+                    raise InvalidArgumentError(
+                        f.name, f"per-level counters of {len(a)} and {len(b)} levels"
+                    )
+                values[f.name] = tuple(x + sign * y for x, y in zip(a, b, strict=True))
+            else:
+                values[f.name] = a + sign * b
+        return Counters(**values)
+
+    def __add__(self, other: Counters) -> Counters:
+        return self._combine(other, +1)
+
+    def __sub__(self, other: Counters) -> Counters:
+        return self._combine(other, -1)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CascadeState:
+    """Everything a step reads and returns, as a value.
+
+    ``repositories[i]`` serves level i (there is none for the last level);
+    ``counters`` holds the run counters (also readable as attributes: ``state.calls``).
+    """
+
+    calibrations: tuple[Calibration, ...]
+    repositories: tuple[Repository, ...]
+    counters: Counters = Counters()
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return tuple(c.threshold for c in self.calibrations)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.calibrations)
+
+    @property
+    def n_queries(self) -> int:
+        return self.counters.n_queries
+
+    @property
+    def calls(self) -> tuple[int, ...]:
+        return self.counters.calls
+
+    @property
+    def accepted(self) -> tuple[int, ...]:
+        return self.counters.accepted
+
+    @property
+    def n_discarded(self) -> int:
+        return self.counters.n_discarded
+
+    @property
+    def n_failed_calls(self) -> int:
+        return self.counters.n_failed_calls
+
+    @property
+    def n_stored(self) -> int:
+        return self.counters.n_stored
+
+    @property
+    def n_rejected_strategies(self) -> int:
+        return self.counters.n_rejected_strategies
+
+    @property
+    def rng_counter(self) -> int:
+        return self.counters.rng_counter
+
+
+def init_state(calibrations: Sequence[Calibration], dim: int) -> CascadeState:
+    """A fresh state: the given thresholds, empty repositories of ``dim``-d embeddings."""
+    cals = tuple(calibrations)
+    if len(cals) < 1:
+        raise InvalidArgumentError("calibrations", "at least one level is required")
+    for c in cals:
+        if not isinstance(c, Calibration):
+            raise InvalidArgumentError(
+                "calibrations", f"expected Calibration records, got {type(c).__name__}"
+            )
+    n = len(cals)
+    return CascadeState(
+        calibrations=cals,
+        repositories=tuple(empty_repository(dim) for _ in range(n - 1)),
+        counters=Counters.zero(n),
+    )
+
+
+# ----------------------------------------------------------------------------- outcome
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens and cost of the calls of one kind at one level (``cost`` None = unknown price)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float | None = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, g: Generation) -> Usage:
+        cost = None if self.cost is None or g.cost is None else self.cost + g.cost
+        return Usage(
+            self.calls + 1,
+            self.prompt_tokens + g.prompt_tokens,
+            self.completion_tokens + g.completion_tokens,
+            cost,
+        )
+
+    def __add__(self, other: Usage) -> Usage:
+        cost = None if self.cost is None or other.cost is None else self.cost + other.cost
+        return Usage(
+            self.calls + other.calls,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            cost,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StrategyUse:
+    """A strategy placed in a prompt: its repository entry id and cosine similarity."""
+
+    entry_id: int
+    similarity: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one query ended. Per-level tuples have one slot per level (None = not asked).
+
+    ``status`` is ``"accepted"`` (``level`` answered) or ``"discarded"``; ``kind`` names
+    it as the paper does (``weak_accepted``, ``strong_accepted``, ``level<i>_accepted``,
+    ``discarded``). ``failure`` is the first model failure's reason (``failures`` has all
+    of them per level); ``stored_in`` lists the repositories that received this query's
+    strategy and ``strategy_rejected`` why none did when a teacher tried.
+    ``latency_s`` is wall time and excluded from equality.
+    """
+
+    index: int
+    query_id: str
+    status: Status
+    level: int | None
+    answer: str | None
+    correct: bool | None
+    unparseable: bool
+    confidences: tuple[float | None, ...]
+    level_answers: tuple[str | None, ...]
+    level_correct: tuple[bool | None, ...]
+    strategies: tuple[tuple[StrategyUse, ...], ...]
+    usage: tuple[Usage, ...]
+    teach_usage: tuple[Usage, ...]
+    failures: tuple[str | None, ...]
+    stored_in: tuple[int, ...] = ()
+    strategy_rejected: str | None = None
+    template: str | None = None
+    latency_s: float = field(default=0.0, compare=False)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.confidences)
+
+    @property
+    def kind(self) -> str:
+        if self.status == "discarded":
+            return "discarded"
+        if self.level == 0:
+            return "weak_accepted"
+        if self.level == self.n_levels - 1:
+            return "strong_accepted"
+        return f"level{self.level}_accepted"
+
+    @property
+    def failure(self) -> str | None:
+        return next((f for f in self.failures if f is not None), None)
+
+    @property
+    def failed(self) -> bool:
+        return any(f is not None for f in self.failures)
+
+
+# ----------------------------------------------------------------------------- step
+def _check_levels(state: CascadeState, levels: Sequence[Level]) -> None:
+    if not isinstance(state, CascadeState):
+        raise InvalidArgumentError("state", f"expected a CascadeState, got {type(state).__name__}")
+    if len(levels) != state.n_levels:
+        raise InvalidArgumentError(
+            "levels", f"state has {state.n_levels} calibrated levels, got {len(levels)} models"
+        )
+    for lv in levels:
+        if not isinstance(lv, Level):
+            raise InvalidArgumentError("levels", f"expected Level records, got {type(lv).__name__}")
+
+
+def _select(
+    repo: Repository, qvec: np.ndarray, config: CascadeConfig, rng_key: tuple[int, int]
+) -> tuple[list[Entry], tuple[StrategyUse, ...]]:
+    """The strategies for one prompt: top-k by cosine, or k uniformly drawn (seeded)."""
+    if config.policy == "retrieval":
+        from .retrieve import retrieve
+
+        top = retrieve(repo, qvec[None, :], config.k, backend=config.backend, tenant=config.tenant)
+        idx = [int(i) for i in top.indices[0] if i >= 0]
+        sims = [float(s) for s in top.scores[0][: len(idx)]]
+    else:  # random: uniform without replacement over this tenant's entries
+        pool = np.arange(len(repo))
+        if config.tenant is not None:
+            pool = pool[repo.tenant_codes == repo.tenant_code(config.tenant)]
+        rng = np.random.default_rng(list(rng_key))
+        take = min(config.k, len(pool))
+        idx = [int(i) for i in rng.choice(pool, size=take, replace=False)] if take else []
+        sims = [float(repo.vectors[i] @ qvec) for i in idx]
+    entries = [repo.entries[i] for i in idx]
+    return entries, tuple(StrategyUse(e.id, s) for e, s in zip(entries, sims, strict=True))
+
+
+def step(
+    state: CascadeState,
+    query: Query,
+    levels: Sequence[Level],
+    embedder: Embedder,
+    config: CascadeConfig = CascadeConfig(),
+    *,
+    index: int | None = None,
+) -> tuple[CascadeState, Outcome]:
+    """Run one query through the cascade; return the new state and its :class:`Outcome`.
+
+    ``state`` is not modified (repositories are persistent values). ``index`` labels the
+    outcome (default: ``state.n_queries``).
+    """
+    import time
+
+    _check_levels(state, levels)
+    if not isinstance(query, Query):
+        raise InvalidArgumentError("query", f"expected a tasks.Query, got {type(query).__name__}")
+    t0 = time.perf_counter()
+    n = state.n_levels
+    repos = list(state.repositories)
+    rng_counter = state.rng_counter
+    calls = list(state.calls)
+    accepted = list(state.accepted)
+    confidences: list[float | None] = [None] * n
+    answers: list[str | None] = [None] * n
+    correct: list[bool | None] = [None] * n
+    unparseable: list[bool] = [False] * n
+    strategies: list[tuple[StrategyUse, ...]] = [()] * n
+    usage = [Usage() for _ in range(n)]
+    teach_usage = [Usage() for _ in range(n)]
+    failures: list[str | None] = [None] * n
+    stored_in: tuple[int, ...] = ()
+    rejected: str | None = None
+    qvec: np.ndarray | None = None
+    level_out: int | None = None
+
+    def query_vector() -> np.ndarray:
+        nonlocal qvec
+        if qvec is None:
+            qvec = np.asarray(embedder.embed([query.text]), dtype=np.float32)[0]
+        return qvec
+
+    for i, lv in enumerate(levels):
+        last = i == n - 1
+        single = last and i >= 1 and config.teaches and config.strategy_mode == "single_call"
+        entries: list[Entry] = []
+        if not last and config.teaches and config.k > 0 and len(repos[i]) > 0:
+            entries, strategies[i] = _select(
+                repos[i], query_vector(), config, (config.seed, rng_counter)
+            )
+            if config.policy == "random":
+                rng_counter += 1
+        if single:
+            prompt = answer_and_strategy_prompt(query)
+        elif last:
+            prompt = strategy_free_prompt(query)
+        else:
+            prompt = weak_prompt(query, entries)
+        calls[i] += 1
+        try:
+            gen = lv.model.generate(as_messages(prompt), **lv.params)
+        except ModelError as e:
+            failures[i] = f"level {i} ({lv.name}): {e.reason}"
+            continue  # a failed level cannot accept: defer
+        usage[i] = usage[i].add(gen)
+        g = grade(gen.text, query.gold, query.family)
+        confidences[i] = gen.confidence
+        answers[i], correct[i], unparseable[i] = g.answer, g.correct, g.unparseable
+        if not gen.confidence >= state.calibrations[i].threshold:  # defer (NaN defers too)
+            continue
+        level_out = i
+        accepted[i] += 1
+        if i >= 1 and config.teaches:
+            targets = tuple(range(i)) if config.teach == "all_weaker" else (i - 1,)
+            strategy: str | None = None
+            try:
+                if single:
+                    strategy = parse_strategy(gen.text, problem=query.text).strategy
+                else:
+                    shown = g.answer if g.answer is not None else "(no parseable answer)"
+                    gen2 = lv.model.generate(
+                        as_messages(strategy_generation_prompt(query, shown)), **lv.params
+                    )
+                    teach_usage[i] = teach_usage[i].add(gen2)
+                    strategy = parse_strategy(gen2.text, problem=query.text).strategy
+            except MalformedStrategy as e:
+                rejected = e.reason
+            except ModelError as e:
+                rejected = f"strategy call failed: {e.reason}"
+            if strategy is not None:
+                entry = Entry(
+                    query=query.text,
+                    answer=g.answer if g.answer is not None else "",
+                    strategy=sanitize_strategy(strategy),  # LLM-written: stored sanitised
+                    source_level=i,
+                    source_model=lv.name,
+                    created_at=float(state.n_queries),  # stream position, not wall time
+                    tenant=config.tenant or "default",
+                )
+                row = query_vector()[None, :]
+                for j in targets:
+                    repos[j] = update(repos[j], [entry], row)
+                stored_in = targets
+        break
+
+    status: Status = "accepted" if level_out is not None else "discarded"
+    n_fail = sum(f is not None for f in failures)
+    new_state = replace(
+        state,
+        repositories=tuple(repos),
+        counters=Counters(
+            n_queries=state.n_queries + 1,
+            calls=tuple(calls),
+            accepted=tuple(accepted),
+            n_discarded=state.n_discarded + (level_out is None),
+            n_failed_calls=state.n_failed_calls + n_fail,
+            n_stored=state.n_stored + (1 if stored_in else 0),
+            n_rejected_strategies=state.n_rejected_strategies + (rejected is not None),
+            rng_counter=rng_counter,
+        ),
+    )
+    outcome = Outcome(
+        index=state.n_queries if index is None else index,
+        query_id=query.id,
+        status=status,
+        level=level_out,
+        answer=answers[level_out] if level_out is not None else None,
+        correct=correct[level_out] if level_out is not None else None,
+        unparseable=unparseable[level_out] if level_out is not None else False,
+        confidences=tuple(confidences),
+        level_answers=tuple(answers),
+        level_correct=tuple(correct),
+        strategies=tuple(strategies),
+        usage=tuple(usage),
+        teach_usage=tuple(teach_usage),
+        failures=tuple(failures),
+        stored_in=stored_in,
+        strategy_rejected=rejected,
+        template=query.template,
+        latency_s=time.perf_counter() - t0,
+    )
+    return new_state, outcome
+
+
+# ----------------------------------------------------------------------------- streams
+@dataclass(frozen=True, slots=True, eq=False)
+class StreamResult:
+    """The outcomes of a stream, in order, and the state after the last query."""
+
+    outcomes: tuple[Outcome, ...]
+    state: CascadeState
+
+
+def run_stream(
+    queries: Iterable[Query],
+    levels: Sequence[Level],
+    embedder: Embedder,
+    *,
+    calibrations: Sequence[Calibration] | None = None,
+    state: CascadeState | None = None,
+    config: CascadeConfig = CascadeConfig(),
+    progress: bool = True,
+    desc: str | None = None,
+) -> StreamResult:
+    """Fold :func:`step` over *queries*; return every :class:`Outcome` and the final state.
+
+    Start from ``state`` (to resume) or from fresh repositories with the given
+    ``calibrations`` (one per level, e.g. from :func:`calibrate_levels` on a separate
+    strategy-free calibration split). Thresholds never change during a run.
+    ``progress`` shows a tqdm bar on stderr.
+    """
+    from tqdm import tqdm
+
+    if (state is None) == (calibrations is None):
+        raise InvalidArgumentError("state", "pass exactly one of state= or calibrations=")
+    if state is None:
+        assert calibrations is not None
+        state = init_state(calibrations, int(embedder.dim))
+    items = list(queries)
+    outcomes: list[Outcome] = []
+    label = desc if desc is not None else f"inter-cascade[{config.policy}]"
+    with tqdm(items, desc=label, disable=not progress, unit="q", leave=False) as bar:
+        for q in bar:
+            state, out = step(state, q, levels, embedder, config)
+            outcomes.append(out)
+    return StreamResult(tuple(outcomes), state)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CalibrationRun:
+    """Thresholds and the strategy-free calibration data they came from.
+
+    ``confidences[i][j]``/``correct[i][j]``: level i on calibration item j (a failed call
+    counts as confidence 0 and wrong, so it can never lower a threshold).
+    """
+
+    calibrations: tuple[Calibration, ...]
+    confidences: tuple[tuple[float, ...], ...]
+    correct: tuple[tuple[bool, ...], ...]
+    failures: tuple[tuple[str | None, ...], ...]
+    usage: tuple[Usage, ...]
+
+
+def calibrate_levels(
+    queries: Iterable[Query],
+    levels: Sequence[Level],
+    *,
+    alpha: float,
+    delta: float,
+    split_delta: bool = True,
+    progress: bool = False,
+    **calibrate_kw: Any,
+) -> CalibrationRun:
+    """Ask every level the strategy-free prompt on a calibration split (gold answers
+    required) and calibrate the thresholds with Jung's sequential rule."""
+    from tqdm import tqdm
+
+    items = list(queries)
+    if not items:
+        raise InvalidArgumentError("queries", "the calibration split is empty")
+    for q in items:
+        if q.gold is None:
+            raise InvalidArgumentError(
+                "queries", f"calibration query {q.id or q.text[:40]!r} has no gold answer"
+            )
+    confs: list[list[float]] = [[] for _ in levels]
+    corr: list[list[bool]] = [[] for _ in levels]
+    fails: list[list[str | None]] = [[] for _ in levels]
+    usage = [Usage() for _ in levels]
+    for q in tqdm(items, desc="calibration", disable=not progress, unit="q", leave=False):
+        prompt = as_messages(strategy_free_prompt(q))
+        for i, lv in enumerate(levels):
+            try:
+                gen = lv.model.generate(prompt, **lv.params)
+            except ModelError as e:
+                confs[i].append(0.0)
+                corr[i].append(False)
+                fails[i].append(e.reason)
+                continue
+            usage[i] = usage[i].add(gen)
+            g = grade(gen.text, q.gold, q.family)
+            conf = gen.confidence if math.isfinite(gen.confidence) else 0.0
+            confs[i].append(conf)
+            corr[i].append(bool(g.correct))
+            fails[i].append(None)
+    cals = calibrate_cascade(
+        [np.asarray(c, dtype=np.float64) for c in confs],
+        [np.asarray(c, dtype=bool) for c in corr],
+        alpha=alpha,
+        delta=delta,
+        split_delta=split_delta,
+        **calibrate_kw,
+    )
+    return CalibrationRun(
+        calibrations=tuple(cals),
+        confidences=tuple(tuple(c) for c in confs),
+        correct=tuple(tuple(c) for c in corr),
+        failures=tuple(tuple(f) for f in fails),
+        usage=tuple(usage),
+    )

@@ -1,0 +1,711 @@
+"""Deterministic simulated models behind a fake OpenAI-compatible endpoint.
+
+:class:`SimBackend` answers ``POST /v1/chat/completions`` (and ``GET /v1/models``) as a
+pure function of its seed and the request body (plus, for injected *transient* faults, how
+many times it has seen that exact request). It runs as an ``httpx.MockTransport`` handler
+(:meth:`SimBackend.handler`) or as a real HTTP server on 127.0.0.1 (:func:`serve`,
+:func:`start_server`, ``intercascade sim-serve --port N``); both give the same bodies.
+
+The simulated world
+-------------------
+- Problems come from templates (:func:`templated_math_stream`): a fixed wording with
+  numbers that vary. A model recognises a problem's template by its *signature*, a hash of
+  the question's words with the numbers removed (:func:`template_signature`), and knows
+  the answer of built-in templates by reading the numbers. Other datasets can be served
+  with an ``answer_key`` (question text -> gold).
+- Models (``sim-weak``, ``sim-mid``, ``sim-strong``) have a latent skill per template.
+  Correctness is ``u < p`` for a uniform ``u`` keyed on (seed, model, question), so one
+  question's luck is the same with or without strategies; ``p`` is the model's base
+  accuracy for the template, or ``taught_accuracy`` when its prompt carries a strategy
+  whose text names the same template signature. The weak model finds that by reading
+  the prompt, like a real model would: no side channel.
+- Correct answers are more confident than wrong ones (profile ranges). Per-token logprobs
+  are zero-sum perturbations of ``log(confidence)`` on the answer line and on the rest,
+  so the whole-completion and the answer-span confidence both equal the drawn value.
+  Token counts come from the same whitespace tokeniser for prompt and completion.
+- A teacher request (a prompt containing ``prompts.STRATEGY_REQUEST_MARK``) gets
+  ``Solution: / Answer: / Strategy:`` sections; the strategy describes the method and names
+  the template signature in words.
+
+Faults (:class:`Faults`): per request, keyed on its hash; 429 (with ``Retry-After``), 500
+and timeouts are *transient* (the first ``transient_attempts`` tries of that request fail,
+later ones succeed); malformed JSON and missing logprobs are *persistent*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..core.prompts import EXAMPLE_CLOSE, STRATEGY_REQUEST_MARK
+from ..core.tasks import Query
+from ..errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import httpx
+
+__all__ = [
+    "DEFAULT_PROFILES",
+    "Faults",
+    "SimBackend",
+    "SimProfile",
+    "SimServer",
+    "serve",
+    "start_server",
+    "template_signature",
+    "templated_math_stream",
+]
+
+
+# ----------------------------------------------------------------------------- hashing
+def _h(*parts: object) -> bytes:
+    """Stable hash of the parts (never Python's salted ``hash``)."""
+    m = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        b = p if isinstance(p, bytes) else str(p).encode()
+        m.update(len(b).to_bytes(8, "little"))
+        m.update(b)
+    return m.digest()
+
+
+def _u(*parts: object) -> float:
+    """A uniform in [0, 1) keyed on the parts."""
+    return int.from_bytes(_h(*parts)[:8], "little") / 2**64
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def template_signature(question: str) -> str:
+    """The template of a question: a hash of its lowercased words with numbers removed."""
+    words = _NUMBER.sub(" ", question.lower()).split()
+    return "t" + _h(" ".join(words)).hex()[:8]
+
+
+# ----------------------------------------------------------------------------- templates
+@dataclass(frozen=True, slots=True)
+class _Structure:
+    text: str  # format with {name} {name2} {obj} {n0} {n1} {n2}
+    numbers: Callable[[Callable[[int, int], int]], tuple[int, ...]]
+    solve: Callable[[tuple[float, ...]], float]
+    method: str  # the reusable strategy, in words
+
+
+def _nums_addsub(r: Callable[[int, int], int]) -> tuple[int, ...]:
+    a, b = r(12, 60), r(5, 40)
+    return a, b, r(1, a)
+
+
+def _nums_div(r: Callable[[int, int], int]) -> tuple[int, ...]:
+    b = r(2, 9)
+    return b * r(3, 15), b, r(2, 20)
+
+
+def _nums_pct(r: Callable[[int, int], int]) -> tuple[int, ...]:
+    return 20 * r(2, 30), (10, 20, 25, 50, 75)[r(0, 4)]
+
+
+def _nums_avg(r: Callable[[int, int], int]) -> tuple[int, ...]:
+    a, b = r(10, 50), r(10, 50)
+    c = r(10, 50)
+    c += (-(a + b + c)) % 3  # a multiple of 3 in total
+    return a, b, c
+
+
+def _nums_save(r: Callable[[int, int], int]) -> tuple[int, ...]:
+    b = r(5, 30)
+    return b + r(3, 25), b, r(3, 14)
+
+
+def _nums_half(r: Callable[[int, int], int]) -> tuple[int, ...]:
+    a = 2 * r(10, 60)
+    return a, r(1, a // 2)
+
+
+_STRUCTURES: tuple[_Structure, ...] = (
+    _Structure(
+        "{name} has {n0} {obj}. {name2} gives {name} {n1} more {obj}, and then {name} gives "
+        "away {n2} {obj}. How many {obj} does {name} have now?",
+        _nums_addsub,
+        lambda n: n[0] + n[1] - n[2],
+        "track one running total: start from the initial amount, add what is received and "
+        "subtract what is given away, in the order the events happen",
+    ),
+    _Structure(
+        "{name} buys {n0} boxes of {obj}. Each box holds {n1} {obj}. {name} already had {n2} "
+        "{obj}. How many {obj} does {name} have in total?",
+        lambda r: (r(2, 12), r(3, 24), r(1, 40)),
+        lambda n: n[0] * n[1] + n[2],
+        "multiply the number of groups by the size of each group, then add the amount that "
+        "was there before",
+    ),
+    _Structure(
+        "{name} puts {n0} {obj} equally into {n1} baskets. Then {name2} adds {n2} {obj} to "
+        "one basket. How many {obj} are in that basket now?",
+        _nums_div,
+        lambda n: n[0] / n[1] + n[2],
+        "divide the total equally to get the amount per group, then add the extra amount "
+        "only to the single group the question asks about",
+    ),
+    _Structure(
+        "A store has {n0} {obj} and {name} sells {n1} percent of them on Monday. How many "
+        "{obj} are left in the store?",
+        _nums_pct,
+        lambda n: n[0] * (100 - n[1]) / 100,
+        "convert the percentage sold into the percentage kept (100 minus it) and multiply the "
+        "total by that fraction",
+    ),
+    _Structure(
+        "{name} has {n0} {obj}. {name2} has {n1} times as many {obj} as {name}, minus {n2}. "
+        "How many {obj} do {name} and {name2} have together?",
+        lambda r: (r(3, 30), r(2, 6), r(1, 9)),
+        lambda n: n[0] + n[0] * n[1] - n[2],
+        "compute the second person's amount from the first (multiply, then subtract), and "
+        "add both amounts at the end",
+    ),
+    _Structure(
+        "{name} collected {n0}, {n1} and {n2} {obj} over three days. What is the average "
+        "number of {obj} {name} collected per day?",
+        _nums_avg,
+        lambda n: (n[0] + n[1] + n[2]) / 3,
+        "add the amounts of all days and divide by the number of days",
+    ),
+    _Structure(
+        "{name} earns {n0} dollars per day selling {obj} and spends {n1} dollars per day on "
+        "supplies. How many dollars does {name} save in {n2} days?",
+        _nums_save,
+        lambda n: (n[0] - n[1]) * n[2],
+        "find the daily saving as earnings minus spending, then multiply by the number of days",
+    ),
+    _Structure(
+        "There are {n0} {obj} in a crate. {name} takes half of them, then {name2} takes {n1} "
+        "of the remaining {obj}. How many {obj} are left in the crate?",
+        _nums_half,
+        lambda n: n[0] / 2 - n[1],
+        "halve the total first, then subtract the second amount from what remains",
+    ),
+)
+_CAST: tuple[tuple[str, str, str], ...] = (
+    ("Mia", "Leo", "apples"),
+    ("Ravi", "Ana", "marbles"),
+    ("Tom", "Zoe", "stickers"),
+    ("Nora", "Ben", "pencils"),
+    ("Omar", "Ivy", "cookies"),
+)
+N_BUILTIN_TEMPLATES = len(_STRUCTURES) * len(_CAST)
+
+
+def _render(t: int, nums: tuple[int, ...]) -> str:
+    s = _STRUCTURES[t % len(_STRUCTURES)]
+    name, name2, obj = _CAST[t // len(_STRUCTURES)]
+    return s.text.format(
+        name=name, name2=name2, obj=obj, **{f"n{i}": v for i, v in enumerate(nums)}
+    )
+
+
+def _solve_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.4f}".rstrip("0")
+
+
+# signature -> template number; every template's numbers are removed by the signature
+_SIGNATURES: dict[str, int] = {
+    template_signature(_render(t, (11, 22, 33))): t for t in range(N_BUILTIN_TEMPLATES)
+}
+assert len(_SIGNATURES) == N_BUILTIN_TEMPLATES  # signatures separate the templates
+
+
+def templated_math_stream(
+    n: int, *, n_templates: int = 10, seed: int = 0, first_template: int = 0
+) -> tuple[Query, ...]:
+    """``n`` seeded problems drawn uniformly from ``n_templates`` built-in templates.
+
+    Use disjoint seeds for the calibration split and the test stream. ``Query.template``
+    carries the template for reporting; models never see it.
+    """
+    if not (isinstance(n_templates, int) and 1 <= n_templates <= N_BUILTIN_TEMPLATES):
+        raise InvalidArgumentError(
+            "n_templates", f"must be in 1..{N_BUILTIN_TEMPLATES}, got {n_templates!r}"
+        )
+    if not (isinstance(n, int) and n >= 0):
+        raise InvalidArgumentError("n", f"must be an int >= 0, got {n!r}")
+    # spread templates over structures first, so few templates are still varied
+    order = [
+        (t % len(_CAST)) * len(_STRUCTURES) + t // len(_CAST) for t in range(N_BUILTIN_TEMPLATES)
+    ]
+    order = [(first_template + i) % N_BUILTIN_TEMPLATES for i in order]
+    out = []
+    for j in range(n):
+
+        def r(lo: int, hi: int, _j: int = j, _c: list[int] = [0]) -> int:  # noqa: B006
+            _c[0] += 1
+            return lo + int(_u(seed, "num", _j, _c[0]) * (hi - lo + 1))
+
+        t = order[int(_u(seed, "template", j) * n_templates)]
+        nums = _STRUCTURES[t % len(_STRUCTURES)].numbers(r)
+        text = _render(t, nums)
+        gold = _STRUCTURES[t % len(_STRUCTURES)].solve(tuple(float(x) for x in nums))
+        out.append(
+            Query(
+                text=text,
+                gold=_solve_number(gold),
+                family="math",
+                id=f"sim-{seed}-{j}",
+                template=f"builtin-{t}",
+            )
+        )
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- profiles
+@dataclass(frozen=True, slots=True)
+class SimProfile:
+    """A simulated model. Accuracy for a template = ``base_accuracy + skill_spread *
+    (s - 1/2)`` with a latent skill ``s`` ~ U(0,1) per (model, template); with a
+    same-template strategy in the prompt it is ``taught_accuracy``. Confidence of a correct
+    (wrong) answer is ``lo + (hi - lo) * v**power`` with ``v`` ~ U(0,1)."""
+
+    base_accuracy: float
+    skill_spread: float
+    taught_accuracy: float
+    correct_conf: tuple[float, float, float] = (0.72, 0.99, 0.6)
+    wrong_conf: tuple[float, float, float] = (0.15, 0.80, 1.5)
+    reasoning_tokens: tuple[int, int] = (60, 140)
+
+
+DEFAULT_PROFILES: Mapping[str, SimProfile] = {
+    "sim-weak": SimProfile(0.15, 0.2, 0.85, reasoning_tokens=(60, 140)),
+    "sim-mid": SimProfile(0.45, 0.3, 0.9, reasoning_tokens=(80, 180)),
+    "sim-strong": SimProfile(0.80, 0.2, 0.9, reasoning_tokens=(100, 240)),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Per-request fault probabilities (decided by the request's hash, so reproducible)."""
+
+    rate_429: float = 0.0
+    rate_500: float = 0.0
+    rate_timeout: float = 0.0
+    rate_malformed: float = 0.0
+    rate_missing_logprobs: float = 0.0
+    retry_after: float = 0.01  # seconds, sent in Retry-After on 429
+    transient_attempts: int = 1  # how many tries of a faulted request fail
+    timeout_s: float = 0.5  # server mode: how long a "timeout" stalls the reply
+
+    def __post_init__(self) -> None:
+        rates = (
+            self.rate_429,
+            self.rate_500,
+            self.rate_timeout,
+            self.rate_malformed,
+            self.rate_missing_logprobs,
+        )
+        if any(not 0.0 <= r <= 1.0 for r in rates) or sum(rates) > 1.0 + 1e-12:
+            raise InvalidArgumentError("rates", f"must be in [0,1] with sum <= 1, got {rates}")
+
+
+# ----------------------------------------------------------------------------- backend
+_TOKEN = re.compile(r"\s*\S+|\s+")
+
+
+def _tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(text)
+
+
+_FILLER = (
+    "First,",
+    "read",
+    "the",
+    "problem",
+    "carefully",
+    "and",
+    "list",
+    "the",
+    "given",
+    "quantities.",
+    "Next,",
+    "decide",
+    "which",
+    "operation",
+    "connects",
+    "them.",
+    "Then",
+    "compute",
+    "step",
+    "by",
+    "step",
+    "and",
+    "check",
+    "the",
+    "units.",
+    "So",
+    "the",
+    "result",
+    "follows",
+    "from",
+    "the",
+    "previous",
+    "step.",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SimResponse:
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    timeout: bool = False  # a "timeout" fault: MockTransport raises, the server stalls
+
+
+@dataclass
+class SimBackend:
+    """The deterministic fake endpoint. The only mutable part is the per-request attempt
+    counter that makes injected 429/500/timeout faults transient (thread-safe)."""
+
+    seed: int = 0
+    faults: Faults = field(default_factory=Faults)
+    profiles: Mapping[str, SimProfile] = field(default_factory=lambda: dict(DEFAULT_PROFILES))
+    answer_key: Mapping[str, str] | None = None
+    # How a model recognises "the same kind of problem" from the question text; default
+    # template_signature (words without numbers). Datasets whose variants also change names
+    # (GSM-Symbolic) can pass e.g. a lookup of the question's group.
+    template_key: Callable[[str], str] | None = None
+    _attempts: dict[bytes, int] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # -- transport glue ----------------------------------------------------------------
+    def handler(self) -> Callable[[httpx.Request], httpx.Response]:
+        """An ``httpx.MockTransport`` handler."""
+        import httpx
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            r = self.respond(request.method, request.url.path, request.content)
+            if r.timeout:
+                raise httpx.ReadTimeout("simulated read timeout", request=request)
+            return httpx.Response(r.status, headers=list(r.headers), content=r.body)
+
+        return handle
+
+    def transport(self) -> httpx.MockTransport:
+        import httpx
+
+        return httpx.MockTransport(self.handler())
+
+    # -- the pure-ish core ---------------------------------------------------------------
+    def respond(self, method: str, path: str, body: bytes) -> SimResponse:
+        path = path.rstrip("/")
+        if method == "GET" and path.endswith("/models"):
+            data = [{"id": m, "object": "model", "owned_by": "sim"} for m in sorted(self.profiles)]
+            return self._json(200, {"object": "list", "data": data})
+        if method != "POST" or not path.endswith("/chat/completions"):
+            return self._error(404, f"no route for {method} {path}", "not_found")
+        try:
+            req = json.loads(body)
+            model = req["model"]
+            messages = req["messages"]
+            prompt = "\n".join(str(m["content"]) for m in messages)
+        except (ValueError, KeyError, TypeError) as e:
+            return self._error(400, f"bad request body: {e}", "invalid_request_error")
+        if model not in self.profiles:
+            return self._error(404, f"The model {model!r} does not exist", "model_not_found")
+        key = _h(self.seed, json.dumps(req, sort_keys=True))
+        fault = self._fault(key)
+        if fault in ("429", "500", "timeout"):
+            with self._lock:
+                seen = self._attempts.get(key, 0)
+                self._attempts[key] = seen + 1
+            if seen < self.faults.transient_attempts:
+                if fault == "429":
+                    return self._error(
+                        429,
+                        "rate limited",
+                        "rate_limit_exceeded",
+                        (("Retry-After", f"{self.faults.retry_after:g}"),),
+                    )
+                if fault == "500":
+                    return self._error(500, "internal error", "server_error")
+                return SimResponse(0, b"", timeout=True)
+        if fault == "malformed":
+            return SimResponse(
+                200,
+                b'{"id": "x", "choices": [{"message": ',
+                (("content-type", "application/json"),),
+            )
+        completion = self._complete(model, prompt, req)
+        if fault == "missing_logprobs":
+            completion["choices"][0]["logprobs"] = None
+        return self._json(200, completion)
+
+    def _fault(self, key: bytes) -> str | None:
+        f = self.faults
+        u = _u(key, "fault")
+        for name, rate in (
+            ("429", f.rate_429),
+            ("500", f.rate_500),
+            ("timeout", f.rate_timeout),
+            ("malformed", f.rate_malformed),
+            ("missing_logprobs", f.rate_missing_logprobs),
+        ):
+            if u < rate:
+                return name
+            u -= rate
+        return None
+
+    @staticmethod
+    def _json(status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()) -> SimResponse:
+        return SimResponse(
+            status, json.dumps(obj).encode(), (("content-type", "application/json"), *headers)
+        )
+
+    def _error(
+        self, status: int, message: str, code: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> SimResponse:
+        return self._json(
+            status, {"error": {"message": message, "type": code, "code": code}}, headers
+        )
+
+    # -- the simulated model -------------------------------------------------------------
+    def _gold(self, question: str) -> str | None:
+        if self.answer_key is not None and question in self.answer_key:
+            return self.answer_key[question]
+        t = _SIGNATURES.get(template_signature(question))
+        if t is None:
+            return None
+        nums = tuple(float(x) for x in _NUMBER.findall(question))
+        return _solve_number(_STRUCTURES[t % len(_STRUCTURES)].solve(nums))
+
+    @staticmethod
+    def _question(prompt: str) -> tuple[str, list[str]]:
+        """The new problem (after the last example block) and the strategies shown."""
+        close_mark = EXAMPLE_CLOSE.split("{")[0]
+        cut = prompt.rfind(close_mark)
+        tail = prompt[prompt.find("\n", cut) + 1 :] if cut >= 0 else prompt
+        m = re.search(r"^(Problem|Question): ", tail, re.MULTILINE)
+        question = tail[m.end() :] if m else tail
+        if m and m.group(1) == "Question":  # MCQ: the options follow as "A. ..." lines
+            question = re.split(r"^A\. ", question, maxsplit=1, flags=re.MULTILINE)[0]
+        question = question.strip()
+        head = prompt[:cut] if cut >= 0 else ""
+        strategies = re.findall(r"^Strategy: (.*)$", head, re.MULTILINE)
+        return question, strategies
+
+    def _wrong(self, gold: str | None, model: str, question: str) -> str:
+        if gold is not None and re.fullmatch(r"[A-D]", gold.strip()):
+            letters = [c for c in "ABCD" if c != gold.strip()]
+            return letters[int(_u(self.seed, model, "wrong", question) * 3)]
+        try:
+            g = float(gold) if gold is not None else 0.0
+        except ValueError:
+            g = 0.0
+        off = 1 + int(_u(self.seed, model, "wrong", question) * 9)
+        sign = 1 if _u(self.seed, model, "sign", question) < 0.6 else -1
+        return _solve_number(g + sign * off if g + sign * off != g else g + 1)
+
+    def _complete(self, model: str, prompt: str, req: Mapping[str, Any]) -> dict[str, Any]:
+        prof = self.profiles[model]
+        question, shown = self._question(prompt)
+        sig = self.template_key(question) if self.template_key else template_signature(question)
+        gold = self._gold(question)
+        teach = STRATEGY_REQUEST_MARK.lower() in prompt.lower()  # teacher or single-call
+        shown_answer = re.search(r"your final answer was: (.*)$", prompt, re.MULTILINE)
+        taught = any(f"pattern {sig}" in s for s in shown)
+        skill = _u(self.seed, model, "skill", sig)
+        p = (
+            prof.taught_accuracy
+            if taught
+            else prof.base_accuracy + prof.skill_spread * (skill - 0.5)
+        )
+        luck = _u(self.seed, model, "luck", question)
+        right = gold is not None and luck < min(1.0, max(0.0, p))
+        if shown_answer:  # a strategy call: restate the answer the teacher already gave
+            answer = shown_answer.group(1).strip()
+        else:
+            answer = gold if right and gold is not None else self._wrong(gold, model, question)
+        lo, hi, power = prof.correct_conf if right else prof.wrong_conf
+        # the same draw with or without strategies and in single-call mode, so that only
+        # correctness (not luck) separates the variants
+        v = _u(self.seed, model, "conf", question, shown_answer is not None)
+        conf = lo + (hi - lo) * v**power
+        # reasoning body, then the labelled sections or the answer line
+        n_lo, n_hi = prof.reasoning_tokens
+        n_words = n_lo + int(_u(self.seed, model, "len", question, teach) * (n_hi - n_lo + 1))
+        if shown_answer:  # "a concise solution": the strategy call stays short
+            n_words = max(10, n_words // 4)
+        start = int(_u(self.seed, model, "start", question) * len(_FILLER))
+        words = [_FILLER[(start + i) % len(_FILLER)] for i in range(n_words)]
+        reasoning = " ".join(words)
+        if teach:
+            t = _SIGNATURES.get(template_signature(question))
+            method = (
+                _STRUCTURES[t % len(_STRUCTURES)].method
+                if t is not None
+                else "identify the quantities, relate them with the right operations and check the result"
+            )
+            topic = " ".join(w for w in _NUMBER.sub(" ", question).split()[:6])
+            strategy = (
+                f'For problems like "{topic} ..." (pattern {sig}): {method}. Pitfalls: '
+                "misreading which quantity the question asks for; check the final unit."
+            )
+            body = f"Solution: {reasoning}"
+            answer_line = f"Answer: {answer}"
+            tail = f"\nStrategy: {strategy}"
+        else:
+            body = f"Let's solve it step by step. {reasoning}"
+            answer_line = f"Answer: {answer}"
+            tail = ""
+        body_tokens = _tokenize(body + "\n")
+        answer_tokens = _tokenize(answer_line)
+        tail_tokens = _tokenize(tail)
+        log_c = math.log(conf)
+        content: list[dict[str, Any]] = []
+        for part, tag in ((body_tokens + tail_tokens, "body"), (answer_tokens, "answer")):
+            noise = [_u(self.seed, model, "lp", question, tag, i) for i in range(len(part))]
+            mean = math.fsum(noise) / len(noise) if noise else 0.0
+            for tok, e in zip(part, noise, strict=True):
+                lp = log_c + abs(log_c) * 0.5 * (e - mean)  # zero-sum, never above 0
+                content.append(
+                    {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
+                )
+        # order tokens as in the text: body, answer line, then tail
+        nb = len(body_tokens)
+        na = len(answer_tokens)
+        body_items = content[:nb]
+        tail_items = content[nb : nb + len(tail_tokens)]
+        answer_items = content[nb + len(tail_tokens) : nb + len(tail_tokens) + na]
+        ordered = body_items + answer_items + tail_items
+        text = "".join(it["token"] for it in ordered)
+        prompt_tokens = sum(len(_tokenize(str(m.get("content", "")))) + 4 for m in req["messages"])
+        return {
+            "id": "chatcmpl-" + _h(self.seed, model, prompt).hex()[:24],
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": {"content": ordered},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(ordered),
+                "total_tokens": prompt_tokens + len(ordered),
+            },
+        }
+
+
+# ----------------------------------------------------------------------------- server
+class SimServer:
+    """A running ``http.server`` around a :class:`SimBackend` (see :func:`start_server`)."""
+
+    def __init__(self, backend: SimBackend, host: str = "127.0.0.1", port: int = 0) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sim = backend
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out at once (no 40 ms stalls)
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                r = sim.respond(self.command, self.path.split("?")[0], body)
+                if r.timeout:  # stall past the client's timeout, then answer normally
+                    time.sleep(sim.faults.timeout_s)
+                    r = sim.respond(self.command, self.path.split("?")[0], body)
+                self.send_response(r.status)
+                for k, v in r.headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(r.body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(r.body)
+                except (BrokenPipeError, ConnectionResetError):  # client gave up (timeout)
+                    pass
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # quiet: tests and benchmarks read stdout
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # clients that time out and hang up are expected
+
+        self.backend = backend
+        self.httpd = Server((host, port), Handler)
+        self.host, self.port = str(self.httpd.server_address[0]), int(self.httpd.server_address[1])
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def start(self) -> SimServer:
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, daemon=True, name=f"sim-serve:{self.port}"
+        )
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+@contextmanager
+def start_server(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    seed: int = 0,
+    faults: Faults | None = None,
+    backend: SimBackend | None = None,
+) -> Iterator[SimServer]:
+    """Run the simulator on a background thread for the ``with`` block (port 0 = any free
+    port; read ``server.base_url``)."""
+    sim = backend if backend is not None else SimBackend(seed=seed, faults=faults or Faults())
+    server = SimServer(sim, host, port).start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    seed: int = 0,
+    faults: Faults | None = None,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve the simulator until interrupted (``intercascade sim-serve``); ``ready`` is
+    called with the base URL (``http://HOST:PORT/v1``, the real port when ``port=0``)."""
+    server = SimServer(SimBackend(seed=seed, faults=faults or Faults()), host, port)
+    if ready is not None:
+        ready(server.base_url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
