@@ -107,7 +107,7 @@ INSITU_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars or status lines; print only the results")
 

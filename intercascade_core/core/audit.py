@@ -354,7 +354,7 @@ def observe_many(state: AuditState, labels: Iterable[bool]) -> tuple[AuditState,
 # ----------------------------------------------------------------------------- vectorised
 def _critical_counts(sizes: np.ndarray, alpha: float, deltas: np.ndarray) -> np.ndarray:
     """Smallest k with P(Bin(m, α) >= k) <= δ_j, per (m, δ_j); m + 1 when none exists."""
-    c = stats.binom.ppf(1.0 - deltas, sizes, alpha).astype(np.int64) + 1
+    c = np.asarray(stats.binom.ppf(1.0 - deltas, sizes, alpha)).astype(np.int64) + 1
     # guard the float edges of ppf: step until sf(c-1) <= δ < sf(c-2)
     for _ in range(3):
         too_high = (c > 1) & (stats.binom.sf(c - 2, sizes, alpha) <= deltas)

@@ -31,7 +31,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -40,7 +40,9 @@ from scipy.special import betaincinv, ndtri
 from ..errors import InvalidArgumentError
 
 try:  # the kernel behind scipy.stats.binom.cdf, without importing scipy.stats (seconds)
-    from scipy.special._ufuncs import _binom_cdf
+    from scipy.special._ufuncs import _binom_cdf as _binom_cdf_kernel
+
+    _binom_cdf: Any = _binom_cdf_kernel
 except ImportError:  # pragma: no cover - older/newer SciPy layouts
     from scipy.stats import binom as _binom
 
@@ -98,7 +100,9 @@ class Calibration:
     def summary(self) -> dict[str, object]:
         """A JSON-ready record (an infinite threshold and a NaN risk become None), as the
         CLI and ``results.json`` print it."""
-        finite = lambda x: x if math.isfinite(x) else None  # noqa: E731
+        def finite(x: float) -> float | None:
+            return x if math.isfinite(x) else None
+
         return {
             "threshold": finite(self.threshold),
             "abstained": self.abstained,
@@ -298,9 +302,9 @@ def _calibrate_checked(
 
 
 def _check_on_fail(on_fail: object) -> OnFail:
-    if on_fail not in ("abstain", "jung"):
-        raise InvalidArgumentError("on_fail", f'must be "abstain" or "jung", got {on_fail!r}')
-    return on_fail  # type: ignore[return-value]
+    if on_fail == "abstain" or on_fail == "jung":
+        return on_fail
+    raise InvalidArgumentError("on_fail", f'must be "abstain" or "jung", got {on_fail!r}')
 
 
 def calibrate(

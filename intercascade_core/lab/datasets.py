@@ -380,7 +380,7 @@ def _gsm8k_final(path: str | Path, line: int, field_name: str, solution: str) ->
 
 def load_gsm8k(path: str | Path) -> tuple[Problem, ...]:
     """GSM8K: ``question`` and ``answer`` (a worked solution ending ``#### n``)."""
-    out = []
+    out: list[Problem] = []
     for line, rec in _records(path):
         q = _text(path, line, rec, "question")
         sol = _text(path, line, rec, "answer")
@@ -404,7 +404,7 @@ def load_gsm_plus(path: str | Path) -> tuple[Problem, ...]:
     order puts the perturbations of one problem together. Critical-thinking items have a
     non-numeric answer (``None``) and keep it as text.
     """
-    out = []
+    out: list[Problem] = []
     groups: dict[str, str] = {}
     for line, rec in _records(path):
         q = _text(path, line, rec, "question")
@@ -432,7 +432,7 @@ _METAMATH_ANSWER = re.compile(r"The answer is:?\s*(.+?)\s*$", re.DOTALL)
 
 def load_metamath(path: str | Path) -> tuple[Problem, ...]:
     """MetaMathQA: ``query`` and ``response`` ending ``The answer is: …`` (+ ``type``)."""
-    out = []
+    out: list[Problem] = []
     groups: dict[str, str] = {}
     for line, rec in _records(path):
         q = _text(path, line, rec, "query")
@@ -472,7 +472,7 @@ def load_nasa_history(path: str | Path, *, seed: int = 0) -> tuple[Problem, ...]
     record) or explicit options (a ``choices`` list of four, or ``A``..``D`` columns) with
     a gold ``answer`` letter.
     """
-    out = []
+    out: list[Problem] = []
     for line, rec in _records(path):
         q = _text(path, line, rec, "question")
         if "correct_answer" in rec:

@@ -378,6 +378,11 @@ def _num(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def _plain_dict(x: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = _plain(x)
+    return out
+
+
 def _plain(x: Any) -> Any:
     """Strict-JSON plain data: NaN/inf floats become None, numpy scalars Python ones."""
     if isinstance(x, Mapping):
@@ -417,7 +422,7 @@ def risk_document(ev: Evaluation, variant: str) -> dict[str, Any]:
         cal = ev.insitu.calibrations[0]
     else:
         cal = ev.calibration.calibrations[0]
-    return _plain(
+    return _plain_dict(
         risk_summary(
             ev.runs[variant].outcomes, cal, alpha=ev.alpha, delta=cal.delta,
             strategy_free=(ev.calibration.confidences[0], ev.calibration.correct[0]),
@@ -431,7 +436,7 @@ def insitu_document(ev: Evaluation) -> dict[str, Any] | None:
     ins = ev.insitu
     if ins is None:
         return None
-    return _plain(
+    return _plain_dict(
         {
             "thresholds": list(ins.thresholds),
             "levels": _level_records(ev.level_names, ins.calibrations),

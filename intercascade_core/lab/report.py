@@ -328,7 +328,7 @@ def _by_variant(outcomes: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping
         groups.setdefault(str(rec["variant"]), []).append(rec)
     for recs in groups.values():
         recs.sort(key=lambda r: int(r["index"]))
-    ordered = {v: groups[v] for v in VARIANTS if v in groups}
+    ordered: dict[str, list[Mapping[str, Any]]] = {v: groups[v] for v in VARIANTS if v in groups}
     ordered.update({v: r for v, r in groups.items() if v not in ordered})
     return ordered
 
