@@ -3,8 +3,10 @@
 A :class:`CascadeState` is a value: the calibrated thresholds per level, the strategy
 repositories (one per level but the last), the counter that seeds the random variant and
 run counters. :func:`step` takes a state and one query, with the models and the embedder
-injected, and returns ``(new_state, Outcome)``; the model calls are its only I/O and the
-old state stays valid. :func:`run_stream` folds :func:`step` over a stream.
+injected, and returns ``(new_state, Outcome)``; the old state stays valid. The decisions
+are made by the sans-I/O :class:`~.machine.QueryMachine`; :func:`step` only performs the
+embedding and model calls it requests (:func:`drive`) and commits the result
+(:func:`~.machine.apply`). :func:`run_stream` folds :func:`step` over a stream.
 
 Per query, level i = 0..N-1 in order (0 = weakest):
 
@@ -32,22 +34,18 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
-from ..errors import InvalidArgumentError, MalformedStrategy, ModelError
+from ..errors import InvalidArgumentError, ModelError
 from .calibrate import Calibration, calibrate_cascade
 from .prompts import (
-    answer_and_strategy_prompt,
     as_messages,
-    parse_strategy,
     strategy_free_prompt,
-    strategy_generation_prompt,
-    weak_prompt,
 )
 from .protocols import Generation, TextModel
-from .repository import Entry, Repository, empty_repository, update
-from .sanitize import sanitize_strategy
+from .repository import Repository, empty_repository
 from .tasks import Query, grade
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .machine import Done, QueryMachine, Request
     from .protocols import Embedder
 
 __all__ = [
@@ -61,7 +59,10 @@ __all__ = [
     "StreamResult",
     "Usage",
     "calibrate_levels",
+    "drive",
     "init_state",
+    "initial_state",
+    "perform",
     "run_stream",
     "step",
 ]
@@ -265,6 +266,21 @@ def init_state(calibrations: Sequence[Calibration], dim: int) -> CascadeState:
     )
 
 
+def initial_state(
+    state: CascadeState | None, calibrations: Sequence[Calibration] | None, dim: int
+) -> CascadeState:
+    """The state a run starts from: ``state`` to resume, or a fresh one from
+    ``calibrations``; exactly one of the two must be given."""
+    if (state is None) == (calibrations is None):
+        raise InvalidArgumentError("state", "pass exactly one of state= or calibrations=")
+    if state is None:
+        assert calibrations is not None
+        return init_state(calibrations, dim)
+    if not isinstance(state, CascadeState):
+        raise InvalidArgumentError("state", f"expected a CascadeState, got {type(state).__name__}")
+    return state
+
+
 # ----------------------------------------------------------------------------- outcome
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -373,26 +389,31 @@ def _check_levels(state: CascadeState, levels: Sequence[Level]) -> None:
             raise InvalidArgumentError("levels", f"expected Level records, got {type(lv).__name__}")
 
 
-def _select(
-    repo: Repository, qvec: np.ndarray, config: CascadeConfig, rng_key: tuple[int, int]
-) -> tuple[list[Entry], tuple[StrategyUse, ...]]:
-    """The strategies for one prompt: top-k by cosine, or k uniformly drawn (seeded)."""
-    if config.policy == "retrieval":
-        from .retrieve import retrieve
+def perform(
+    request: Request, levels: Sequence[Level], embedder: Embedder
+) -> np.ndarray | Generation | ModelError:
+    """Carry out one request of a :class:`~.machine.QueryMachine`: the embedding row, or
+    the level's reply (a model's typed failure is returned, to be fed, not raised)."""
+    from .machine import Embed
 
-        top = retrieve(repo, qvec[None, :], config.k, backend=config.backend, tenant=config.tenant)
-        idx = [int(i) for i in top.indices[0] if i >= 0]
-        sims = [float(s) for s in top.scores[0][: len(idx)]]
-    else:  # random: uniform without replacement over this tenant's entries
-        pool = np.arange(len(repo))
-        if config.tenant is not None:
-            pool = pool[repo.tenant_codes == repo.tenant_code(config.tenant)]
-        rng = np.random.default_rng(list(rng_key))
-        take = min(config.k, len(pool))
-        idx = [int(i) for i in rng.choice(pool, size=take, replace=False)] if take else []
-        sims = [float(repo.vectors[i] @ qvec) for i in idx]
-    entries = [repo.entries[i] for i in idx]
-    return entries, tuple(StrategyUse(e.id, s) for e, s in zip(entries, sims, strict=True))
+    if isinstance(request, Embed):
+        row: np.ndarray = np.asarray(embedder.embed([request.text]), dtype=np.float32)[0]
+        return row
+    lv = levels[request.level]
+    try:
+        return lv.model.generate(request.messages, **lv.params)
+    except ModelError as e:
+        return e
+
+
+def drive(machine: QueryMachine, levels: Sequence[Level], embedder: Embedder) -> Done:
+    """Feed ``machine`` the results of its requests until it is done (the synchronous
+    driver; an asynchronous one awaits the same requests in the same loop)."""
+    from .machine import Done
+
+    while not isinstance(request := machine.next(), Done):
+        machine.feed(perform(request, levels, embedder))
+    return request
 
 
 def step(
@@ -407,138 +428,18 @@ def step(
     """Run one query through the cascade; return the new state and its :class:`Outcome`.
 
     ``state`` is not modified (repositories are persistent values). ``index`` labels the
-    outcome (default: ``state.n_queries``).
+    outcome (default: ``state.n_queries``). The decisions are those of
+    :class:`~.machine.QueryMachine`; this driver performs its calls and times them.
     """
     import time
 
+    from .machine import QueryMachine, apply
+
     _check_levels(state, levels)
-    if not isinstance(query, Query):
-        raise InvalidArgumentError("query", f"expected a tasks.Query, got {type(query).__name__}")
     t0 = time.perf_counter()
-    n = state.n_levels
-    repos = list(state.repositories)
-    rng_counter = state.rng_counter
-    calls = list(state.calls)
-    accepted = list(state.accepted)
-    confidences: list[float | None] = [None] * n
-    answers: list[str | None] = [None] * n
-    correct: list[bool | None] = [None] * n
-    unparseable: list[bool] = [False] * n
-    strategies: list[tuple[StrategyUse, ...]] = [()] * n
-    usage = [Usage() for _ in range(n)]
-    teach_usage = [Usage() for _ in range(n)]
-    failures: list[str | None] = [None] * n
-    stored_in: tuple[int, ...] = ()
-    rejected: str | None = None
-    qvec: np.ndarray | None = None
-    level_out: int | None = None
-
-    def query_vector() -> np.ndarray:
-        nonlocal qvec
-        if qvec is None:
-            qvec = np.asarray(embedder.embed([query.text]), dtype=np.float32)[0]
-        return qvec
-
-    for i, lv in enumerate(levels):
-        last = i == n - 1
-        single = last and i >= 1 and config.teaches and config.strategy_mode == "single_call"
-        entries: list[Entry] = []
-        if not last and config.teaches and config.k > 0 and len(repos[i]) > 0:
-            entries, strategies[i] = _select(
-                repos[i], query_vector(), config, (config.seed, rng_counter)
-            )
-            if config.policy == "random":
-                rng_counter += 1
-        if single:
-            prompt = answer_and_strategy_prompt(query)
-        elif last:
-            prompt = strategy_free_prompt(query)
-        else:
-            prompt = weak_prompt(query, entries)
-        calls[i] += 1
-        try:
-            gen = lv.model.generate(as_messages(prompt), **lv.params)
-        except ModelError as e:
-            failures[i] = f"level {i} ({lv.name}): {e.reason}"
-            continue  # a failed level cannot accept: defer
-        usage[i] = usage[i].add(gen)
-        g = grade(gen.text, query.gold, query.family)
-        confidences[i] = gen.confidence
-        answers[i], correct[i], unparseable[i] = g.answer, g.correct, g.unparseable
-        if not gen.confidence >= state.calibrations[i].threshold:  # defer (NaN defers too)
-            continue
-        level_out = i
-        accepted[i] += 1
-        if i >= 1 and config.teaches:
-            targets = tuple(range(i)) if config.teach == "all_weaker" else (i - 1,)
-            strategy: str | None = None
-            try:
-                if single:
-                    strategy = parse_strategy(gen.text, problem=query.text).strategy
-                else:
-                    shown = g.answer if g.answer is not None else "(no parseable answer)"
-                    gen2 = lv.model.generate(
-                        as_messages(strategy_generation_prompt(query, shown)), **lv.params
-                    )
-                    teach_usage[i] = teach_usage[i].add(gen2)
-                    strategy = parse_strategy(gen2.text, problem=query.text).strategy
-            except MalformedStrategy as e:
-                rejected = e.reason
-            except ModelError as e:
-                rejected = f"strategy call failed: {e.reason}"
-            if strategy is not None:
-                entry = Entry(
-                    query=query.text,
-                    answer=g.answer if g.answer is not None else "",
-                    strategy=sanitize_strategy(strategy),  # LLM-written: stored sanitised
-                    source_level=i,
-                    source_model=lv.name,
-                    created_at=float(state.n_queries),  # stream position, not wall time
-                    tenant=config.tenant or "default",
-                )
-                row = query_vector()[None, :]
-                for j in targets:
-                    repos[j] = update(repos[j], [entry], row)
-                stored_in = targets
-        break
-
-    status: Status = "accepted" if level_out is not None else "discarded"
-    n_fail = sum(f is not None for f in failures)
-    new_state = replace(
-        state,
-        repositories=tuple(repos),
-        counters=Counters(
-            n_queries=state.n_queries + 1,
-            calls=tuple(calls),
-            accepted=tuple(accepted),
-            n_discarded=state.n_discarded + (level_out is None),
-            n_failed_calls=state.n_failed_calls + n_fail,
-            n_stored=state.n_stored + (1 if stored_in else 0),
-            n_rejected_strategies=state.n_rejected_strategies + (rejected is not None),
-            rng_counter=rng_counter,
-        ),
-    )
-    outcome = Outcome(
-        index=state.n_queries if index is None else index,
-        query_id=query.id,
-        status=status,
-        level=level_out,
-        answer=answers[level_out] if level_out is not None else None,
-        correct=correct[level_out] if level_out is not None else None,
-        unparseable=unparseable[level_out] if level_out is not None else False,
-        confidences=tuple(confidences),
-        level_answers=tuple(answers),
-        level_correct=tuple(correct),
-        strategies=tuple(strategies),
-        usage=tuple(usage),
-        teach_usage=tuple(teach_usage),
-        failures=tuple(failures),
-        stored_in=stored_in,
-        strategy_rejected=rejected,
-        template=query.template,
-        latency_s=time.perf_counter() - t0,
-    )
-    return new_state, outcome
+    machine = QueryMachine(state, query, [lv.name for lv in levels], config, index=index)
+    done = drive(machine, levels, embedder)
+    return apply(state, done), replace(done.outcome, latency_s=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- streams
@@ -570,11 +471,7 @@ def run_stream(
     """
     from tqdm import tqdm
 
-    if (state is None) == (calibrations is None):
-        raise InvalidArgumentError("state", "pass exactly one of state= or calibrations=")
-    if state is None:
-        assert calibrations is not None
-        state = init_state(calibrations, int(embedder.dim))
+    state = initial_state(state, calibrations, int(embedder.dim))
     items = list(queries)
     outcomes: list[Outcome] = []
     label = desc if desc is not None else f"inter-cascade[{config.policy}]"
