@@ -71,6 +71,7 @@ import numpy.typing as npt
 from scipy import stats
 
 from ..errors import IntercascadeError, InvalidArgumentError, RiskAlarmError
+from .calibrate import cp_lower, cp_upper
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibrate import Calibration
@@ -279,12 +280,8 @@ def reset(state: AuditState) -> AuditState:
 
 
 # ----------------------------------------------------------------------------- bounds
-def _cp_lower(k: int, m: int, d: float) -> float:
-    return 0.0 if k <= 0 else float(stats.beta.ppf(d, k, m - k + 1))
 
 
-def _cp_upper(k: int, m: int, d: float) -> float:
-    return 1.0 if (m == 0 or k >= m) else float(stats.beta.ppf(1.0 - d, k + 1, m - k))
 
 
 def _p_value(k: int, m: int, alpha: float) -> float:
@@ -328,7 +325,7 @@ def observe(state: AuditState, correct: bool) -> tuple[AuditState, RiskAlarm | N
     else:
         m, k = len(recent), sum(not x for x in recent)
     p = _p_value(k, m, c.alpha)
-    lower, upper = _cp_lower(k, m, d_j), _cp_upper(k, m, d_j)
+    lower, upper = float(cp_lower(k, m, d_j)), float(cp_upper(k, m, d_j))
     new = replace(new, checkpoint_index=j, next_checkpoint=c.checkpoint(j + 1),
                   risk_upper=upper, risk_lower=lower)
     if p > d_j or state.alarm is not None:

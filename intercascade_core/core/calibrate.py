@@ -199,14 +199,25 @@ def _make_grid(grid: GridSpec, confidences: npt.NDArray[np.float64]) -> tuple[np
 # --------------------------------------------------------------------------- the bound
 
 
-def _cp_upper(k: np.ndarray | int, n: np.ndarray | int, delta: float) -> np.ndarray:
-    """One-sided Clopper–Pearson upper bound, vectorised; 1 at n = 0 and at k = n."""
+def cp_upper(k: np.ndarray | int, n: np.ndarray | int, delta: float) -> np.ndarray:
+    """One-sided (1 − δ) Clopper–Pearson upper bound on a rate after k events in n
+    trials, vectorised: ``beta.ppf(1 − δ, k + 1, n − k)``; 1 at n = 0 and at k = n."""
     k_arr = np.asarray(k, dtype=np.float64)
     n_arr = np.asarray(n, dtype=np.float64)
     degenerate = (n_arr == 0) | (k_arr >= n_arr)
     safe_n = np.where(degenerate, k_arr + 1.0, n_arr)  # keeps beta.ppf's b = n - k > 0
-    bound = betaincinv(k_arr + 1.0, safe_n - k_arr, 1.0 - delta)  # = beta.ppf(1 - δ, k+1, n-k)
+    bound = betaincinv(k_arr + 1.0, safe_n - k_arr, 1.0 - delta)
     return np.where(degenerate, 1.0, bound)
+
+
+def cp_lower(k: np.ndarray | int, n: np.ndarray | int, delta: float) -> np.ndarray:
+    """One-sided (1 − δ) Clopper–Pearson lower bound, vectorised:
+    ``beta.ppf(δ, k, n − k + 1)``; 0 at k = 0."""
+    k_arr = np.asarray(k, dtype=np.float64)
+    n_arr = np.asarray(n, dtype=np.float64)
+    none = k_arr <= 0
+    bound = betaincinv(np.where(none, 1.0, k_arr), n_arr - k_arr + 1.0, delta)
+    return np.where(none, 0.0, bound)
 
 
 def _check_count(name: str, value: object) -> int:
@@ -226,7 +237,7 @@ def risk_upper_bound(n_errors: int, n: int, *, delta: float) -> float:
     if k > total:
         raise InvalidArgumentError("n_errors", f"must not exceed n={total}, got {k}")
     d = _check_unit_interval_open("delta", delta)
-    return float(_cp_upper(k, total, d))
+    return float(cp_upper(k, total, d))
 
 
 # --------------------------------------------------------------------------- calibration
@@ -276,7 +287,7 @@ def _calibrate_checked(
         n_acc, k_err = int(n_seq[i]), int(k_seq[i])
         return Calibration(
             threshold=float(lambdas[i]), n_accepted=n_acc, n_errors=k_err,
-            risk_bound=float(_cp_upper(k_err, n_acc, delta)), abstained=False, guaranteed=True,
+            risk_bound=float(cp_upper(k_err, n_acc, delta)), abstained=False, guaranteed=True,
             **common,  # type: ignore[arg-type]
         )
     if on_fail == "jung":
@@ -288,7 +299,7 @@ def _calibrate_checked(
             threshold, note = 0.0, f"fewer than min_n={min_n} items; Jung fallback accepts everything"
         return Calibration(
             threshold=threshold, n_accepted=n_acc, n_errors=k_err,
-            risk_bound=float(_cp_upper(k_err, n_acc, delta)), abstained=False, guaranteed=False,
+            risk_bound=float(cp_upper(k_err, n_acc, delta)), abstained=False, guaranteed=False,
             note=note + " (no (alpha, delta) guarantee)", **common,  # type: ignore[arg-type]
         )
     note = (
@@ -409,7 +420,7 @@ def calibrate_cascade(
             n_acc, k_err = int(accepted.sum()), int((accepted & ~ok_i).sum())
             cal = Calibration(
                 threshold=prev, alpha=a, delta=level_delta, n_calibration=int(conf_i.size),
-                n_accepted=n_acc, n_errors=k_err, risk_bound=float(_cp_upper(k_err, n_acc, level_delta)),
+                n_accepted=n_acc, n_errors=k_err, risk_bound=float(cp_upper(k_err, n_acc, level_delta)),
                 grid_rule=rule, min_n=m, abstained=False, guaranteed=False, on_fail=mode, n_tested=0,
                 note=f"fewer than min_n={m} items left; inherits the previous level's threshold (Jung, no guarantee)",
             )
@@ -457,7 +468,7 @@ def certify(
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
         raise InvalidArgumentError("threshold", f"must be a real number, got {threshold!r}")
     accepted = conf >= float(threshold)
-    return float(_cp_upper(int((accepted & ~ok).sum()), int(accepted.sum()), d))
+    return float(cp_upper(int((accepted & ~ok).sum()), int(accepted.sum()), d))
 
 
 # --------------------------------------------------------------------------- Theorems 2.2 and G.1
