@@ -45,7 +45,7 @@ from .repository import Repository, empty_repository
 from .tasks import Query, grade
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .machine import Done, QueryMachine, Request
+    from .machine import Call, Done, QueryMachine
     from .protocols import Embedder
 
 __all__ = [
@@ -390,7 +390,7 @@ def _check_levels(state: CascadeState, levels: Sequence[Level]) -> None:
 
 
 def perform(
-    request: Request, levels: Sequence[Level], embedder: Embedder
+    request: Call, levels: Sequence[Level], embedder: Embedder
 ) -> np.ndarray | Generation | ModelError:
     """Carry out one request of a :class:`~.machine.QueryMachine`: the embedding row, or
     the level's reply (a model's typed failure is returned, to be fed, not raised)."""

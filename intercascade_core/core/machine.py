@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal, TypeAlias
 
 import numpy as np
@@ -57,29 +57,28 @@ from .tasks import Query, grade
 
 __all__ = [
     "Ask",
+    "Call",
     "Done",
     "Embed",
     "QueryMachine",
     "Request",
-    "Result",
     "Teaching",
     "accepts",
     "answer_prompt",
     "apply",
     "select_strategies",
-    "teaching_entry",
     "teach_targets",
+    "teaching_entry",
 ]
 
 
 # ----------------------------------------------------------------------------- requests
 @dataclass(frozen=True, slots=True)
 class Embed:
-    """The machine needs the embedding row of ``text`` (the query), to ``"select"``
-    strategies or to ``"store"`` the one it was taught."""
+    """The machine needs the embedding row of ``text`` (the query): to select strategies
+    for a prompt, or to store the strategy it was taught. It asks at most once per query."""
 
     text: str
-    purpose: Literal["select", "store"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +99,22 @@ class Ask:
 @dataclass(frozen=True, slots=True, eq=False)
 class Teaching:
     """A strategy to store: the entry, its read-only unit query row and the repository
-    indexes it goes to."""
+    indexes it goes to. Equal when all three are (the row compared element-wise)."""
 
     entry: Entry
     vector: npt.NDArray[np.float32]
     targets: tuple[int, ...]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Teaching):
+            return NotImplemented
+        return (
+            self.entry == other.entry
+            and self.targets == other.targets
+            and np.array_equal(self.vector, other.vector)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # holds an array: unhashable, like a list
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -117,8 +127,8 @@ class Done:
     teachings: tuple[Teaching, ...]
 
 
+Call: TypeAlias = Embed | Ask  # what a driver performs
 Request: TypeAlias = Embed | Ask | Done
-Result: TypeAlias = "npt.NDArray[np.floating] | Generation | ModelError"
 
 
 # ----------------------------------------------------------------------------- decisions
@@ -221,8 +231,8 @@ class _LevelTrace:
     answer: str | None = None
     correct: bool | None = None
     unparseable: bool = False
-    usage: Usage = Usage()
-    teach_usage: Usage = Usage()
+    usage: Usage = field(default_factory=Usage)
+    teach_usage: Usage = field(default_factory=Usage)
     failure: str | None = None
 
 
@@ -272,7 +282,7 @@ def _enter(c: _Query, t: _Trace) -> _Trace:
     entries: list[Entry] = []
     if wants_strategies(c.state, i, c.config):
         if t.qvec is None:
-            return replace(t, request=Embed(c.query.text, "select"))
+            return replace(t, request=Embed(c.query.text))
         key = (c.config.seed, c.state.rng_counter + t.draws)
         entries, uses = select_strategies(c.state.repositories[i], t.qvec, c.config, key)
         t = _at(t, i, strategies=uses)
@@ -328,14 +338,14 @@ def _taught(c: _Query, t: _Trace, reply: str) -> _Trace:
         return _finish(c, replace(t, rejected=e.reason))
     t = replace(t, entry=entry)
     if t.qvec is None:
-        return replace(t, request=Embed(c.query.text, "store"))
+        return replace(t, request=Embed(c.query.text))
     return _finish(c, t)
 
 
 def _on_vector(c: _Query, t: _Trace, row: npt.NDArray[np.float32]) -> _Trace:
-    assert isinstance(t.request, Embed)
+    """The query row: store the taught entry if one waits for it, else select and ask."""
     t = replace(t, qvec=row)
-    return _finish(c, t) if t.request.purpose == "store" else _enter(c, t)
+    return _finish(c, t) if t.entry is not None else _enter(c, t)
 
 
 def _finish(c: _Query, t: _Trace) -> _Trace:
@@ -418,10 +428,10 @@ class QueryMachine:
             )
         if isinstance(names, str) or len(names) != state.n_levels:
             raise InvalidArgumentError(
-                "levels", f"state has {state.n_levels} calibrated levels, got names {names!r}"
+                "names", f"state has {state.n_levels} calibrated levels, got names {names!r}"
             )
         if not all(isinstance(x, str) for x in names):
-            raise InvalidArgumentError("levels", f"level names must be str, got {names!r}")
+            raise InvalidArgumentError("names", f"level names must be str, got {names!r}")
         if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
             raise InvalidArgumentError("index", f"must be an int or None, got {index!r}")
         position = state.n_queries if index is None else index
@@ -433,12 +443,18 @@ class QueryMachine:
         assert self._t.request is not None
         return self._t.request
 
+    @property
+    def done(self) -> bool:
+        """Whether the query is finished (:meth:`next` returns :class:`Done`)."""
+        return isinstance(self._t.request, Done)
+
     def feed(self, result: object) -> None:
         """Hand back the result of :meth:`next`'s request.
 
         :class:`Embed` takes a 1-D float array of the repositories' dimension; :class:`Ask`
         takes a :class:`Generation` or the :class:`ModelError` the call raised. Any other
-        result, or any result after :class:`Done`, raises :class:`InvalidArgumentError`.
+        result, or any result after :class:`Done`, raises :class:`InvalidArgumentError`
+        and leaves the machine as it was.
         """
         c, t, req = self._c, self._t, self.next()
         if isinstance(req, Done):
@@ -474,6 +490,8 @@ class QueryMachine:
                 "result", f"an Embed request needs a float row of shape ({dim},), got {got}"
             )
         row = np.array(result, dtype=np.float32)  # a copy: the caller may reuse its buffer
+        if not np.isfinite(row).all():
+            raise InvalidArgumentError("result", "the embedding row holds NaN or infinite values")
         row.flags.writeable = False
         return row
 
@@ -491,6 +509,12 @@ def apply(state: CascadeState, done: Done) -> CascadeState:
     if not isinstance(done, Done):
         raise InvalidArgumentError("done", f"expected a Done record, got {type(done).__name__}")
     repos = list(state.repositories)
+    for teaching in done.teachings:
+        for j in teaching.targets:
+            if not 0 <= j < len(repos):
+                raise InvalidArgumentError(
+                    "done", f"a teaching targets repository {j}; the state has {len(repos)}"
+                )
     for teaching in done.teachings:
         row = teaching.vector[None, :]
         for j in teaching.targets:
