@@ -519,12 +519,10 @@ def audited_stream(
     then a new audit epoch (:func:`reset`); ``"none"`` → only recorded. With
     ``raise_on_alarm`` the :class:`RiskAlarmError` propagates.
     """
-    from .cascade import CascadeConfig, init_state, step
+    from .cascade import CascadeConfig, initial_state, step
 
     cfg = CascadeConfig() if config is None else config
-    if (state is None) == (calibrations is None):
-        raise InvalidArgumentError("state", "pass exactly one of state= or calibrations=")
-    cstate = init_state(calibrations, int(embedder.dim)) if state is None else state  # type: ignore[arg-type]
+    cstate = initial_state(state, calibrations, int(embedder.dim))
     astate = init_audit(audit) if isinstance(audit, AuditConfig) else audit
     if not isinstance(astate, AuditState):
         raise InvalidArgumentError("audit", f"expected an AuditConfig or AuditState, got {type(audit).__name__}")
