@@ -33,15 +33,6 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import InvalidArgumentError, MalformedStrategy, ModelError
-from .cascade import (
-    CascadeConfig,
-    CascadeState,
-    Counters,
-    Outcome,
-    Status,
-    StrategyUse,
-    Usage,
-)
 from .prompts import (
     answer_and_strategy_prompt,
     as_messages,
@@ -53,6 +44,15 @@ from .prompts import (
 from .protocols import Generation
 from .repository import Entry, Repository, update
 from .sanitize import sanitize_strategy
+from .state import (
+    CascadeConfig,
+    CascadeState,
+    Counters,
+    Outcome,
+    Status,
+    StrategyUse,
+    Usage,
+)
 from .tasks import Query, grade
 
 __all__ = [
