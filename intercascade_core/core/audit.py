@@ -64,20 +64,18 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
-from ..errors import IntercascadeError, InvalidArgumentError, RiskAlarmError
-from .calibrate import cp_lower, cp_upper
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .calibrate import Calibration
-    from .cascade import CascadeConfig, CascadeState, Level, Outcome
-    from .protocols import Embedder
-    from .tasks import Query
+from ..errors import InvalidArgumentError, ModelError, RiskAlarmError
+from .calibrate import Calibration, cp_lower, cp_upper
+from .cascade import CascadeConfig, CascadeState, Level, Outcome, initial_state, step
+from .prompts import as_messages, strategy_free_prompt
+from .protocols import Embedder
+from .tasks import Query, answers_match, extract_answer
 
 __all__ = [
     "AuditConfig",
@@ -117,7 +115,6 @@ class AuditConfig:
     action: what an alarm asks for (``"none"``, ``"defer_all"``, ``"recalibrate"``).
     raise_on_alarm: :func:`observe` raises :class:`RiskAlarmError` instead of returning the event.
     """
-
     alpha: float
     delta: float
     every: int = 10
@@ -187,7 +184,6 @@ class RiskAlarm:
     lower bound at ``delta_j`` (> α), ``p_value`` the exact binomial p-value (<= delta_j),
     ``action`` what the config asks the caller to do.
     """
-
     n_labels: int
     checkpoint: int
     n_window: int
@@ -214,7 +210,6 @@ class AuditState:
     raised the audit keeps counting but emits no further events until :func:`reset`.
     ``n_total``/``n_total_wrong``/``epoch`` count across resets.
     """
-
     config: AuditConfig
     n: int = 0
     n_wrong: int = 0
@@ -434,8 +429,6 @@ def apply_alarm(state: CascadeState, event: RiskAlarm, *, level: int = 0) -> Cas
     """The ``"defer_all"`` action: a cascade state whose ``level`` threshold abstains
     (``inf``), so every query skips that level's answer and goes on to the next level.
     Other actions leave the state as it is (``"recalibrate"`` is the caller's job)."""
-    from .cascade import CascadeState
-
     if not isinstance(state, CascadeState):
         raise InvalidArgumentError("state", f"expected a CascadeState, got {type(state).__name__}")
     if not isinstance(event, RiskAlarm):
@@ -464,10 +457,6 @@ def strong_model_grader(level: Level) -> Grader:
     """A grader that asks ``level``'s model the strategy-free prompt and calls the audited
     answer right iff the two answers match. A proxy: the strong model's own errors
     blur the audit (they count as the weak model's). A failed call gives no label."""
-    from ..errors import ModelError
-    from .prompts import as_messages, strategy_free_prompt
-    from .tasks import answers_match, extract_answer
-
     def grade(query: Query, outcome: Outcome) -> bool | None:
         if outcome.answer is None:
             return None
@@ -487,7 +476,6 @@ def strong_model_grader(level: Level) -> Grader:
 class AuditedRun:
     """A stream run under the audit: outcomes, the final cascade and audit states, the
     alarms with the stream index they fired at, and the indices that were labelled."""
-
     outcomes: tuple[Outcome, ...]
     state: CascadeState
     audit: AuditState
@@ -519,8 +507,6 @@ def audited_stream(
     then a new audit epoch (:func:`reset`); ``"none"`` → only recorded. With
     ``raise_on_alarm`` the :class:`RiskAlarmError` propagates.
     """
-    from .cascade import CascadeConfig, initial_state, step
-
     cfg = CascadeConfig() if config is None else config
     cstate = initial_state(state, calibrations, int(embedder.dim))
     astate = init_audit(audit) if isinstance(audit, AuditConfig) else audit

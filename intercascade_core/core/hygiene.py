@@ -32,18 +32,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import InvalidArgumentError, MalformedStrategy
+from .cascade import CascadeState
 from .prompts import STRATEGY_REQUEST_MARK, parse_strategy
-from .repository import Entry, Repository, append_exact, empty_repository, update
+from .protocols import Generation, TextModel
+from .repository import Entry, Repository, append_exact, empty_repository
 from .tasks import Family, answers_match, extract_answer
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .cascade import CascadeState
-    from .protocols import Generation, TextModel
 
 __all__ = [
     "HygienicTeacher",
@@ -188,8 +186,6 @@ def drop_refuted(
 ) -> CascadeState:
     """The cascade state with every repository rebuilt without its refuted strategies
     (identified per repository, since ids are per repository); ``state`` is unchanged."""
-    from .cascade import CascadeState
-
     if not isinstance(state, CascadeState):
         raise InvalidArgumentError("state", f"expected a CascadeState, got {type(state).__name__}")
     repos = tuple(drop_strategies(r, refuted_ids(r, gold, family=family)) for r in state.repositories)
@@ -206,7 +202,6 @@ class HygienicTeacher:
     answers, whose confidence the cascade uses) passes through untouched. A reply left
     with no general strategy is passed on unchanged, for the cascade's parser to judge.
     """
-
     inner: TextModel
 
     @property

@@ -70,19 +70,26 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import InvalidArgumentError
+from .audit import AuditConfig, AuditState, audit_outcomes
 from .calibrate import Calibration, _make_grid, calibrate_cascade, certify, risk_upper_bound
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .audit import AuditConfig, AuditState
-    from .cascade import CalibrationRun, CascadeConfig, CascadeState, Level, Outcome
-    from .protocols import Embedder
-    from .tasks import Query
+from .cascade import (
+    CalibrationRun,
+    CascadeConfig,
+    CascadeState,
+    Level,
+    Outcome,
+    calibrate_levels,
+    init_state,
+    run_stream,
+)
+from .protocols import Embedder
+from .tasks import Query
 
 __all__ = [
     "InSituCalibration",
@@ -113,7 +120,6 @@ class InSituCalibration:
     first replay, which ran with the pilot (static) thresholds — the paper's deployment,
     replayed on the calibration split.
     """
-
     calibrations: tuple[Calibration, ...]
     static: tuple[Calibration, ...]
     confidences: tuple[tuple[float, ...], ...]
@@ -271,8 +277,6 @@ def insitu_calibrate(
     can cycle (a higher λ_w teaches more, the taught weak model earns a lower λ_w, which
     teaches less, ...); with it they stop at a conservative fixed point.
     """
-    from .cascade import CalibrationRun, CascadeConfig, calibrate_levels, run_stream
-
     cfg = CascadeConfig() if config is None else config
     if not isinstance(cfg, CascadeConfig):
         raise InvalidArgumentError("config", f"expected a CascadeConfig, got {type(cfg).__name__}")
@@ -362,8 +366,6 @@ def deploy_state(result: InSituCalibration, dim: int, *, warm: bool = False) -> 
     """The state to deploy with: the in-situ thresholds and empty repositories, as in the
     replay (the setting the guarantee assumes); ``warm=True`` keeps the calibration
     repositories instead, which raises the strategy rate above the replay's (audit it)."""
-    from .cascade import init_state
-
     if not isinstance(result, InSituCalibration):
         raise InvalidArgumentError("result", f"expected an InSituCalibration, got {type(result).__name__}")
     fresh = init_state(result.calibrations, dim)
@@ -402,8 +404,6 @@ def risk_summary(
       the audit on this stream's labelled accepted answers at ``audit_rate``; an
       ``AuditState`` is reported as it is).
     """
-    from .audit import AuditConfig, AuditState, audit_outcomes
-
     if not isinstance(calibration, Calibration):
         raise InvalidArgumentError("calibration", f"expected a Calibration, got {type(calibration).__name__}")
     lam = calibration.threshold

@@ -43,6 +43,7 @@ from .prompts import (
 )
 from .protocols import Generation
 from .repository import Entry, Repository, update
+from .retrieve import retrieve
 from .sanitize import sanitize_strategy
 from .state import (
     CascadeConfig,
@@ -77,7 +78,6 @@ __all__ = [
 class Embed:
     """The machine needs the embedding row of ``text`` (the query): to select strategies
     for a prompt, or to store the strategy it was taught. It asks at most once per query."""
-
     text: str
 
 
@@ -85,7 +85,6 @@ class Embed:
 class Ask:
     """The machine needs level ``level``'s reply to ``prompt``: its answer, or (``"teach"``)
     the strategy it writes after a confident answer."""
-
     level: int
     prompt: str
     purpose: Literal["answer", "teach"]
@@ -100,7 +99,6 @@ class Ask:
 class Teaching:
     """A strategy to store: the entry, its read-only unit query row and the repository
     indexes it goes to. Equal when all three are (the row compared element-wise)."""
-
     entry: Entry
     vector: npt.NDArray[np.float32]
     targets: tuple[int, ...]
@@ -121,7 +119,6 @@ class Teaching:
 class Done:
     """The query is finished. ``outcome.latency_s`` is 0 (the driver measures time);
     ``counters`` is this query's delta; ``teachings`` are not in any repository yet."""
-
     outcome: Outcome
     counters: Counters
     teachings: tuple[Teaching, ...]
@@ -148,7 +145,6 @@ def select_strategies(
 ) -> tuple[list[Entry], tuple[StrategyUse, ...]]:
     """The strategies for one prompt: top-k by cosine, or k uniformly drawn (seeded)."""
     if config.policy == "retrieval":
-        from .retrieve import retrieve
 
         top = retrieve(repo, qvec[None, :], config.k, backend=config.backend, tenant=config.tenant)
         idx = [int(i) for i in top.indices[0] if i >= 0]
@@ -224,7 +220,6 @@ def teaching_entry(
 @dataclass(frozen=True, slots=True)
 class _LevelTrace:
     """What happened at one level of one query."""
-
     asked: bool = False
     strategies: tuple[StrategyUse, ...] = ()
     confidence: float | None = None
@@ -239,7 +234,6 @@ class _LevelTrace:
 @dataclass(frozen=True, slots=True, eq=False)
 class _Trace:
     """The machine's whole progress: the level in hand, what it waits for, and so far."""
-
     level: int
     levels: tuple[_LevelTrace, ...]
     request: Request | None = None
@@ -253,7 +247,6 @@ class _Trace:
 @dataclass(frozen=True, slots=True, eq=False)
 class _Query:
     """What stays fixed while one query runs."""
-
     state: CascadeState
     query: Query
     names: tuple[str, ...]
@@ -404,7 +397,6 @@ class QueryMachine:
     ``index`` labels the outcome (default: ``state.n_queries``). The machine reads
     ``state`` and never changes it.
     """
-
     __slots__ = ("_c", "_t")
 
     def __init__(

@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from ..errors import InvalidArgumentError
 from .repository import Entry, Repository, empty_repository, update
+from .retrieve import retrieve
 
 __all__ = [
     "Pruned",
@@ -49,7 +50,6 @@ _BLOCK = 2048
 class Pruned:
     """A pruned repository, its usage counters (read-only int64) and ``kept``: for each
     new row, the row of the input it came from (int64, increasing)."""
-
     repository: Repository
     uses: npt.NDArray[np.int64]
     kept: npt.NDArray[np.int64]
@@ -203,8 +203,6 @@ def find_near_duplicate(
 ) -> int | None:
     """The row of ``repo`` (tenant ``tenant``) nearest to ``vector`` if it lies within
     ``max_distance`` (cosine distance), else None. Uses the exact backend."""
-    from .retrieve import retrieve
-
     _check_repo(repo)
     thr = 1.0 - _check_distance(max_distance)
     if repo.tenant_code(tenant) < 0:

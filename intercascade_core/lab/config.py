@@ -30,16 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..errors import ConfigError, InvalidArgumentError
+from ..errors import ConfigError
 
 __all__ = [
     "BACKENDS",
+    "POLICIES",
     "CascadeConfig",
     "Config",
     "DataConfig",
     "EmbedderConfig",
     "ModelConfig",
-    "POLICIES",
     "load_config",
     "parse_config",
 ]

@@ -48,7 +48,6 @@ from ..core.tasks import Query
 from ..errors import (
     DatasetFormatError,
     DependencyMissingError,
-    IntercascadeError,
     InvalidArgumentError,
 )
 

@@ -31,10 +31,12 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
+import httpx
 import numpy as np
 
+from ..core.audit import AuditConfig
 from ..core.cascade import (
     CalibrationRun,
     CascadeConfig,
@@ -44,30 +46,30 @@ from ..core.cascade import (
     calibrate_levels,
     run_stream,
 )
-from ..core.insitu import InSituCalibration
+from ..core.insitu import InSituCalibration, insitu_calibrate, risk_summary
 from ..core.metrics import Metrics, compute_metrics
+from ..core.protocols import Embedder
 from ..core.tasks import Query
-from ..errors import EndpointError, IntercascadeError, InvalidArgumentError, MissingAPIKeyError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import httpx
-
-    from ..core.protocols import Embedder
-    from .config import DataConfig, ModelConfig
+from ..errors import EndpointError, InvalidArgumentError, MissingAPIKeyError
+from ..models.chat import ChatModel, Price
+from ..models.response_cache import ResponseCache
+from ..models.sim import SimBackend, template_signature
+from .config import DataConfig, ModelConfig
+from .datasets import gsm_symbolic_split, load_dataset, order_stream, split_problems, to_queries
 
 __all__ = [
+    "INSITU_VARIANT",
     "VARIANTS",
     "CachedEmbedder",
     "Evaluation",
-    "INSITU_VARIANT",
     "check_calibration_run",
     "evaluate",
     "load_streams",
     "make_levels",
-    "sim_client",
     "outcome_records",
     "results_document",
     "risk_document",
+    "sim_client",
     "variant_summary",
 ]
 
@@ -93,7 +95,6 @@ class CachedEmbedder:
     The three variants embed the same stream; :meth:`prime` embeds it once in batches
     (much faster than one text per call) and later calls are dictionary lookups.
     """
-
     def __init__(self, inner: Embedder, *, batch_size: int = 64) -> None:
         self.inner = inner
         self.batch_size = batch_size
@@ -149,8 +150,6 @@ def make_levels(
     model's ``response_cache`` file when one is set); a model whose ``api_key_env`` names an
     unset variable raises :class:`MissingAPIKeyError`.
     """
-    from ..models.chat import ChatModel, Price
-
     env = os.environ if environ is None else environ
     levels = []
     for i, m in enumerate(models):
@@ -173,7 +172,6 @@ def make_levels(
             if m.response_cache and client is None:
                 import httpx
 
-                from ..models.response_cache import ResponseCache
 
                 try:
                     model_client = httpx.Client(transport=ResponseCache(m.response_cache))
@@ -201,7 +199,6 @@ def sim_client(problems: Sequence[Query], *, seed: int = 0, by_group: bool = Tru
     """
     import httpx
 
-    from ..models.sim import SimBackend, template_signature
 
     answer_key = {q.text.strip(): q.gold for q in problems if q.gold is not None}
     template_key = None
@@ -228,8 +225,6 @@ def load_streams(
     or a seeded random ``n_calibration`` items split off. The test stream is put in
     ``order`` and then cut to ``limit`` (or ``data.limit``) queries.
     """
-    from .datasets import gsm_symbolic_split, load_dataset, order_stream, split_problems, to_queries
-
     cap = limit if limit is not None else (data.limit or None)
     if data.dataset == "gsm_symbolic":
         sp = gsm_symbolic_split(templates=data.templates, variants=data.variants,
@@ -272,7 +267,6 @@ class Evaluation:
 
     ``insitu``: the in-situ calibration behind the ``retrieval_insitu`` variant (None
     when it did not run)."""
-
     calibration: CalibrationRun
     queries: tuple[Query, ...]
     runs: Mapping[str, StreamResult]
@@ -340,7 +334,6 @@ def evaluate(
                              progress=progress, desc=f"stream [{v}]")
     ins: InSituCalibration | None = None
     if insitu:
-        from ..core.insitu import insitu_calibrate
 
         if on_variant is not None:
             on_variant(INSITU_VARIANT)
@@ -413,9 +406,6 @@ def risk_document(ev: Evaluation, variant: str) -> dict[str, Any]:
     The audit (:func:`~intercascade_core.core.audit.audit_outcomes`, every accepted weak answer
     labelled by its gold answer) spends the full δ.
     """
-    from ..core.audit import AuditConfig
-    from ..core.insitu import risk_summary
-
     if variant == INSITU_VARIANT:
         if ev.insitu is None:
             raise InvalidArgumentError("variant", "the in-situ variant needs ev.insitu")

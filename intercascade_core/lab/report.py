@@ -29,25 +29,27 @@ from typing import Any, Final
 
 import numpy as np
 
+from ..core.insitu import risk_table
 from ..errors import InvalidArgumentError
+from ..storage.store import atomic_write_bytes
 
 __all__ = [
     "LABELS",
     "PLOTS",
+    "README_END",
+    "README_START",
     "VARIANTS",
     "ReportFiles",
     "confidence_histograms_figure",
-    "README_END",
-    "README_START",
     "format_percent",
     "readme_section",
-    "update_readme",
     "render_insitu",
     "render_markdown",
     "render_risk",
     "render_tables",
     "stream_figure",
     "threshold_accuracy_figure",
+    "update_readme",
     "write_report",
 ]
 
@@ -78,7 +80,6 @@ TABLE5: Final = (("token_reduction", "Token Reduction (%)"), ("cost_reduction", 
 @dataclass(frozen=True, slots=True)
 class ReportFiles:
     """Paths written by :func:`write_report`."""
-
     folder: Path
     report: Path
     results: Path
@@ -126,8 +127,6 @@ def render_tables(results: Mapping[str, Any]) -> str:
 def render_risk(results: Mapping[str, Any]) -> str:
     """The risk table (:func:`intercascade_core.core.insitu.risk_table`) of the variants that
     carry a ``"risk"`` block, in table order; "" when none does."""
-    from ..core.insitu import risk_table
-
     variants = results["variants"]
     risk = {v: variants[v]["risk"] for v in _ordered(variants) if isinstance(variants[v].get("risk"), Mapping)}
     return risk_table(risk, labels=LABELS) if risk else ""
@@ -509,7 +508,6 @@ def _finite(x: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    from ..storage.store import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode("utf-8"))
 

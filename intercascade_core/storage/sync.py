@@ -40,25 +40,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from ..core.cascade import CascadeConfig, CascadeState, Level, Outcome, step
+from ..core.protocols import Embedder
 from ..core.repository import Entry, Repository, empty_repository, update
+from ..core.tasks import Query
 from ..errors import (
-    IntercascadeError,
     InvalidArgumentError,
     QueueCorruptError,
     ServerUnavailableError,
 )
 from .pgvector import PgVectorStore, content_hash
 from .store import atomic_write_bytes
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..core.cascade import CascadeConfig, CascadeState, Level, Outcome
-    from ..core.protocols import Embedder
-    from ..core.tasks import Query
 
 __all__ = ["PgSync", "SyncStats"]
 
@@ -71,7 +67,6 @@ _STATE = "state.json"
 @dataclass(frozen=True, slots=True)
 class SyncStats:
     """Counters of one :class:`PgSync` (for logs and tests)."""
-
     pulled: int = 0  # entries applied to the local repo from the server
     skipped: int = 0  # pulled entries already held locally (own writes coming back)
     queued: int = 0  # local writes queued
@@ -117,7 +112,6 @@ class PgSync:
     queued writes); ``tenant``: pull only this tenant's entries (default: all);
     ``batch``: rows per pull round trip.
     """
-
     def __init__(
         self,
         store: PgVectorStore,
@@ -397,8 +391,6 @@ class PgSync:
         """One :func:`~intercascade_core.core.cascade.step` with ``state.repositories[level]``
         served from (and written back to) this syncer: pull first (``pull=True``), run
         the step on the local copy, queue/flush what it taught."""
-        from ..core.cascade import CascadeConfig, step
-
         if config is None:
             config = CascadeConfig()
         repos = list(state.repositories)
