@@ -2,8 +2,9 @@
 
 Each test runs R = 2000 independent label streams through the vectorised audit
 (``audit.first_alarm``, which tests/test_audit.py checks against folding ``observe``) and
-counts events. Allowances are binomial quantiles at 1 − 1e-6, so each assertion fails
-by chance with probability at most 1e-6 (scipy's pattern: fixed seed + binomial slack).
+counts events. Allowances are binomial quantiles at 1 − 1e-6 (the testing kit's
+``binomial_allowance``), so each assertion fails by chance with probability at most 1e-6
+(scipy's pattern: fixed seed + binomial slack).
 
 Setting: α = 0.15, δ = 0.1, checkpoints every 10 labels, δ_j = δ·6/(π² j²).
 """
@@ -20,17 +21,12 @@ from intercascade_core.core.audit import (
     checkpoint_delta,
     first_alarm,
 )
+from intercascade_core.testing import binomial_allowance
 
 pytestmark = pytest.mark.statistical
 
 R = 2000
 ALPHA, DELTA = 0.15, 0.1
-FALSE_FAILURE = 1e-6
-
-
-def allowance(p: float) -> int:
-    """P(Bin(R, p) > allowance(p)) <= 1e-6."""
-    return int(stats.binom.ppf(1 - FALSE_FAILURE, R, p))
 
 
 @pytest.mark.parametrize("window", [None, 100])
@@ -44,7 +40,7 @@ def test_false_alarms_at_most_delta_over_a_long_stream(window: int | None, risk:
     rng = np.random.default_rng(7)
     labels = rng.uniform(size=(R, 3000)) >= risk
     alarms = int((first_alarm(labels, cfg) > 0).sum())
-    assert alarms <= allowance(DELTA)
+    assert alarms <= binomial_allowance(R, DELTA)
 
 
 def test_naive_repeated_testing_inflates_false_alarms() -> None:
@@ -57,7 +53,7 @@ def test_naive_repeated_testing_inflates_false_alarms() -> None:
     wrong = np.cumsum(~labels, axis=1)[:, cps - 1]
     crit = _critical_counts(cps, ALPHA, np.full(cps.size, DELTA))
     naive_alarms = int((wrong >= crit).any(axis=1).sum())
-    assert naive_alarms > allowance(DELTA)
+    assert naive_alarms > binomial_allowance(R, DELTA)
 
 
 def test_alarm_within_stated_delay_after_risk_rises() -> None:
@@ -82,7 +78,7 @@ def test_alarm_within_stated_delay_after_risk_rises() -> None:
     first = first_alarm(labels, cfg)
     early = (first > 0) & (first <= m0)
     late = (first < 0) | (first > checkpoint)
-    assert int(early.sum()) <= allowance(DELTA)
-    assert int(late.sum()) <= allowance(1 - p_detect)
+    assert int(early.sum()) <= binomial_allowance(R, DELTA)
+    assert int(late.sum()) <= binomial_allowance(R, 1 - p_detect)
     delays = first[first > m0] - m0
     assert np.median(delays) <= w

@@ -11,7 +11,10 @@ Per run (R = 2000, N = 600 calibration items, α = 0.15, δ = 0.1):
 * static: the paper's rule, λ̂ calibrated on strategy-free pairs;
 * in-situ: λ̂ calibrated on strategy-augmented pairs (what the replay records).
 
-Assertions, each with false-failure probability <= 1e-6:
+The single-threshold checks go through the testing kit's ``check_guarantee`` (sampler:
+the process's draws; true risk: its closed form under deployment); the stream-dynamics
+replay, whose thresholds feed back into the data, counts with the kit's
+``binomial_allowance``. Assertions, each with false-failure probability <= 1e-6:
 
 * in-situ violates in at most δ of the runs: V_insitu <= binom.ppf(1 − 1e-6, R, δ) = 267;
 * static violates in *more* than δ of the runs: V_static > 267, i.e. a rule whose
@@ -21,52 +24,59 @@ Assertions, each with false-failure probability <= 1e-6:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 import pytest
-from scipy import stats
 
 from intercascade_core.core.calibrate import calibrate
 from intercascade_core.core.insitu import calibrate_replay
 from intercascade_core.models.sim_copying import CopyingProcess
+from intercascade_core.testing import GuaranteeCheck, binomial_allowance, check_guarantee
 
 pytestmark = pytest.mark.statistical
 
 R, N = 2000, 600
 ALPHA, DELTA = 0.15, 0.1
 GRID = np.linspace(0, 1, 201)
-FALSE_FAILURE = 1e-6
+ALLOWED = binomial_allowance(R, DELTA)  # 267
 
 
-def allowed() -> int:
-    return int(stats.binom.ppf(1 - FALSE_FAILURE, R, DELTA))  # 267
+def check(
+    proc: CopyingProcess, *, calibrated_with: bool, deployed: CopyingProcess, deployed_with: bool, seed: int
+) -> GuaranteeCheck:
+    """Calibrate on ``proc``'s pairs (with strategies or not), judge each threshold by
+    its true risk in the deployment (``deployed``, with strategies or not)."""
+    def sampler(rng: np.random.Generator, n: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        return proc.draw(rng, n, strategies=calibrated_with)
 
-
-def thresholds(conf: np.ndarray, correct: np.ndarray) -> np.ndarray:
-    return np.array([calibrate(conf[r], correct[r], alpha=ALPHA, delta=DELTA, grid=GRID).threshold
-                     for r in range(conf.shape[0])])
+    true_risk: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]] = functools.partial(
+        deployed.risk, strategies=deployed_with
+    )
+    return check_guarantee(
+        sampler, n=N, alpha=ALPHA, delta=DELTA, trials=R, seed=seed,
+        calibrator=functools.partial(calibrate, grid=GRID), true_risk=true_risk,
+    )
 
 
 def test_static_calibration_breaks_insitu_holds() -> None:
-    """Seed 2026: static violates in 1972 of 2000 runs, in-situ in 99 (abstaining in
-    17% of runs, accepting 51% of queries at its median threshold); static judged on
-    strategy-free deployment, where it is valid, 95."""
+    """Seed 2026: static violates in 1965 of 2000 runs, in-situ in 107 (abstaining in
+    16% of runs, accepting 55% of queries at its median threshold); static judged on
+    strategy-free deployment, where it is valid, 94."""
     proc = CopyingProcess()
-    rng = np.random.default_rng(2026)
-    conf_free, ok_free = proc.draw(rng, (R, N), strategies=False)
-    conf_mix, ok_mix = proc.draw(rng, (R, N), strategies=True)
-    lam_static = thresholds(conf_free, ok_free)
-    lam_insitu = thresholds(conf_mix, ok_mix)
+    static = check(proc, calibrated_with=False, deployed=proc, deployed_with=True, seed=2026)
+    insitu = check(proc, calibrated_with=True, deployed=proc, deployed_with=True, seed=2026)
+    static_free = check(proc, calibrated_with=False, deployed=proc, deployed_with=False, seed=2026)
 
-    v_static = int((proc.risk(lam_static, strategies=True) > ALPHA).sum())
-    v_insitu = int((proc.risk(lam_insitu, strategies=True) > ALPHA).sum())
-    v_static_free = int((proc.risk(lam_static, strategies=False) > ALPHA).sum())
-
-    assert v_insitu <= allowed()
-    assert v_static > allowed()
-    assert v_static_free <= allowed()
+    assert insitu.allowance == ALLOWED
+    assert insitu.passed, insitu.summary()
+    assert not static.passed, static.summary()
+    assert static_free.passed, static_free.summary()
     # in-situ is not trivially safe: it usually accepts a good share of the queries
+    lam_insitu = np.asarray(insitu.thresholds)
     assert np.isfinite(lam_insitu).mean() > 0.5
     median_accept = float(np.median(proc.accept_rate(lam_insitu, strategies=True)))
     assert median_accept > 0.3
@@ -94,14 +104,14 @@ def test_a_repository_that_drifts_from_the_replay_breaks_insitu() -> None:
     """The documented assumption at work: in-situ thresholds calibrated where 15% of the
     weak prompts carry a wrong strategy, deployed where 35% do (a bigger or dirtier
     repository than the replay's), violate α in more than δ of the runs — more than
-    Bin(R, δ) allows at 1 − 1e-6 (seed 7: 1683 of 2000, against 121 when deployment
+    Bin(R, δ) allows at 1 − 1e-6 (seed 7: 1659 of 2000, against 110 when deployment
     matches the replay). This is what the online audit is for."""
     calibrated, deployed = CopyingProcess(), CopyingProcess(pi_right=0.4, pi_wrong=0.35)
-    rng = np.random.default_rng(7)
-    conf, ok = calibrated.draw(rng, (R, N), strategies=True)
-    lam = thresholds(conf, ok)
-    assert int((calibrated.risk(lam, strategies=True) > ALPHA).sum()) <= allowed()
-    assert int((deployed.risk(lam, strategies=True) > ALPHA).sum()) > allowed()
+    matched = check(calibrated, calibrated_with=True, deployed=calibrated, deployed_with=True, seed=7)
+    drifted = check(calibrated, calibrated_with=True, deployed=deployed, deployed_with=True, seed=7)
+    assert matched.thresholds == drifted.thresholds  # the same calibrations, judged twice
+    assert matched.passed, matched.summary()
+    assert not drifted.passed, drifted.summary()
 
 
 def test_replay_with_stream_dynamics() -> None:
@@ -127,7 +137,9 @@ def test_replay_with_stream_dynamics() -> None:
     proc = CopyingProcess()
     rng = np.random.default_rng(11)
     conf_free, ok_free = proc.draw(rng, (R, N), strategies=False)
-    lam_static = thresholds(conf_free, ok_free)
+    lam_static = np.array([
+        calibrate(conf_free[r], ok_free[r], alpha=ALPHA, delta=DELTA, grid=GRID).threshold for r in range(R)
+    ])
     noise = proc.stream_noise(rng, R, N)
     lam = lam_static
     for rnd in range(4):
@@ -152,6 +164,6 @@ def test_replay_with_stream_dynamics() -> None:
     def violations(ts: np.ndarray) -> int:
         return sum(risk[float(t)] > ALPHA for t in ts if math.isfinite(t))
 
-    assert violations(lam) <= allowed()
-    assert violations(lam_static) > allowed()
+    assert violations(lam) <= ALLOWED
+    assert violations(lam_static) > ALLOWED
     assert np.isfinite(lam).mean() > 0.3
