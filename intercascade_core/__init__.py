@@ -39,6 +39,7 @@ from .core.retrieve import TopK, retrieve
 from .core.sanitize import sanitize_strategy
 from .core.tasks import Query
 from .errors import IntercascadeError, InvalidArgumentError, LogprobsUnavailable, ModelError
+from .storage import hnsw as _hnsw  # noqa: F401  registers backend="hnsw" (hnswlib loads lazily)
 
 # adapters and the service: public name -> module, imported on first access
 _LAZY: dict[str, str] = {

@@ -10,6 +10,9 @@ with a fixed seed, so the measured value is also reproducible (pinned loosely).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -61,11 +64,11 @@ def test_grows_incrementally_and_respects_versions(
 ) -> None:
     v, q = clustered
     r1 = _repo(v[:3000])
-    ensure_index(r1, PARAMS)
-    index = r1._arena.cache["hnsw"]
+    index = ensure_index(r1, PARAMS)
+    assert index_stats(r1)["count"] == 3000
     r2 = update(r1, [Entry("n", "a", "s")] * 3000, v[3000:])
     got2 = retrieve(r2, q, 5, backend="hnsw")
-    assert r2._arena.cache["hnsw"] is index  # same index object: grown, not rebuilt
+    assert ensure_index(r2) is index  # same index object: grown, not rebuilt
     assert index_stats(r2)["count"] == 6000
     assert got2.indices.max() >= 3000  # the newer rows are findable from r2 ...
     got1 = retrieve(r1, q, 5, backend="hnsw")
@@ -74,7 +77,9 @@ def test_grows_incrementally_and_respects_versions(
     assert recall(got1.indices, exact1.indices) >= 0.95
     # rows near the old version's queries that only exist in r2 force the filter path
     r3 = update(r1, [Entry("b", "a", "s")] * 1, q[:1])  # branch: its own arena and index
+    assert index_stats(r3) == {"count": 0, "capacity": 0}
     assert retrieve(r3, q[0], 1, backend="hnsw").indices[0, 0] == 3000
+    assert ensure_index(r3) is not index
     tiny = retrieve(r1, q[0], 3000, backend="hnsw", ef=8)
     assert tiny.indices.shape == (1, 3000) and tiny.indices.max() < 3000
 
@@ -100,3 +105,20 @@ def test_k_larger_than_repo_and_empty() -> None:
     assert retrieve(empty_repository(16), v[0], 3, backend="hnsw").indices.shape == (1, 0)
     with pytest.raises(ValueError):
         retrieve(repo, v[0], 3, backend="hnsw", ef=0)
+
+
+def test_hnsw_is_a_registered_name_and_hnswlib_loads_on_first_search() -> None:
+    """``import intercascade_core`` makes backend="hnsw" available (the core names it
+    through its index registry) without importing hnswlib; the first search does."""
+    code = (
+        "import sys, numpy as np, intercascade_core as ic\n"
+        "from intercascade_core.core.retrieve import backend_names\n"
+        "loaded = 'hnswlib' in sys.modules\n"
+        "r = ic.update(ic.empty_repository(2), [ic.Entry('q', 'a', 's')] * 2,"
+        " np.array([[1, 0], [0, 1]], np.float32))\n"
+        "ic.CascadeConfig(backend='hnsw')\n"
+        "top = ic.retrieve(r, np.array([0, 1], np.float32), 1, backend='hnsw')\n"
+        "print(loaded, 'hnsw' in backend_names(), top.indices.tolist(), 'hnswlib' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "[[1]]", "True"]

@@ -22,3 +22,5 @@ import pytest
 def test_c_extension_is_built_and_importable():
     simd = importlib.import_module("intercascade_core.core._simd")
     assert simd.__file__ and simd.__file__.endswith(".so")
+    # retrieve's one guarded import found it too (a failing import would fall back silently)
+    assert importlib.import_module("intercascade_core.core.retrieve")._ext is simd

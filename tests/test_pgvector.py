@@ -34,6 +34,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 
 from _pg_worker import data_dir, shutdown, start_server
 
+from intercascade_core.core.protocols import SearchBackend
 from intercascade_core.core.repository import Entry, empty_repository, update
 from intercascade_core.core.retrieve import retrieve
 from intercascade_core.errors import (
@@ -369,7 +370,7 @@ def test_queue_survives_a_crash_and_a_torn_line(url: str, table: str, tmp_path: 
         assert s2.flush() == 4 and s2.pending == 0 and up.count() == 4
         assert (tmp_path / "st" / "queue.jsonl").read_text() == ""
         # a crash after the commit but before the queue was emptied: re-sent, not duplicated
-        s2._append_queue([(e, v) for e, v in zip(entries(4, prefix="offline"), renorm(unit_rows(rng, 4)))])
+        s2._append_queue([(e, v) for e, v in zip(entries(4, prefix="offline"), renorm(unit_rows(rng, 4)), strict=True)])
         assert s2.flush() == 4 and up.count() == 4 and s2.stats.inserted == 4
 
 
@@ -393,7 +394,7 @@ def test_server_exact_search_agrees_with_local_exact(store: PgVectorStore) -> No
         mapped = local_ids[local.indices]
         differ = mapped != server.indices
         # ids may only differ where two candidates' scores are within float rounding
-        for i, j in zip(*np.nonzero(differ)):
+        for i, j in zip(*np.nonzero(differ), strict=True):
             near = np.abs(local.scores[i] - local.scores[i, j]) < 2e-6
             assert near.sum() >= 2, (i, j)
         assert differ.mean() < 0.01
@@ -432,7 +433,7 @@ def test_pgvector_hnsw_recall_on_clustered_data(store: PgVectorStore, url: str) 
     assert "hnsw" in plan
     exact = store.search(q, 5, exact=True)
     approx = store.search(q, 5)
-    hits = sum(len(set(a) & set(e)) for a, e in zip(approx.indices.tolist(), exact.indices.tolist()))
+    hits = sum(len(set(a) & set(e)) for a, e in zip(approx.indices.tolist(), exact.indices.tolist(), strict=True))
     recall = hits / exact.indices.size
     assert recall >= 0.99, recall
 
@@ -449,18 +450,26 @@ def test_server_search_entries(store: PgVectorStore) -> None:
 
 
 def test_retrieve_backend_pgvector(store: PgVectorStore) -> None:
-    import importlib
-
-    retrieve_mod = importlib.import_module("intercascade_core.core.retrieve")
-
-    if "pgvector" not in retrieve_mod._BACKENDS:
-        pytest.skip("retrieve(backend='pgvector') dispatch is not integrated in retrieve.py yet")
+    """A PgVectorStore is a SearchBackend: retrieve validates the queries and lets the
+    server answer; indices are server ids."""
+    assert isinstance(store, SearchBackend)
     rng = np.random.default_rng(10)
     vs = unit_rows(rng, 50)
     store.push(entries(50, prefix="r", tenant="acme"), vs)
     q = unit_rows(rng, 3)
-    top = retrieve(store, q, 5, backend="pgvector", tenant="acme")  # type: ignore[arg-type]
     want = store.search(q, 5, tenant="acme")
-    np.testing.assert_array_equal(top.indices, want.indices)
-    with pytest.raises(InvalidArgumentError, match="PgVectorStore"):
-        retrieve(empty_repository(DIM), q, 5, backend="pgvector")  # type: ignore[arg-type]
+    for repo in (store, empty_repository(DIM)):  # the store itself, or a local mirror
+        top = retrieve(repo, q, 5, backend=store, tenant="acme")
+        np.testing.assert_array_equal(top.indices, want.indices)
+    with pytest.raises(InvalidArgumentError) as info:
+        retrieve(empty_repository(DIM + 1), q, 5, backend=store)
+    assert info.value.argument == "repo"
+    with pytest.raises(InvalidArgumentError) as info:
+        retrieve(store, q, 5, backend=store, ef=40)
+    assert info.value.argument == "ef"
+    with pytest.raises(InvalidArgumentError) as info:
+        retrieve(store, q * 2, 5, backend=store)
+    assert info.value.argument == "query_vectors"
+    with pytest.raises(InvalidArgumentError) as info:
+        retrieve(store, q, 5, backend="pgvector")
+    assert info.value.argument == "backend"

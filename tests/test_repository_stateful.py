@@ -10,7 +10,13 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from intercascade_core import Entry, Repository, empty_repository, retrieve, update
 from tests.strategies import random_unit
@@ -55,17 +61,20 @@ class RepositoryMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.versions) > 1)
     @rule(data=st.data(), k=st.integers(0, 8))
     def retrieve_from_some_version(self, data: st.DataObject, k: int) -> None:
+        """backend="exact" (the C extension or its numpy twin, see conftest) on any
+        version: only that version's rows, exactly the rows a scan of the model finds."""
         which = data.draw(st.integers(0, len(self.versions) - 1), label="version")
         repo, model_entries, model_vectors = self.versions[which]
         q = random_unit(np.random.default_rng(k), 1, DIM)
-        res = retrieve(repo, q, k, backend="numpy")
-        assert res.indices.shape == (1, min(k, len(model_entries)))
-        assert (res.indices < len(model_entries)).all()
-        tenant = data.draw(st.sampled_from(["default", "t1", "t2"]), label="tenant")
-        res = retrieve(repo, q, k, backend="numpy", tenant=tenant)
-        owned = [i for i, e in enumerate(model_entries) if e.tenant == tenant]
+        tenant = data.draw(st.sampled_from([None, "default", "t1", "t2"]), label="tenant")
+        res = retrieve(repo, q, k, tenant=tenant)
+        owned = [i for i, e in enumerate(model_entries) if tenant in (None, e.tenant)]
         assert res.indices.shape == (1, min(k, len(owned)))
         assert set(res.indices.ravel().tolist()) <= set(owned)
+        if owned:  # the model's own scan: cosine order, ties to the lower row
+            scores = model_vectors[owned].astype(np.float64) @ q[0].astype(np.float64)
+            best = sorted(range(len(owned)), key=lambda j: (-scores[j], owned[j]))[:k]
+            np.testing.assert_allclose(res.scores[0], scores[best], atol=1e-6)
 
     @invariant()
     def every_version_matches_its_model(self) -> None:
@@ -78,7 +87,10 @@ class RepositoryMachine(RuleBasedStateMachine):
                 assert repo.tenant_size(tenant) == sum(e.tenant == tenant for e in model_entries)
 
 
-RepositoryMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=25, deadline=None, derandomize=True
-)
-TestRepositoryMachine = RepositoryMachine.TestCase
+def test_repository_machine() -> None:
+    """A plain test function (not the machine's unittest TestCase) so that conftest's
+    ``exact_impl`` runs it with the C extension and with its numpy twin."""
+    run_state_machine_as_test(
+        RepositoryMachine,
+        settings=settings(max_examples=60, stateful_step_count=25, deadline=None, derandomize=True),
+    )

@@ -1,4 +1,5 @@
-"""retrieve(): contract tests run against every available exact implementation."""
+"""retrieve(): contract tests run against every available exact implementation
+(conftest's ``exact_impl``: the C extension and its numpy twin)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from intercascade_core import Entry, InvalidArgumentError, empty_repository, retrieve, update
+from intercascade_core import Entry, InvalidArgumentError, TopK, empty_repository, retrieve, update
+from intercascade_core.core import _topk_numpy
+from intercascade_core.core.protocols import SearchBackend
 from tests.strategies import clustered_unit, entries, random_unit
 
 # the submodule shares the function's name: reach it through sys.modules (importing
@@ -19,15 +22,12 @@ retrieve_mod = sys.modules["intercascade_core.core.retrieve"]
 BACKENDS = ["numpy", "exact"]
 
 
-@pytest.fixture(params=["numpy", "exact-f32", "exact-int8"])
+@pytest.fixture(params=["f32", "int8"])
 def impl(request: pytest.FixtureRequest) -> dict[str, str]:
-    """Every exact implementation (markupsafe-style): the numpy reference, the C
-    float32 scan and the C int8 scan + float32 re-score."""
-    if request.param == "numpy":
-        return {"backend": "numpy"}
-    if not retrieve_mod.extension_available():
-        pytest.skip("C extension not built or disabled (INTERCASCADE_NO_EXT=1)")
-    return {"backend": "exact", "scan": request.param.split("-")[1]}
+    """backend="exact" with each scan: the C float32 scan and the C int8 scan +
+    float32 re-score, or (``exact_impl="numpy"``) the numpy twin, which accepts
+    ``scan`` and has one."""
+    return {"backend": "exact", "scan": request.param}
 
 
 def _repo(v: np.ndarray, tenants: list[str] | None = None):  # type: ignore[no-untyped-def]
@@ -201,6 +201,7 @@ def test_runtime_switch_disables_extension() -> None:
     assert out.stdout.split() == ["False", "[[0]]"]
 
 
+@pytest.mark.needs_ext
 def test_int8_copy_grows_with_the_repository() -> None:
     """The int8 scan copy is extended in place as versions grow (partly filled 16-row
     blocks re-packed, capacity doubling) and every version, old or new, still gets
@@ -229,3 +230,121 @@ def test_int8_copy_grows_with_the_repository() -> None:
     np.testing.assert_array_equal(
         retrieve(branch, q, 5, scan="int8").indices, retrieve(branch, q, 5, scan="f32").indices
     )
+
+
+def test_exact_impl_fixture_selects_the_implementation(
+    exact_impl: str | None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """conftest's switch really swaps the implementation behind backend="exact"."""
+    assert exact_impl in ("c", "numpy")
+    assert retrieve_mod.extension_available() == (exact_impl == "c")
+    monkeypatch.setattr(retrieve_mod, "_fallback_logged", False)
+    v = random_unit(np.random.default_rng(16), 8, 5)
+    with caplog.at_level(logging.INFO, retrieve_mod.__name__):
+        assert retrieve(_repo(v), v[6], 1).indices[0, 0] == 6
+    assert any("numpy path" in r.getMessage() for r in caplog.records) == (exact_impl == "numpy")
+
+
+# ----------------------------------------------------------------------------- backends by protocol
+class RowsBackend:
+    """A SearchBackend over rows it holds itself, ids ``1000 + row`` (a stand-in for a
+    user's vector database, answered by the numpy reference)."""
+
+    def __init__(self, vectors: np.ndarray, tenants: list[str]) -> None:
+        self.vectors = vectors
+        self.tenants = np.array(tenants)
+        self.calls: list[tuple[np.ndarray, int, str | None]] = []
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def search(
+        self, query_vectors: np.ndarray, k: int, *, tenant: str | None = None
+    ) -> TopK:
+        self.calls.append((query_vectors, k, tenant))
+        codes = None if tenant is None else (self.tenants == tenant).astype(np.int32)
+        i, s = _topk_numpy.topk(self.vectors, query_vectors, k, codes, 1)
+        return TopK(i + 1000, s)
+
+
+def test_a_search_backend_object_answers_for_itself() -> None:
+    rng = np.random.default_rng(30)
+    own = random_unit(rng, 20, 6)
+    tenants = ["a" if i % 2 else "b" for i in range(20)]
+    b = RowsBackend(own, tenants)
+    assert isinstance(b, SearchBackend)
+    assert retrieve_mod.check_backend(b) is b
+    local = _repo(random_unit(rng, 3, 6))  # a local repository of the same dim: not searched
+    q = own[4] * np.float32(1.0005)  # 1-D, slightly off unit norm
+    top = retrieve(local, q, 3, backend=b)
+    assert top.indices[0, 0] == 1004 and top.indices.shape == (1, 3)
+    seen, k, tenant = b.calls[-1]
+    assert seen.shape == (1, 6) and seen.dtype == np.float32 and seen.flags.c_contiguous
+    assert abs(float(np.linalg.norm(seen)) - 1) < 1e-6 and (k, tenant) == (3, None)
+    top = retrieve(b, own[:2], 4, backend=b, tenant="a")  # the backend itself as repo
+    assert b.calls[-1][2] == "a"
+    assert all(tenants[i - 1000] == "a" for i in top.indices.ravel())
+
+
+def test_search_backend_iv() -> None:
+    rng = np.random.default_rng(31)
+    b = RowsBackend(random_unit(rng, 5, 4), ["t"] * 5)
+    q = random_unit(rng, 1, 4)
+    cases = [
+        ({"repo": _repo(random_unit(rng, 2, 3))}, "repo"),  # another dim
+        ({"repo": q}, "repo"),  # not a repository
+        ({"query_vectors": q * 2}, "query_vectors"),
+        ({"query_vectors": q[:, :3]}, "query_vectors"),
+        ({"k": -1}, "k"),
+        ({"ef": 10}, "ef"),  # a named index's knob
+        ({"tenant": 3}, "tenant"),
+        ({"scan": "int4"}, "scan"),
+        ({"backend": object()}, "backend"),
+        ({"backend": "pgvector"}, "backend"),  # the store object is the backend now
+    ]
+    for change, argument in cases:
+        kw: dict[str, object] = {"repo": b, "query_vectors": q, "k": 2, "backend": b, **change}
+        with pytest.raises(InvalidArgumentError) as info:
+            retrieve(kw.pop("repo"), kw.pop("query_vectors"), kw.pop("k"), **kw)  # type: ignore[arg-type]
+        assert info.value.argument == argument, change
+    assert b.calls == []  # nothing bad reached the backend
+
+    class Broken(RowsBackend):
+        def search(self, query_vectors, k, *, tenant=None):  # type: ignore[no-untyped-def]
+            return (np.zeros((1, k), np.int64), np.zeros((1, k), np.float32))
+
+    broken = Broken(b.vectors, ["t"] * 5)
+    with pytest.raises(InvalidArgumentError) as info:
+        retrieve(broken, q, 2, backend=broken)
+    assert info.value.argument == "backend"
+
+
+# ----------------------------------------------------------------------------- named indexes
+def test_a_registered_index_is_a_backend_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retrieve_mod, "_INDEXES", dict(retrieve_mod._INDEXES))
+    calls: list[tuple[int, int, int | None]] = []
+
+    def reversed_scan(repo, queries, k, *, tenant_code, ef):  # type: ignore[no-untyped-def]
+        calls.append((k, tenant_code, ef))
+        codes = None if tenant_code < 0 else repo.tenant_codes
+        return _topk_numpy.topk(repo.vectors, -queries, k, codes, tenant_code)
+
+    retrieve_mod.register_index("reversed", reversed_scan)
+    assert "reversed" in retrieve_mod.backend_names()
+    assert retrieve_mod.check_backend("reversed") == "reversed"
+    v = random_unit(np.random.default_rng(32), 10, 5)
+    repo = _repo(v, ["a" if i % 2 else "b" for i in range(10)])
+    top = retrieve(repo, v[3], 2, backend="reversed", tenant="a", ef=7)
+    assert calls == [(2, repo.tenant_code("a"), 7)]
+    want = retrieve(repo, -v[3], 2, backend="numpy", tenant="a")
+    np.testing.assert_array_equal(top.indices, want.indices)
+    retrieve(repo, v[3], 0, backend="reversed")  # nothing to find: the index is not asked
+    retrieve(empty_repository(5), v[3], 2, backend="reversed")
+    assert len(calls) == 1
+    for bad in ("exact", "numpy", "", 3):
+        with pytest.raises(InvalidArgumentError) as info:
+            retrieve_mod.register_index(bad, reversed_scan)  # type: ignore[arg-type]
+        assert info.value.argument == "name"
+    with pytest.raises(InvalidArgumentError):
+        retrieve_mod.register_index("x", "not callable")  # type: ignore[arg-type]

@@ -4,6 +4,10 @@ Indices must be equal and scores within 1e-5 (float32 sums in a different order)
 on the large clustered set only, positions whose true scores tie below float32
 resolution (< 1e-6) may be ordered either way (``assert_topk_matches``).
 Dimensions are odd on purpose, so every SIMD tail path runs.
+
+Tests that take the ``simd`` fixture call the kernels directly and run once; the
+others go through ``retrieve(backend="exact")`` and run (conftest's ``exact_impl``)
+with the extension and with its numpy twin, which takes the same arguments.
 """
 
 from __future__ import annotations
@@ -15,13 +19,11 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from intercascade_core import InvalidArgumentError, retrieve
+from intercascade_core import Entry, InvalidArgumentError, empty_repository, retrieve, update
 from intercascade_core.core._topk_numpy import topk as reference
 from tests.strategies import assert_topk_matches, clustered_unit, random_unit
 
 retrieve_mod = sys.modules["intercascade_core.core.retrieve"]
-
-pytestmark = pytest.mark.needs_ext
 
 DIMS = [1, 3, 17, 97, 384, 385]
 ISAS = ["scalar", "avx2", "avx512"]
@@ -44,13 +46,11 @@ def isa(request: pytest.FixtureRequest, simd: ModuleType) -> str:
     return str(request.param)
 
 
-def quantise(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The int8 scan copy exactly as retrieve.py builds it."""
-    from intercascade_core import Entry, empty_repository, update
-
+def quantise(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The stored rows and their int8 scan copy, exactly as retrieve.py builds it."""
     repo = update(empty_repository(v.shape[1]), [Entry("q", "a", "s")] * len(v), v)
     q, s, e = retrieve_mod._int8_copy(repo)
-    return np.ascontiguousarray(repo.vectors), q, s, e  # type: ignore[return-value]
+    return np.ascontiguousarray(repo.vectors), q, s, e
 
 
 def check(simd: ModuleType, v: np.ndarray, q: np.ndarray, k: int, isa: str, **kw: object) -> None:
@@ -122,13 +122,14 @@ def test_tenant_codes(simd: ModuleType, isa: str) -> None:
     codes = (np.arange(500) % 3).astype(np.int32)
     vv, qv, sc, er = quantise(v)
     for k in (1, 10, 400):
-        allowed = codes == 2
-        ri, rs = reference(v, q, k, allowed)
+        ri, rs = reference(v, q, k, codes, 2)  # the twin takes the same arguments
         i, s = simd.topk(v, q, k, codes, 2, isa=isa)
         np.testing.assert_array_equal(i, ri)
         np.testing.assert_allclose(s, rs, rtol=1e-5, atol=1e-5)
         i8, s8, _ = simd.topk_int8(vv, qv, sc, er, q, k, codes, 2, isa=isa)
-        np.testing.assert_array_equal(i8, simd.topk(vv, q, k, codes, 2, isa=isa)[0])
+        i32, s32 = simd.topk(vv, q, k, codes, 2, isa=isa)
+        np.testing.assert_array_equal(i8, i32)
+        np.testing.assert_array_equal(s8, s32)
     assert simd.topk(v, q, 3, codes, 7, isa=isa)[0].shape == (5, 0)
 
 
@@ -138,14 +139,45 @@ def test_nan_rejected(simd: ModuleType, isa: str) -> None:
     q[1, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         simd.topk(v, q, 3, isa=isa)
-    from intercascade_core import Entry, empty_repository, update
 
+
+def test_nan_rejected_before_the_kernel() -> None:
+    """retrieve and update reject NaN with a typed error, whichever kernel is loaded."""
+    v = random_unit(np.random.default_rng(7), 10, 17)
+    q = random_unit(np.random.default_rng(8), 2, 17)
+    q[1, 3] = np.nan
     repo = update(empty_repository(17), [Entry("q", "a", "s")] * 10, v)
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidArgumentError) as info:
         retrieve(repo, q, 3)
+    assert info.value.argument == "query_vectors"
     v[2, 2] = np.nan
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidArgumentError) as info:
         update(empty_repository(17), [Entry("q", "a", "s")] * 10, v)
+    assert info.value.argument == "vectors"
+
+
+@pytest.mark.parametrize("dim", DIMS)
+def test_retrieve_exact_matches_reference(dim: int) -> None:
+    """retrieve(backend="exact") — every scan, with and without a tenant — against the
+    reference, on odd dimensions and with many exact duplicates."""
+    rng = np.random.default_rng(3000 + dim)
+    base = random_unit(rng, 40, dim)
+    v = np.ascontiguousarray(base[rng.integers(0, 40, 301)])
+    q = random_unit(rng, 5, dim)
+    tenants = [("a", "b", "c")[i % 3] for i in range(301)]
+    es = [Entry("q", "a", "s", tenant=t) for t in tenants]
+    repo = update(empty_repository(dim), es, v)
+    codes = np.asarray(repo.tenant_codes)
+    for k in (1, 7, 301):
+        for scan in ("f32", "int8"):
+            got = retrieve(repo, q, k, scan=scan)  # type: ignore[arg-type]
+            ri, rs = reference(repo.vectors, q, k)
+            np.testing.assert_array_equal(got.indices, ri)
+            np.testing.assert_allclose(got.scores, rs, rtol=1e-5, atol=1e-5)
+            got = retrieve(repo, q, k, scan=scan, tenant="b")  # type: ignore[arg-type]
+            ri, rs = reference(repo.vectors, q, k, codes, repo.tenant_code("b"))
+            np.testing.assert_array_equal(got.indices, ri)
+            np.testing.assert_allclose(got.scores, rs, rtol=1e-5, atol=1e-5)
 
 
 def test_argument_validation(simd: ModuleType) -> None:

@@ -275,7 +275,7 @@ def test_future_format_version(saved: Path) -> None:
 )
 def test_malformed_manifest(saved: Path, change: dict) -> None:
     _rewrite_manifest(saved, **change)
-    with pytest.raises(CorruptStoreError, match="manifest.json"):
+    with pytest.raises(CorruptStoreError, match=r"manifest\.json"):
         open_repository(saved)
 
 

@@ -1,4 +1,6 @@
-"""Pure-numpy cosine top-k: the reference implementation (the spec and the oracle).
+"""Pure-numpy cosine top-k: the reference implementation (the spec and the oracle),
+and the twin of the C extension's ``topk`` (same arguments, same result), which
+:mod:`.retrieve` falls back to when the extension is not there.
 
 Order: scores descending; equal scores go to the **lower row index**. Rows are
 scanned with one float32 matmul per block of queries (``queries @ vectors.T``) and
@@ -41,12 +43,14 @@ def topk(
     vectors: npt.NDArray[np.float32],
     queries: npt.NDArray[np.float32],
     k: int,
-    allowed: npt.NDArray[np.bool_] | None = None,
+    codes: npt.NDArray[np.int32] | None = None,
+    tenant: int = -1,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Top-``k`` rows of ``vectors`` (n, d) by inner product with each row of
-    ``queries`` (m, d). ``allowed`` (n,) bool restricts the candidate rows.
+    ``queries`` (m, d); with ``codes`` (n,) only the rows whose code is ``tenant``.
     Returns ``(indices int64 (m, k'), scores float32 (m, k'))`` with
-    ``k' = min(k, #allowed rows)``. Inputs are assumed validated."""
+    ``k' = min(k, #candidate rows)``. Inputs are assumed validated."""
+    allowed = None if codes is None else codes == tenant
     m = queries.shape[0]
     n_allowed = vectors.shape[0] if allowed is None else int(np.count_nonzero(allowed))
     kk = min(k, n_allowed)

@@ -92,6 +92,9 @@ class SearchBackend(Protocol):
     ``search(queries, k, tenant=...)`` takes validated unit-norm float32 rows of shape
     ``(m, dim)`` and returns a :class:`~intercascade_core.core.retrieve.TopK` whose
     indices are the backend's own ids (``-1`` pads a row with fewer than ``k`` hits).
+    :func:`~intercascade_core.core.retrieve.retrieve` does the validating (and checks
+    that one row comes back per query); named indexes over a repository's own rows
+    (``"hnsw"``) are another door, :func:`~intercascade_core.core.retrieve.register_index`.
     """
 
     @property

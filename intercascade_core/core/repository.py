@@ -21,23 +21,39 @@ repository; an explicit id is kept as given.
 
 Arrays exposed to users (:attr:`Repository.vectors`) are read-only views that cannot
 be made writeable (they are built over a read-only memoryview of the arena).
+
+The arena stays private to this module. Other modules use the public doors:
+:meth:`Repository.derived` (data computed from the rows and shared by the versions
+of one arena: the int8 scan copy, an ANN index), :func:`from_arrays` (a version over
+existing arrays, e.g. a memory-mapped snapshot) and :func:`append_exact`, and
+:func:`unit_rows`, the one check of embedding rows (repository rows, queries,
+rows sent to a server).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, overload
+from typing import Any, Protocol, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["Entry", "Repository", "append_exact", "empty_repository", "update", "NORM_TOLERANCE"]
+__all__ = [
+    "NORM_TOLERANCE",
+    "Entry",
+    "Repository",
+    "append_exact",
+    "empty_repository",
+    "from_arrays",
+    "unit_rows",
+    "update",
+]
 
 #: rows whose L2 norm differs from 1 by more than this are rejected by :func:`update`.
 NORM_TOLERANCE = 1e-3
@@ -58,6 +74,9 @@ class Entry:
     id: int = -1
 
 
+_T = TypeVar("_T")
+
+
 def _alloc(capacity: int, dim: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     """A writeable array and a read-only twin over the same memory. The twin is
     built on a read-only memoryview, so no view of it can be flipped writeable."""
@@ -70,6 +89,19 @@ def _alloc(capacity: int, dim: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]
     return rw, ro
 
 
+class _EntryList(Protocol):
+    """What an arena needs of its entry list: a ``list``, or the lazily parsed
+    entries of a memory-mapped snapshot (:mod:`~intercascade_core.storage.store`)."""
+
+    def __len__(self) -> int: ...
+    @overload
+    def __getitem__(self, i: int) -> Entry: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Entry]: ...
+    def __iter__(self) -> Iterator[Entry]: ...
+    def extend(self, items: Iterable[Entry]) -> None: ...
+
+
 class _Arena:
     """Append-only storage shared by the versions built from one another.
 
@@ -79,18 +111,18 @@ class _Arena:
     """
 
     __slots__ = (
-        "dim",
+        "__weakref__",
         "capacity",
-        "length",
-        "rw",
-        "ro",
+        "derived",
+        "dim",
         "entries",
-        "tenants",
+        "length",
+        "lock",
+        "ro",
+        "rw",
         "tenant_codes",
         "tenant_codes_ro",
-        "lock",
-        "cache",
-        "__weakref__",
+        "tenants",
     )
 
     def __init__(self, dim: int, capacity: int) -> None:
@@ -98,13 +130,12 @@ class _Arena:
         self.capacity = capacity
         self.length = 0
         self.rw, self.ro = _alloc(capacity, dim, np.float32)
-        self.entries: list[Entry] = []
+        self.entries: _EntryList = []
         self.tenants: dict[str, int] = {}
         self.tenant_codes, self.tenant_codes_ro = _alloc(capacity, 0, np.int32)
         self.lock = threading.Lock()
-        # derived per-arena data (int8 scan copy, hnsw index), grown lazily and
-        # append-only like the arena itself; see retrieve.py / _ann.py
-        self.cache: dict[str, Any] = {}
+        # data derived from the rows, append-only like them (Repository.derived)
+        self.derived: dict[str, Any] = {}
 
     def grow(self, needed: int) -> None:
         """Make room for ``needed`` rows (capacity doubling, rounded to a power of 2)."""
@@ -124,7 +155,7 @@ class _EntriesView(Sequence[Entry]):
 
     __slots__ = ("_entries", "_n")
 
-    def __init__(self, entries: list[Entry], n: int) -> None:
+    def __init__(self, entries: _EntryList, n: int) -> None:
         self._entries = entries
         self._n = n
 
@@ -195,6 +226,32 @@ class Repository:
             return 0
         return int(np.count_nonzero(self.tenant_codes == code))
 
+    @property
+    def tenant_names(self) -> tuple[str, ...]:
+        """The tenant of each code (index = code). Codes are shared by the versions
+        of one arena, so this may name tenants that only newer versions hold."""
+        with self._arena.lock:
+            return tuple(self._arena.tenants)
+
+    def derived(self, key: str, extend: Callable[[_T | None, Repository], _T]) -> _T:
+        """Data derived from the rows (an int8 scan copy, an ANN index), shared by the
+        versions that share this one's storage and grown, never rebuilt, as they grow.
+
+        ``extend(previous, self)`` receives the value stored under ``key`` (``None``
+        the first time, or after a copy-on-branch) and returns one that covers at
+        least rows ``[0, len(self))``; it is stored and returned. It may grow
+        ``previous`` in place — the rows it already covers never change — but must
+        keep it valid for the older, shorter versions that share it (they read only
+        their first ``len`` rows). It runs under the storage's lock, so calls on
+        versions of one arena (and appends to it) are serialised: keep it short, or
+        return a handle that the caller grows under a lock of its own.
+        """
+        arena = self._arena
+        with arena.lock:
+            value = extend(arena.derived.get(key), self)
+            arena.derived[key] = value
+            return value
+
     def __repr__(self) -> str:
         return f"Repository(dim={self.dim}, len={self._n})"
 
@@ -206,34 +263,124 @@ def empty_repository(dim: int) -> Repository:
     return Repository(int(dim), _Arena(int(dim), 0), 0)
 
 
-def _check_vectors(vectors: Any, count: int, dim: int) -> np.ndarray:
+def from_arrays(
+    vectors: npt.NDArray[np.float32],
+    tenant_codes: npt.NDArray[np.int32],
+    tenants: Sequence[str],
+    entries: Sequence[Entry],
+) -> Repository:
+    """A version over existing rows, without copying them: bulk, bit-exact loads
+    (a memory-mapped snapshot opens in O(1), see :mod:`~intercascade_core.storage.store`).
+
+    ``vectors`` is ``(n, dim)`` float32, ``tenant_codes`` ``(n,)`` int32 where code
+    ``c`` is tenant ``tenants[c]``, ``entries`` the ``n`` entries (ids kept as
+    given; a sequence with an ``extend`` method, such as a lazily parsed one, is kept
+    as is, any other is copied into a list). Arrays over a buffer no one can write
+    (a read-only memory map) are shared; any other is copied, so that no one can
+    change a row behind the version's back. The rows are not checked for unit norm
+    (that reads every row: the caller vouches, or calls :func:`unit_rows`); the first
+    :func:`update` of the version copies them into growable storage.
+    """
+    if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32 or vectors.ndim != 2:
+        raise InvalidArgumentError("vectors", f"must be a 2-D float32 array, got {_describe(vectors)}")
+    n, dim = vectors.shape
+    if dim < 1:
+        raise InvalidArgumentError("vectors", f"must have at least one column, got shape {vectors.shape}")
+    if not isinstance(tenant_codes, np.ndarray) or tenant_codes.dtype != np.int32 or tenant_codes.shape != (n,):
+        raise InvalidArgumentError(
+            "tenant_codes", f"must be an int32 array of shape ({n},), got {_describe(tenant_codes)}"
+        )
+    names = list(tenants)
+    if not all(isinstance(t, str) for t in names) or len(set(names)) != len(names):
+        raise InvalidArgumentError("tenants", f"must be distinct str, got {names!r:.200}")
+    if len(entries) != n:
+        raise InvalidArgumentError("entries", f"must hold {n} entries (one per row), got {len(entries)}")
+    arena = _Arena(dim, 0)
+    if n:
+        arena.rw = arena.ro = _shared(vectors)
+        arena.tenant_codes = arena.tenant_codes_ro = _shared(tenant_codes)
+        # capacity == length: the first append grows, i.e. copies, before writing
+        arena.capacity = arena.length = n
+    arena.entries = entries if hasattr(entries, "extend") else list(entries)
+    arena.tenants = {t: i for i, t in enumerate(names)}
+    return Repository(dim, arena, n)
+
+
+def _describe(a: Any) -> str:
+    if isinstance(a, np.ndarray):
+        return f"{a.dtype} array of shape {a.shape}"
+    return type(a).__name__
+
+
+def _shared(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when it is C-contiguous over a buffer that no one can write (a
+    read-only memory map), else a read-only copy built like the arena's own buffers.
+    (An ndarray that owns its memory can always be flipped writeable by its holder.)"""
+    probe = a.view()
+    try:
+        probe.flags.writeable = True
+    except ValueError:
+        owner: Any = a
+        while isinstance(owner, np.ndarray) and owner.base is not None:
+            owner = owner.base
+        if not isinstance(owner, np.ndarray) and a.flags.c_contiguous:
+            return a
+    rw, ro = _alloc(a.shape[0], a.shape[1] if a.ndim == 2 else 0, a.dtype)
+    rw[...] = a
+    return ro
+
+
+def unit_rows(
+    vectors: Any,
+    dim: int,
+    *,
+    count: int | None = None,
+    argument: str = "vectors",
+    renormalise: bool = True,
+) -> npt.NDArray[np.float32]:
+    """The one check of embedding rows (stored rows, queries, rows sent to a server).
+
+    ``vectors`` must be a float32 numpy array of shape ``(count, dim)`` — ``(m, dim)``
+    for any ``m`` when ``count`` is None; a 1-D array is one row when ``count`` is
+    None or 1 — finite, each row of L2 norm within :data:`NORM_TOLERANCE` of 1.
+    Returns the rows renormalised to unit norm in float32 (C-contiguous), or with
+    ``renormalise=False`` the validated 2-D rows as given (for bit-exact storage:
+    the renormalisation is not idempotent to the last ulp). Anything else raises
+    :class:`~intercascade_core.errors.InvalidArgumentError` naming ``argument``.
+    """
     if not isinstance(vectors, np.ndarray):
         raise InvalidArgumentError(
-            "vectors", f"must be a numpy float32 array, got {type(vectors).__name__}"
+            argument, f"must be a numpy float32 array, got {type(vectors).__name__}"
         )
     if vectors.dtype != np.float32:
-        raise InvalidArgumentError("vectors", f"must have dtype float32, got {vectors.dtype}")
-    if vectors.ndim == 1 and count == 1:
-        vectors = vectors.reshape(1, -1)
-    if vectors.ndim != 2 or vectors.shape != (count, dim):
+        raise InvalidArgumentError(argument, f"must have dtype float32, got {vectors.dtype}")
+    rows = vectors.reshape(1, -1) if vectors.ndim == 1 and count in (None, 1) else vectors
+    if count is None:
+        if rows.ndim != 2 or rows.shape[1] != dim:
+            raise InvalidArgumentError(
+                argument, f"must have shape (m, {dim}) or ({dim},), got {vectors.shape}"
+            )
+    elif rows.shape != (count, dim):
         raise InvalidArgumentError(
-            "vectors", f"must have shape ({count}, {dim}) (one row per entry), got {vectors.shape}"
+            argument, f"must have shape ({count}, {dim}) (one row per entry), got {vectors.shape}"
         )
-    if count == 0:
-        return vectors
+    if rows.shape[0] == 0:
+        return np.ascontiguousarray(rows) if renormalise else rows
     # a row holds NaN/inf iff its float64 sum of squares does (float32 squares cannot overflow it)
-    sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+    sq = np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
     if not np.isfinite(sq).all():
-        raise InvalidArgumentError("vectors", "contains NaN or infinite values")
+        raise InvalidArgumentError(argument, "contains NaN or infinite values")
     norms = np.sqrt(sq)
     bad = np.abs(norms - 1.0) > NORM_TOLERANCE
     if bad.any():
         i = int(np.argmax(bad))
         raise InvalidArgumentError(
-            "vectors",
+            argument,
             f"row {i} has L2 norm {norms[i]:.6g}; rows must be unit-norm (within {NORM_TOLERANCE})",
         )
-    return vectors * (1.0 / norms).astype(np.float32)[:, None]
+    if not renormalise:
+        return rows
+    return np.ascontiguousarray(rows * (1.0 / norms).astype(np.float32)[:, None])
 
 
 def update(repo: Repository, entries: Sequence[Entry], vectors: np.ndarray) -> Repository:
@@ -246,7 +393,7 @@ def update(repo: Repository, entries: Sequence[Entry], vectors: np.ndarray) -> R
     """
     _check_update_args(repo, entries)
     count = len(entries)
-    rows = _check_vectors(vectors, count, repo.dim)
+    rows = unit_rows(vectors, repo.dim, count=count)
     if count == 0:
         return repo
     return _append_rows(repo, entries, rows)
@@ -260,10 +407,9 @@ def append_exact(repo: Repository, entries: Sequence[Entry], vectors: np.ndarray
     therefore reproduces the logged rows exactly."""
     _check_update_args(repo, entries)
     count = len(entries)
-    _check_vectors(vectors, count, repo.dim)  # validation only
+    rows = unit_rows(vectors, repo.dim, count=count, renormalise=False)
     if count == 0:
         return repo
-    rows = np.ascontiguousarray(vectors, dtype=np.float32).reshape(count, repo.dim)
     return _append_rows(repo, entries, rows)
 
 
@@ -289,7 +435,7 @@ def _append_rows(repo: Repository, entries: Sequence[Entry], rows: np.ndarray) -
             arena = _Arena(repo.dim, 0)
             arena.grow(n + len(entries))
             arena.rw[:n] = old.rw[:n]
-            arena.entries = old.entries[:n]
+            arena.entries = list(old.entries[:n])
             arena.tenants = dict(old.tenants)
             arena.tenant_codes[:n] = old.tenant_codes[:n]
             arena.length = n

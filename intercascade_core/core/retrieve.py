@@ -5,52 +5,72 @@
 descending), ``k' = min(k, len(repo))`` (with ``tenant``, ``min(k, #rows of that
 tenant)``). Equal scores go to the lower row index. A 1-D query is one row.
 
-Backends:
+Backends, by name:
 
 * ``"exact"`` — the C extension ``intercascade_core.core._simd`` (SIMD, runtime CPU
   dispatch). With ``scan="auto"`` (default) repositories of at least
-  :data:`INT8_MIN_ROWS` rows are scanned through an int8 copy of the vectors (built
-  lazily per arena and extended in place as versions grow; queries are quantised
-  too, dots are exact integers — AVX-512 VNNI when available), and every row that
-  the scan's error bound cannot exclude is re-scored in float32 with the float32
-  scan's own code, so the result is *identical* to ``scan="f32"`` while reading 4×
-  fewer bytes. Falls back to ``"numpy"`` (logged once at INFO) when the extension
-  is not built or ``INTERCASCADE_NO_EXT=1``.
-* ``"numpy"`` — the pure reference (:mod:`._topk_numpy`).
-* ``"hnsw"`` — approximate, hnswlib (:mod:`._ann`), grown incrementally with the
-  repository; answers only with rows of the version asked about.
-* ``"pgvector"`` — ``repo`` is a :class:`~intercascade_core.storage.pgvector.PgVectorStore`;
-  the server searches (``ef`` becomes ``ef_search``) and ``indices`` are its row ids.
+  :data:`INT8_MIN_ROWS` rows are scanned through an int8 copy of the vectors (derived
+  per arena with :meth:`Repository.derived` and extended in place as versions grow;
+  queries are quantised too, dots are exact integers — AVX-512 VNNI when available),
+  and every row that the scan's error bound cannot exclude is re-scored in float32
+  with the float32 scan's own code, so the result is *identical* to ``scan="f32"``
+  while reading 4× fewer bytes. Without the extension (not built, or
+  ``INTERCASCADE_NO_EXT=1``) its numpy twin answers, logged once at INFO.
+* ``"numpy"`` — the pure reference (:mod:`._topk_numpy`), the extension's twin.
+* a registered index name — ``"hnsw"`` (approximate, hnswlib,
+  :mod:`~intercascade_core.storage.hnsw`) is registered when the package is imported.
 
-Query vectors follow :func:`~intercascade_core.core.repository.update`'s rule: float32,
+or by object: any :class:`~intercascade_core.core.protocols.SearchBackend` (e.g. a
+:class:`~intercascade_core.storage.pgvector.PgVectorStore`) answers from the strategies
+it holds itself; its ``indices`` are its own ids, ``repo`` is not searched.
+
+Why a registry of named indexes: the core may not import hnswlib or anything in
+``storage/``, yet ``backend="hnsw"`` must keep working wherever a name is accepted
+(``retrieve``, ``CascadeConfig``, config files, the CLI). An index over a
+repository's own rows (labels = row indices, version-bounded, tenant-filtered) is a
+different thing from a SearchBackend (its own rows and ids), so it gets its own door:
+:func:`register_index`, one dict, no plugin machinery. The adapter registers itself
+at import and imports its library lazily, on first search.
+
+Query vectors follow :func:`~intercascade_core.core.repository.unit_rows`: float32,
 finite, unit norm within ``NORM_TOLERANCE`` (renormalised), otherwise
 :class:`~intercascade_core.errors.InvalidArgumentError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import InvalidArgumentError
 from . import _topk_numpy
-from .repository import NORM_TOLERANCE, Repository
+from .protocols import SearchBackend
+from .repository import Repository, unit_rows
 
-__all__ = ["TopK", "retrieve", "extension_available", "INT8_MIN_ROWS"]
+__all__ = [
+    "INT8_MIN_ROWS",
+    "RepositoryIndex",
+    "TopK",
+    "backend_names",
+    "check_backend",
+    "extension_available",
+    "register_index",
+    "retrieve",
+]
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["exact", "numpy", "hnsw", "pgvector"]
 Scan = Literal["auto", "f32", "int8"]
-_BACKENDS = ("exact", "numpy", "hnsw", "pgvector")
 _SCANS = ("auto", "f32", "int8")
+_BUILT_IN = ("exact", "numpy")
 
 #: the int8 kernel's int32 accumulators are exact up to this dimension (2**31 // 127**2).
 INT8_MAX_DIM = 2**31 // 127**2
@@ -60,18 +80,18 @@ INT8_MIN_ROWS = 1 << 14
 
 _QUANT_BLOCK = 1 << 16
 
-
-def _load_ext() -> ModuleType | None:
-    if os.environ.get("INTERCASCADE_NO_EXT") == "1":
-        return None
+# The C extension, as markupsafe loads its speedups: one guarded import, the numpy
+# twin (same call, same result) when it fails. INTERCASCADE_NO_EXT=1, read here once,
+# forces the twin. Tests swap the handle to run both implementations.
+_ext: ModuleType | None
+_no_ext_reason = ""
+if os.environ.get("INTERCASCADE_NO_EXT") == "1":
+    _ext, _no_ext_reason = None, "disabled by INTERCASCADE_NO_EXT=1"
+else:
     try:
-        from . import _simd
+        from . import _simd as _ext
     except ImportError:
-        return None
-    return _simd  # type: ignore[no-any-return]
-
-
-_ext: ModuleType | None = _load_ext()
+        _ext, _no_ext_reason = None, "not built"
 _fallback_logged = False
 
 
@@ -92,35 +112,61 @@ class TopK:
         self.scores.flags.writeable = False
 
 
-def _check_queries(query_vectors: Any, dim: int) -> npt.NDArray[np.float32]:
-    q = query_vectors
-    if not isinstance(q, np.ndarray):
+class RepositoryIndex(Protocol):
+    """A named index over a repository's own rows (see :func:`register_index`).
+
+    Called with validated unit ``queries`` (m, dim), ``k >= 1``, ``tenant_code`` (-1:
+    every tenant) and ``ef`` (search breadth, None: the index's default); returns
+    ``(indices int64, scores float32)`` of shape ``(m, k')``, row indices ``<
+    len(repo)`` of that tenant only, sorted by (score desc, index asc).
+    """
+
+    def __call__(
+        self,
+        repo: Repository,
+        queries: npt.NDArray[np.float32],
+        k: int,
+        *,
+        tenant_code: int,
+        ef: int | None,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
+
+
+_INDEXES: dict[str, RepositoryIndex] = {}
+
+
+def register_index(name: str, search: RepositoryIndex) -> None:
+    """Make ``backend=name`` search a repository through ``search`` (a later
+    registration of the same name replaces the earlier one)."""
+    if not isinstance(name, str) or not name or name in _BUILT_IN:
+        raise InvalidArgumentError("name", f"must be a new non-empty str, got {name!r}")
+    if not callable(search):
+        raise InvalidArgumentError("search", f"must be callable, got {type(search).__name__}")
+    _INDEXES[name] = search
+
+
+def backend_names() -> tuple[str, ...]:
+    """The names ``backend=`` accepts now: the built-in scans and registered indexes."""
+    return _BUILT_IN + tuple(_INDEXES)
+
+
+def check_backend(backend: Any) -> str | SearchBackend:
+    """``backend`` if it is a known name or a :class:`SearchBackend`, else
+    :class:`InvalidArgumentError` (for configs that are checked before any search)."""
+    if isinstance(backend, str):
+        if backend not in _BUILT_IN and backend not in _INDEXES:
+            raise InvalidArgumentError(
+                "backend",
+                f"must be one of {backend_names()} or a SearchBackend, got {backend!r}",
+            )
+        return backend
+    if not isinstance(backend, SearchBackend):
         raise InvalidArgumentError(
-            "query_vectors", f"must be a numpy float32 array, got {type(q).__name__}"
+            "backend",
+            f"must be one of {backend_names()} or a SearchBackend (a .search(query_vectors, "
+            f"k, *, tenant=None) method and a .dim), got {type(backend).__name__}",
         )
-    if q.dtype != np.float32:
-        raise InvalidArgumentError("query_vectors", f"must have dtype float32, got {q.dtype}")
-    if q.ndim == 1:
-        q = q.reshape(1, -1)
-    if q.ndim != 2 or q.shape[1] != dim:
-        raise InvalidArgumentError(
-            "query_vectors", f"must have shape (m, {dim}) or ({dim},), got {query_vectors.shape}"
-        )
-    if q.shape[0] == 0:
-        return np.ascontiguousarray(q)
-    sq = np.einsum("ij,ij->i", q, q, dtype=np.float64)
-    if not np.isfinite(sq).all():  # NaN/inf in a row makes its float64 sum of squares non-finite
-        raise InvalidArgumentError("query_vectors", "contains NaN or infinite values")
-    norms = np.sqrt(sq)
-    bad = np.abs(norms - 1.0) > NORM_TOLERANCE
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise InvalidArgumentError(
-            "query_vectors",
-            f"row {i} has L2 norm {norms[i]:.6g}; "
-            f"queries must be unit-norm (within {NORM_TOLERANCE})",
-        )
-    return np.ascontiguousarray(q * (1.0 / norms).astype(np.float32)[:, None])
+    return backend
 
 
 def _check_k(k: Any) -> int:
@@ -131,61 +177,74 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
-def _int8_copy(repo: Repository) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The arena's int8 scan copy, extended (in place, append-only) to ``len(repo)``.
+@dataclass(frozen=True, slots=True)
+class _Int8Copy:
+    """The int8 scan copy of an arena's first ``rows`` rows (buffers preallocated
+    past them and filled in place as later versions extend the copy)."""
+
+    packed: np.ndarray  # uint8 (blocks, ceil(d/4), 16, 4)
+    scales: np.ndarray  # float32 (blocks * 16,)
+    errs: np.ndarray  # float32 (blocks * 16,)
+    rows: int
+
+
+def _extend_int8(prev: _Int8Copy | None, repo: Repository) -> _Int8Copy:
+    """``prev`` extended to ``len(repo)`` rows (run under the arena lock).
 
     Per-row symmetric quantisation ``q = rint(x / s)``, ``s = max|x| / 127``; ``err``
     is an upper bound on ``||x - s·q||₂`` (float64, rounded up), so
     ``|x·y - s·(q·y)| <= err·||y||`` (Cauchy–Schwarz). Stored for the VNNI kernel as
-    ``q + 128`` (uint8) in blocks of 16 rows × 4 dimensions: shape
-    ``(ceil(n/16), ceil(d/4), 16, 4)``; ``scales``/``errs`` padded to whole blocks.
-    Returns ``(packed, scales, errs)`` for the first ``len(repo)`` rows.
+    ``q + 128`` (uint8) in blocks of 16 rows × 4 dimensions; ``scales``/``errs``
+    padded to whole blocks.
     """
-    arena = repo._arena
     n, d = len(repo), repo.dim
+    if prev is not None and prev.rows >= n:
+        return prev
     d4 = -(-d // 4)
     nb = -(-n // 16)
-    with arena.lock:
-        cache = arena.cache.get("int8")
-        if cache is None or cache[0].shape[0] < nb:
-            cap = -(-arena.capacity // 16)
-            pk = np.full((cap, d4, 16, 4), 128, dtype=np.uint8)
-            sc = np.zeros(cap * 16, dtype=np.float32)
-            er = np.zeros(cap * 16, dtype=np.float32)
-            done = 0
-            if cache is not None:
-                done = cache[3]
-                pk[: cache[0].shape[0]] = cache[0]
-                sc[: cache[1].shape[0]], er[: cache[2].shape[0]] = cache[1], cache[2]
-            cache = [pk, sc, er, done]
-            arena.cache["int8"] = cache
-        pk, sc, er, done = cache
-        vec = arena.rw
-        start = done // 16 * 16  # re-pack the partly filled block (its rows never change)
-        for a in range(start, n, _QUANT_BLOCK):
-            b = min(n, a + _QUANT_BLOCK)
-            x = vec[a:b]
-            s = (np.abs(x).max(axis=1) / np.float32(127.0)).astype(np.float32)
-            q = np.clip(np.rint(x / s[:, None]), -127, 127).astype(np.int8)
-            resid = x.astype(np.float64) - q.astype(np.float64) * s.astype(np.float64)[:, None]
-            e = np.sqrt(np.einsum("ij,ij->i", resid, resid)) * (1 + 1e-9)
-            sc[a:b] = s
-            er[a:b] = np.nextafter(e.astype(np.float32), np.float32(np.inf))
-            rows = np.full((-(-(b - a) // 16) * 16, d4 * 4), 128, dtype=np.uint8)
-            rows[: b - a, :d] = (q.astype(np.int16) + 128).astype(np.uint8)
-            blocks = rows.reshape(-1, 16, d4, 4).transpose(0, 2, 1, 3)
-            pk[a // 16 : a // 16 + blocks.shape[0]] = blocks
-        if n > done:
-            cache[3] = n
-        return pk[:nb], sc[: nb * 16], er[: nb * 16]
+    if prev is None or prev.packed.shape[0] < nb:
+        cap = max(nb, 2 * prev.packed.shape[0] if prev is not None else 0)  # doubling
+        pk = np.full((cap, d4, 16, 4), 128, dtype=np.uint8)
+        sc = np.zeros(cap * 16, dtype=np.float32)
+        er = np.zeros(cap * 16, dtype=np.float32)
+        done = 0
+        if prev is not None:
+            done = prev.rows
+            pk[: prev.packed.shape[0]] = prev.packed
+            sc[: prev.scales.shape[0]], er[: prev.errs.shape[0]] = prev.scales, prev.errs
+        prev = _Int8Copy(pk, sc, er, done)
+    pk, sc, er = prev.packed, prev.scales, prev.errs
+    vec = repo.vectors
+    start = prev.rows // 16 * 16  # re-pack the partly filled block (its rows never change)
+    for a in range(start, n, _QUANT_BLOCK):
+        b = min(n, a + _QUANT_BLOCK)
+        x = vec[a:b]
+        s = (np.abs(x).max(axis=1) / np.float32(127.0)).astype(np.float32)
+        q = np.clip(np.rint(x / s[:, None]), -127, 127).astype(np.int8)
+        resid = x.astype(np.float64) - q.astype(np.float64) * s.astype(np.float64)[:, None]
+        e = np.sqrt(np.einsum("ij,ij->i", resid, resid)) * (1 + 1e-9)
+        sc[a:b] = s
+        er[a:b] = np.nextafter(e.astype(np.float32), np.float32(np.inf))
+        rows = np.full((-(-(b - a) // 16) * 16, d4 * 4), 128, dtype=np.uint8)
+        rows[: b - a, :d] = (q.astype(np.int16) + 128).astype(np.uint8)
+        blocks = rows.reshape(-1, 16, d4, 4).transpose(0, 2, 1, 3)
+        pk[a // 16 : a // 16 + blocks.shape[0]] = blocks
+    return dataclasses.replace(prev, rows=n)
+
+
+def _int8_copy(repo: Repository) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The int8 scan copy's ``(packed, scales, errs)`` for the first ``len(repo)`` rows."""
+    copy = repo.derived("int8", _extend_int8)
+    nb = -(-len(repo) // 16)
+    return copy.packed[:nb], copy.scales[: nb * 16], copy.errs[: nb * 16]
 
 
 def retrieve(
-    repo: Repository,
+    repo: Repository | SearchBackend,
     query_vectors: npt.NDArray[np.float32],
     k: int,
     *,
-    backend: Backend = "exact",
+    backend: str | SearchBackend = "exact",
     tenant: str | None = None,
     scan: Scan = "auto",
     ef: int | None = None,
@@ -193,31 +252,26 @@ def retrieve(
 ) -> TopK:
     """Top-``k`` entries of ``repo`` by cosine similarity for each query row.
 
-    ``scan`` picks the exact backend's scan ("f32", "int8" or "auto"); ``ef`` is the
-    hnsw search breadth (default ``max(128, k)``); ``threads`` (0 = auto, 1 or 2) is
-    the exact backend's thread count. See the module docstring.
+    ``backend``: a name (:func:`backend_names`) or a
+    :class:`~intercascade_core.core.protocols.SearchBackend`, which searches what it
+    holds (``repo`` — a repository or the backend itself — must share its ``dim``).
+    ``scan`` picks the exact backend's scan ("f32", "int8" or "auto"); ``ef`` is a
+    named index's search breadth (hnsw: default ``max(128, k)``); ``threads`` (0 =
+    auto, 1 or 2) is the exact backend's thread count. See the module docstring.
     """
-    if backend not in _BACKENDS:
-        raise InvalidArgumentError("backend", f"must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "pgvector":  # server-side search; indices are the server's row ids
-        from ..storage.pgvector import PgVectorStore
-
-        if not isinstance(repo, PgVectorStore):
-            raise InvalidArgumentError(
-                "repo", f"backend='pgvector' needs a PgVectorStore, got {type(repo).__name__}"
-            )
-        q = _check_queries(query_vectors, repo.dim)
-        return repo.search(q, _check_k(k), tenant=tenant, ef_search=ef)
-    if not isinstance(repo, Repository):
-        raise InvalidArgumentError("repo", f"must be a Repository, got {type(repo).__name__}")
+    backend = check_backend(backend)
     if scan not in _SCANS:
         raise InvalidArgumentError("scan", f"must be one of {_SCANS}, got {scan!r}")
     if tenant is not None and not isinstance(tenant, str):
         raise InvalidArgumentError("tenant", f"must be a str or None, got {type(tenant).__name__}")
     if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= 2:
         raise InvalidArgumentError("threads", f"must be 0 (auto), 1 or 2, got {threads!r}")
+    if not isinstance(backend, str):
+        return _search_backend(backend, repo, query_vectors, _check_k(k), tenant, ef)
+    if not isinstance(repo, Repository):
+        raise InvalidArgumentError("repo", f"must be a Repository, got {type(repo).__name__}")
     k = _check_k(k)
-    q = _check_queries(query_vectors, repo.dim)
+    q = unit_rows(query_vectors, repo.dim, argument="query_vectors")
     m, n = q.shape[0], len(repo)
     code = -1
     if tenant is not None:
@@ -226,23 +280,18 @@ def retrieve(
             n = 0
     if k == 0 or n == 0 or m == 0:
         return TopK(np.empty((m, 0), np.int64), np.empty((m, 0), np.float32))
-
-    if backend == "hnsw":
-        from ..storage import hnsw as _ann
-
-        idx, sc = _ann.search(repo, q, k, tenant_code=code, ef=ef)
+    index = _INDEXES.get(backend)
+    if index is not None:
+        idx, sc = index(repo, q, k, tenant_code=code, ef=ef)
         return TopK(idx, sc)
 
-    if backend == "exact" and _ext is None:
-        _log_fallback()
-        backend = "numpy"
-    if backend == "numpy":
-        allowed = None if tenant is None else repo.tenant_codes == code
-        idx, sc = _topk_numpy.topk(repo.vectors, q, k, allowed)
-        return TopK(idx, sc)
-
-    assert _ext is not None
     codes = None if tenant is None else repo.tenant_codes
+    ext = _ext
+    if backend == "numpy" or ext is None:
+        if backend == "exact":
+            _log_fallback()
+        idx, sc = _topk_numpy.topk(repo.vectors, q, k, codes, code)
+        return TopK(idx, sc)
     k = min(k, len(repo))  # the C argument is a C long: a huge k must not overflow it
     # the int8 kernel sums int8 products in int32: exact only up to 2**31 / 127**2 dims
     int8_ok = repo.dim <= INT8_MAX_DIM
@@ -251,10 +300,41 @@ def retrieve(
     use_int8 = scan == "int8" or (scan == "auto" and int8_ok and len(repo) >= INT8_MIN_ROWS)
     if use_int8:
         qv, s, e = _int8_copy(repo)
-        idx, sc, _ = _ext.topk_int8(repo.vectors, qv, s, e, q, k, codes, code, threads=threads)
+        idx, sc, _ = ext.topk_int8(repo.vectors, qv, s, e, q, k, codes, code, threads=threads)
     else:
-        idx, sc = _ext.topk(repo.vectors, q, k, codes, code, threads=threads)
+        idx, sc = ext.topk(repo.vectors, q, k, codes, code, threads=threads)
     return TopK(idx, sc)
+
+
+def _search_backend(
+    backend: SearchBackend,
+    repo: Any,
+    query_vectors: Any,
+    k: int,
+    tenant: str | None,
+    ef: int | None,
+) -> TopK:
+    """Validate, then let ``backend`` answer; check the shape of what it returns."""
+    if ef is not None:
+        raise InvalidArgumentError(
+            "ef", "applies to named indexes only; set a SearchBackend's search breadth on it"
+        )
+    dim = backend.dim
+    if repo is not backend and not isinstance(repo, Repository):
+        raise InvalidArgumentError(
+            "repo", f"must be a Repository or the backend itself, got {type(repo).__name__}"
+        )
+    if repo.dim != dim:
+        raise InvalidArgumentError("repo", f"has dim {repo.dim}, the backend {dim}")
+    q = unit_rows(query_vectors, dim, argument="query_vectors")
+    top = backend.search(q, k, tenant=tenant)
+    if not isinstance(top, TopK) or top.indices.shape[0] != q.shape[0]:
+        raise InvalidArgumentError(
+            "backend",
+            f"{type(backend).__name__}.search must return a TopK with one row per query "
+            f"({q.shape[0]}), got {top!r:.120}",
+        )
+    return top
 
 
 _log_lock = threading.Lock()
@@ -265,9 +345,5 @@ def _log_fallback() -> None:
     with _log_lock:
         if not _fallback_logged:
             _fallback_logged = True
-            why = (
-                "disabled by INTERCASCADE_NO_EXT=1"
-                if os.environ.get("INTERCASCADE_NO_EXT") == "1"
-                else "not built"
-            )
+            why = _no_ext_reason or "not loaded"
             log.info("intercascade_core.core._simd is %s; backend='exact' uses the numpy path", why)

@@ -13,29 +13,37 @@ labels ``>= n`` / of other tenants; only queries left with fewer than ``k'`` row
 fall back to hnswlib's ``filter=`` callable, which is exact but calls Python for
 every visited node (slow, so it is the last resort, not the default).
 
-hnswlib is imported lazily (it is an adapter dependency, not a core one).
+The index lives in the repository's derived data (:meth:`Repository.derived`, key
+``"hnsw"``): the arena lock is held only to find or create it; rows are added under
+the index's own lock, so a long build does not hold up appends to the repository.
+
+Importing this module registers the name ``"hnsw"`` with
+:func:`~intercascade_core.core.retrieve.register_index` (the package root imports it,
+so the name always works); hnswlib itself is imported lazily, on the first search
+(it is an adapter dependency, not a core one).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from ..core import _topk_numpy
 from ..core.repository import Repository
+from ..core.retrieve import register_index
 from ..errors import InvalidArgumentError
 
 __all__ = [
-    "HnswParams",
     "DEFAULT_PARAMS",
+    "HnswParams",
     "ensure_index",
-    "search",
     "index_stats",
-    "save_index",
     "load_index",
+    "save_index",
+    "search",
 ]
 
 
@@ -74,7 +82,8 @@ class _AnnIndex:
         self.lock = threading.Lock()
 
     def grow_to(self, vectors: np.ndarray, n: int) -> None:
-        """Add rows ``[count, n)`` of the arena (the caller holds ``lock``)."""
+        """Add rows ``[count, n)`` of ``vectors``, the arena's first ``n`` rows (the
+        caller holds ``lock``)."""
         if n <= self.count:
             return
         if n > self.capacity:
@@ -86,22 +95,25 @@ class _AnnIndex:
         self.count = n
 
 
-def ensure_index(repo: Repository, params: HnswParams | None = None) -> Any:
+def ensure_index(repo: Repository, params: HnswParams | None = None) -> _AnnIndex:
     """The arena's HNSW index, created with ``params`` if absent, grown to ``len(repo)``."""
-    arena = repo._arena
-    with arena.lock:
-        idx = arena.cache.get("hnsw")
-        if idx is None:
-            idx = arena.cache["hnsw"] = _AnnIndex(repo.dim, params or DEFAULT_PARAMS)
-        vectors = arena.rw
+
+    def find_or_create(prev: _AnnIndex | None, r: Repository) -> _AnnIndex:
+        return prev if prev is not None else _AnnIndex(r.dim, params or DEFAULT_PARAMS)
+
+    idx = repo.derived("hnsw", find_or_create)
     with idx.lock:
-        idx.grow_to(vectors, len(repo))
+        idx.grow_to(repo.vectors, len(repo))
     return idx
+
+
+def _peek(prev: _AnnIndex | None, repo: Repository) -> _AnnIndex | None:
+    return prev
 
 
 def index_stats(repo: Repository) -> dict[str, int]:
     """Rows indexed and capacity of the arena's HNSW index (0s when none yet)."""
-    idx = repo._arena.cache.get("hnsw")
+    idx = repo.derived("hnsw", _peek)
     return {"count": idx.count if idx else 0, "capacity": idx.capacity if idx else 0}
 
 
@@ -143,7 +155,7 @@ def search(
         total = idx.count
         if codes is None and total == n:  # newest version, no tenant: plain search
             idx.index.set_ef(ef_q)
-            labels, dist = _knn(idx, repo, queries, kk, None, -1)
+            labels, dist = _knn(idx, repo, queries, kk)
             for j in range(m):
                 out_i[j], out_s[j] = _sorted(
                     labels[j].astype(np.int64), (1 - dist[j]).astype(np.float32), kk
@@ -151,7 +163,7 @@ def search(
             return out_i, out_s
         fetch = min(total, 2 * kk + 16)
         idx.index.set_ef(max(ef_q, fetch))
-        labels, dist = _knn(idx, repo, queries, fetch, None, -1)
+        labels, dist = _knn(idx, repo, queries, fetch)
         labels = labels.astype(np.int64)
         short = []
         for j in range(m):
@@ -183,31 +195,21 @@ def search(
 
 
 def _knn(
-    idx: _AnnIndex,
-    repo: Repository,
-    q: np.ndarray,
-    k: int,
-    codes: np.ndarray | None,
-    tenant_code: int,
+    idx: _AnnIndex, repo: Repository, q: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Unfiltered knn_query over the whole index; on hnswlib's "cannot return k
-    results" (tiny or poorly connected graphs) answer exactly over the indexed rows."""
+    results" (tiny or poorly connected graphs) answer exactly over this version's
+    rows (the only ones a caller may return)."""
     try:
         return idx.index.knn_query(q, k=k, num_threads=1)  # type: ignore[no-any-return]
     except RuntimeError:
-        from ..core._topk_numpy import topk
-
-        i, s = topk(repo._arena.ro[: idx.count], q, k)
-        return i, 1 - s.astype(np.float64)
+        return _exact(repo, q, k, None, -1)
 
 
 def _exact(
     repo: Repository, q: np.ndarray, kk: int, codes: np.ndarray | None, tenant_code: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    from ..core._topk_numpy import topk
-
-    allowed = None if codes is None else codes == tenant_code
-    i, s = topk(repo.vectors, q, kk, allowed)
+    i, s = _topk_numpy.topk(repo.vectors, q, kk, codes, tenant_code)
     return i, 1 - s.astype(np.float64)
 
 
@@ -220,15 +222,20 @@ def save_index(repo: Repository, path: str) -> None:
 
 def load_index(repo: Repository, path: str, params: HnswParams | None = None) -> None:
     """Attach an index saved by :func:`save_index` from a repository with the *same
-    first rows* (the caller vouches for that) to ``repo``'s arena, replacing any."""
+    first rows* (the caller vouches for that) to ``repo``'s arena, replacing any. The
+    index may hold at most ``len(repo)`` rows."""
     idx = _AnnIndex(repo.dim, params or DEFAULT_PARAMS)
     idx.index.load_index(str(path), max_elements=0)
     count = idx.index.get_current_count()
-    if count > repo._arena.length:
-        raise InvalidArgumentError(
-            "path", f"index holds {count} rows, the repository {repo._arena.length}"
-        )
+    if count > len(repo):
+        raise InvalidArgumentError("path", f"index holds {count} rows, the repository {len(repo)}")
     idx.count = count
     idx.capacity = idx.index.get_max_elements()
-    with repo._arena.lock:
-        repo._arena.cache["hnsw"] = idx
+
+    def replace(prev: _AnnIndex | None, r: Repository) -> _AnnIndex:
+        return idx
+
+    repo.derived("hnsw", replace)
+
+
+register_index("hnsw", search)

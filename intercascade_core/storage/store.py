@@ -49,7 +49,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -57,11 +57,10 @@ from typing import Any, Literal, overload
 import numpy as np
 import numpy.typing as npt
 
-from ..core.repository import Entry, Repository, _append, _Arena, _check_vectors
+from ..core.repository import Entry, Repository, from_arrays, unit_rows
 from ..errors import (
     CorruptStoreError,
     IncompatibleStoreError,
-    IntercascadeError,
     InvalidArgumentError,
     StoreError,
 )
@@ -253,7 +252,7 @@ def _npy_layout(path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> int
         raise CorruptStoreError(path, "missing") from None
     except CorruptStoreError:
         raise
-    except Exception as e:  # noqa: BLE001 - numpy raises ValueError/SyntaxError/... on a bad header
+    except Exception as e:  # numpy raises ValueError/SyntaxError/... on a bad header
         raise CorruptStoreError(path, f"bad .npy header: {type(e).__name__}: {e}") from None
     if hdtype != dtype or hdtype.hasobject:
         raise CorruptStoreError(path, f"dtype must be {dtype.str}, got {hdtype!r}")
@@ -520,7 +519,7 @@ def save(
         # tenant codes renumbered by first appearance in this version (what update()
         # would assign when the rows are replayed in order)
         codes = np.asarray(repo.tenant_codes, dtype=np.int32)
-        names_by_code = {c: t for t, c in repo._arena.tenants.items()}
+        names_by_code = repo.tenant_names
         tenants: list[str] = []
         if n:
             uniq, first = np.unique(codes, return_index=True)
@@ -657,22 +656,14 @@ def open_repository(
             emm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         if verify == "full":
             entries = _parse_all(bytes(emm), offsets, epath, m.tenants, codes, uses)
-            norms = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
-            if not np.all(np.abs(norms - 1.0) <= 1e-3):
-                raise CorruptStoreError(root / VECTORS, "rows are not unit-norm (or not finite)")
+            try:  # update()'s own check, without the renormalising copy
+                unit_rows(vectors, d, count=n, argument="rows", renormalise=False)
+            except InvalidArgumentError as e:
+                raise CorruptStoreError(root / VECTORS, str(e)) from None
             emm.close()
         else:
             entries = _LazyEntries(emm, offsets, epath)
 
-    arena = _Arena(d, 0)
-    arena.capacity = n
-    arena.length = n
-    if n:
-        arena.rw = vectors  # read-only: capacity == length, so any append grows (copies) first
-        arena.ro = vectors
-        arena.tenant_codes = codes
-        arena.tenant_codes_ro = codes
-    arena.entries = entries
-    arena.tenants = {t: i for i, t in enumerate(m.tenants)}
-    repo = Repository(d, arena, n)
+    # the memory maps are read-only: shared as they are, copied by the first update
+    repo = from_arrays(vectors, codes, m.tenants, entries)
     return StoredRepository(repo, uses, m, root)
