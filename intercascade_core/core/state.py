@@ -17,6 +17,7 @@ from ..errors import InvalidArgumentError
 from .calibrate import Calibration
 from .protocols import Generation, TextModel
 from .repository import Repository, empty_repository
+from .retrieve import backend_names
 
 __all__ = [
     "CascadeConfig",
@@ -34,7 +35,6 @@ Policy = Literal["jung", "random", "retrieval"]
 Teach = Literal["all_weaker", "previous"]
 StrategyMode = Literal["two_call", "single_call"]
 Status = Literal["accepted", "discarded"]
-RetrievalBackend = Literal["exact", "numpy", "hnsw"]  # retrieve.Backend, without importing it
 
 
 # ----------------------------------------------------------------------------- config
@@ -63,7 +63,11 @@ class CascadeConfig:
 
     policy: ``"retrieval"`` (Inter-Cascade), ``"random"`` (the random-strategy control) or
     ``"jung"`` (no strategies, no teaching: the baseline). k: strategies per prompt.
-    backend: ``retrieve`` backend (``"exact"``, ``"numpy"``, ``"hnsw"``).
+    backend: the ``retrieve`` backend *name* searched over the level's repository version
+    (``"exact"``, ``"numpy"``, or a registered index such as ``"hnsw"``). An external
+    :class:`~.protocols.SearchBackend` (a PostgreSQL table) is not searched per query: its
+    strategies reach the cascade through the repository (``storage.sync``), so the machine
+    stays free of I/O.
     teach: which weaker repositories a confident level >= 1 writes to.
     strategy_mode: ``"two_call"`` (answer with the baseline prompt, then a strategy call on
     acceptance) or ``"single_call"`` (the last level answers and writes the strategy at
@@ -73,7 +77,7 @@ class CascadeConfig:
 
     policy: Policy = "retrieval"
     k: int = 2
-    backend: RetrievalBackend = "exact"
+    backend: str = "exact"
     teach: Teach = "all_weaker"
     strategy_mode: StrategyMode = "two_call"
     seed: int = 0
@@ -86,9 +90,9 @@ class CascadeConfig:
             )
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
             raise InvalidArgumentError("k", f"must be an int >= 0, got {self.k!r}")
-        if self.backend not in get_args(RetrievalBackend):
+        if not isinstance(self.backend, str) or self.backend not in backend_names():
             raise InvalidArgumentError(
-                "backend", f"expected one of {get_args(RetrievalBackend)}, got {self.backend!r}"
+                "backend", f"expected one of {backend_names()}, got {self.backend!r}"
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InvalidArgumentError("seed", f"must be an int >= 0, got {self.seed!r}")

@@ -329,7 +329,7 @@ def evaluate(
     for v in [v for v in VARIANTS if v in variants]:
         if on_variant is not None:
             on_variant(v)
-        cfg = CascadeConfig(policy=v, k=k, backend=backend, seed=seed)  # type: ignore[arg-type]
+        cfg = CascadeConfig(policy=v, k=k, backend=backend, seed=seed)
         runs[v] = run_stream(test, levels, cached, calibrations=cal_run.calibrations, config=cfg,
                              progress=progress, desc=f"stream [{v}]")
     ins: InSituCalibration | None = None
