@@ -21,8 +21,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# The pure core is imported eagerly: a submodule whose name equals a function's
-# (``calibrate``, ``retrieve``) must not shadow the function at the root.
+# The pure core is imported eagerly (it needs only numpy and scipy.special).
 from .core.calibrate import Calibration, calibrate, calibrate_cascade, certify, defer
 from .core.cascade import (
     CascadeConfig,
