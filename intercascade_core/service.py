@@ -1,37 +1,69 @@
 """A thread-safe :class:`Cascade` shell over the pure core.
 
-:func:`~intercascade_core.core.cascade.step` is a pure function of a
-:class:`~intercascade_core.core.cascade.CascadeState` value. :class:`Cascade` holds the current
-value and serves concurrent :meth:`Cascade.ask` calls:
+The decisions of one query belong to the sans-I/O
+:class:`~intercascade_core.core.machine.QueryMachine`. :class:`Cascade` holds the current
+:class:`~intercascade_core.core.cascade.CascadeState` value and serves concurrent
+:meth:`Cascade.ask` calls:
 
-1. under the lock: read the current state ``base`` and take a ticket (the outcome index);
-2. outside the lock: ``step(base, query, ...)`` — embedding, retrieval and all model calls
-   run concurrently with other requests;
-3. under the lock: **commit**. If the state is still ``base`` the step's result is
-   published as is (compare-and-swap succeeded). Otherwise another request committed
-   meanwhile, and this one is *rebased*: the entries its step added (the rows past
-   ``base``'s repositories) are appended to the *current* repositories and its counter
-   deltas are added to the current counters. Nothing is lost, nothing is applied twice.
+1. under the lock: read the **published** state ``base`` and take the outcome index;
+2. outside the lock: drive the machine over ``base``
+   (:func:`~intercascade_core.core.cascade.drive`) — embedding, retrieval and all model
+   calls run concurrently with other requests. It ends in a
+   :class:`~intercascade_core.core.machine.Done` whose teachings are still pending;
+3. under the lock: **reserve**. The pending teachings are appended to the newest
+   repository versions (the *tail*, which includes every earlier reservation), in place:
+   appending to the newest version of an arena writes past its end and never copies it.
+   The counters become ``tail.counters + done.counters``, and the request gets the next
+   sequence number;
+4. outside the lock: write the request's journal records (with a ``store``);
+5. under the lock: **publish**, in sequence order, and return.
 
-Snapshot isolation: a request retrieves from the repositories as they were when it
-started (it does not see strategies committed while its model calls were in flight).
+Snapshot isolation: a request retrieves from the repositories as they were published when
+it started (it does not see strategies committed while its model calls were in flight).
 
-At commit, before a strategy is published, the shell also
+At reservation, before a strategy is stored, the shell also
 
 * sanitises the entry (:func:`~intercascade_core.core.sanitize.sanitize_entry`);
 * suppresses near-duplicates (``dedupe_distance``): an entry whose query embedding lies
-  within that cosine distance of a stored entry of the **same tenant** is not stored; the
-  returned :class:`~intercascade_core.core.cascade.Outcome` then has ``stored_in=()`` and
-  ``strategy_rejected`` naming the duplicate;
+  within that cosine distance of a stored or reserved entry of the **same tenant** is not
+  stored; the returned :class:`~intercascade_core.core.cascade.Outcome` then has
+  ``stored_in=()`` and ``strategy_rejected`` naming the duplicate;
+
+and at publication it
+
 * counts usage: each entry placed in the request's prompt gets one use (an int64 counter
   per row, :attr:`Cascade.uses`), the input of least-used eviction;
 * enforces the cap (``max_entries``): when a repository grows past it, it is pruned to
   ``max_entries - evict_batch`` rows (:func:`~intercascade_core.core.prune.evict`; rows are
-  renumbered and a durable store is checkpointed);
-* journals the change when a ``store`` directory is given (:mod:`.journal`, one
-  :class:`~intercascade_core.storage.journal.DurableStore` per taught level in
-  ``<store>/level<i>``) *before* publishing it, so a SIGKILL loses at most the requests
-  in flight.
+  renumbered and a durable store is checkpointed).
+
+Durability and order (``store``: one
+:class:`~intercascade_core.storage.journal.DurableStore` per taught level in
+``<store>/level<i>``). The journal is written and fsynced outside the lock; the order
+argument:
+
+* reservations are serialised by the lock and numbered 1, 2, ...; the tail after ``s`` is
+  the tail after ``s - 1`` plus the effect of ``s``;
+* request ``s`` writes its records only on its *turn* (``published == s - 1``), and
+  ``published`` becomes ``s`` only after those writes returned: records are written one
+  request at a time, in sequence order, so replaying the journal appends every row at the
+  position its reservation gave it;
+* publishing ``s`` makes the tail after ``s`` the state: all of ``1..s``, nothing later.
+  A later commit never becomes visible before an earlier one;
+* :meth:`ask` returns after publishing, hence after its own records and every earlier
+  one are durable: a SIGKILL loses at most requests that have not returned;
+* usage counters change at publication, so a snapshot (always of the published state)
+  holds a request's uses exactly when it holds its journal record. Snapshots are taken
+  while no record is being written: ``checkpoint_every`` by the publisher, still on its
+  turn; :meth:`checkpoint`, :meth:`prune`, :meth:`close` and eviction first stop new
+  reservations and wait until every reserved request is published (*drain*);
+* a commit that could push a repository past ``max_entries`` drains and then commits
+  alone (journal under the lock: once per ``evict_batch`` commits), because eviction
+  renumbers the rows that reserved requests' records refer to;
+* if a journal write fails, the requests reserved after it sit on rows that will never
+  be published and the lsn sequence cannot skip it: that :meth:`ask` raises the error,
+  the ones waiting behind it and every later one raise :class:`ServiceClosedError`.
+  Nothing acknowledged is lost.
 
 Per-request tenants: ``ask(query, tenant="a")`` retrieves only tenant ``a``'s strategies
 and stores the new strategy under ``a``.
@@ -41,19 +73,23 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 import numpy.typing as npt
 
-from .core.cascade import CascadeConfig, CascadeState, Level, Outcome, init_state, step
+from .core.cascade import CascadeConfig, CascadeState, Level, Outcome, drive, initial_state
+from .core.machine import Done, QueryMachine
 from .core.prune import Policy, evict, find_near_duplicate
-from .core.repository import Entry, Repository, append_exact
+from .core.repository import Entry, Repository, update
 from .core.sanitize import sanitize_entry
-from .errors import IntercascadeError, InvalidArgumentError, ServiceClosedError
+from .errors import InvalidArgumentError, ServiceClosedError
 from .storage.journal import DurableStore, Fsync
 from .storage.store import Verify
 
@@ -96,6 +132,26 @@ class _Uses:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class _Log:
+    """What one request adds to repository ``level``: entries with their rows as stored,
+    and the rows (of the version it started from) whose usage it counts."""
+
+    level: int
+    entries: tuple[Entry, ...]
+    rows: npt.NDArray[np.float32]
+    used: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Reservation:
+    """A reserved commit: its sequence number, the tail state after it, its journal."""
+
+    seq: int
+    state: CascadeState
+    logs: tuple[_Log, ...]
+
+
 class Cascade:
     """Serve queries concurrently over one evolving :class:`CascadeState`.
 
@@ -123,7 +179,7 @@ class Cascade:
         *,
         calibrations: Sequence[Calibration] | None = None,
         state: CascadeState | None = None,
-        config: CascadeConfig = CascadeConfig(),  # noqa: B008 - frozen, as in cascade.step
+        config: CascadeConfig = CascadeConfig(),
         store: str | Path | None = None,
         fsync: Fsync = "always",
         verify: Verify = "full",
@@ -134,19 +190,16 @@ class Cascade:
         evict_batch: int | None = None,
         sanitize: bool = True,
     ) -> None:
-        if (state is None) == (calibrations is None):
-            raise InvalidArgumentError("state", "pass exactly one of state= or calibrations=")
-        if state is None:
-            assert calibrations is not None
-            state = init_state(calibrations, int(embedder.dim))
-        if not isinstance(state, CascadeState):
-            raise InvalidArgumentError(
-                "state", f"expected a CascadeState, got {type(state).__name__}"
-            )
+        state = initial_state(state, calibrations, int(embedder.dim))
         if len(levels) != state.n_levels:
             raise InvalidArgumentError(
                 "levels", f"state has {state.n_levels} levels, got {len(levels)} models"
             )
+        for lv in levels:
+            if not isinstance(lv, Level):
+                raise InvalidArgumentError(
+                    "levels", f"expected Level records, got {type(lv).__name__}"
+                )
         if dedupe_distance is not None and (
             isinstance(dedupe_distance, bool)
             or not isinstance(dedupe_distance, (int, float))
@@ -187,6 +240,7 @@ class Cascade:
             )
 
         self._levels = tuple(levels)
+        self._names = tuple(lv.name for lv in levels)
         self._embedder = embedder
         self._config = config
         self._dedupe = None if dedupe_distance is None else float(dedupe_distance)
@@ -195,12 +249,15 @@ class Cascade:
         self._evict_batch = evict_batch
         self._sanitize = sanitize
         self._checkpoint_every = checkpoint_every
-        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        self._failed: BaseException | None = None  # a journal write that failed
         self._epoch = 0  # bumped whenever rows are renumbered (pruning)
-        self._commits = 0
+        self._reserved = 0  # sequence number of the last reservation
+        self._published = 0  # ... and of the last publication (<= _reserved)
+        self._barriers = 0  # drains in progress: no new reservation meanwhile
         self._stores: tuple[DurableStore, ...] = ()
-        uses: list[np.ndarray] = [np.zeros(len(r), np.int64) for r in state.repositories]
+        uses: list[npt.NDArray[np.int64]] = [np.zeros(len(r), np.int64) for r in state.repositories]
         if store is not None:
             if any(len(r) for r in state.repositories):
                 raise InvalidArgumentError(
@@ -228,14 +285,15 @@ class Cascade:
             self._stores = tuple(stores)
             state = dataclasses.replace(state, repositories=tuple(repos))
         self._uses = [_Uses(u) for u in uses]
-        self._state = state
+        self._state = state  # published: what readers and new requests see
+        self._tail = state  # reserved: the published state plus every reservation after it
         self._next_index = state.n_queries
 
     # -- reading -------------------------------------------------------------------------
     @property
     def state(self) -> CascadeState:
-        """The current state value (immutable; later requests never change it)."""
-        with self._lock:
+        """The published state value (immutable; later requests never change it)."""
+        with self._cond:
             return self._state
 
     @property
@@ -245,28 +303,29 @@ class Cascade:
     @property
     def uses(self) -> tuple[npt.NDArray[np.int64], ...]:
         """Usage counters per repository (read-only copies, aligned with the rows)."""
-        with self._lock:
+        with self._cond:
             return tuple(u.view() for u in self._uses)
 
     # -- serving -------------------------------------------------------------------------
     def ask(self, query: Query, *, tenant: str | None = None) -> Outcome:
-        """Run one query through the cascade and commit its effect; thread-safe."""
+        """Run one query through the cascade and commit its effect; thread-safe. Returns
+        once the effect is published (and journalled, with a store)."""
         if tenant is not None and not isinstance(tenant, str):
             raise InvalidArgumentError(
                 "tenant", f"must be a str or None, got {type(tenant).__name__}"
             )
-        with self._lock:
-            if self._closed:
-                raise ServiceClosedError("this Cascade is closed")
+        with self._cond:
+            self._check_open("is closed")
             base, epoch = self._state, self._epoch
             index = self._next_index
             self._next_index += 1
         cfg = self._config if tenant is None else dataclasses.replace(self._config, tenant=tenant)
-        new, outcome = step(base, query, self._levels, self._embedder, cfg, index=index)
-        with self._lock:
-            if self._closed:
-                raise ServiceClosedError("this Cascade was closed while the query was in flight")
-            return self._commit(base, epoch, new, outcome)
+        t0 = time.perf_counter()
+        done = drive(
+            QueryMachine(base, query, self._names, cfg, index=index), self._levels, self._embedder
+        )
+        latency = time.perf_counter() - t0
+        return dataclasses.replace(self._commit(base, epoch, done), latency_s=latency)
 
     def ask_many(
         self,
@@ -293,97 +352,114 @@ class Cascade:
                 pool.map(lambda qt: self.ask(qt[0], tenant=qt[1]), zip(qs, tenants, strict=True))
             )
 
-    # -- the commit (under the lock) -----------------------------------------------------
-    def _commit(self, base: CascadeState, epoch: int, new: CascadeState, out: Outcome) -> Outcome:
-        cur = self._state
-        fast = cur is base
-        repos = list(cur.repositories)
-        logs: list[tuple[int, list[Entry], np.ndarray, list[int]]] = []
+    # -- the commit ----------------------------------------------------------------------
+    def _commit(self, base: CascadeState, epoch: int, done: Done) -> Outcome:
+        """Reserve, journal (outside the lock, on this request's turn) and publish."""
+        # sanitising is per entry and the slowest part: done before taking the lock
+        entries = tuple(
+            sanitize_entry(t.entry) if self._sanitize else t.entry for t in done.teachings
+        )
+        with self._cond:
+            self._cond.wait_for(
+                lambda: not self._barriers or self._closed or self._failed is not None
+            )
+            self._check_open("was closed while the query was in flight")
+            if self._may_overflow(done):
+                with self._drained():
+                    self._check_open("was closed while the query was in flight")
+                    return self._commit_alone(base, epoch, done, entries)
+            res, out = self._reserve(base, epoch, done, entries)
+            if not (self._stores and res.logs) and res.seq == self._published + 1:
+                self._publish(res)  # nothing to write and nothing before it: done
+                return out
+            try:
+                self._cond.wait_for(
+                    lambda: self._published == res.seq - 1 or self._failed is not None
+                )
+            except BaseException as exc:  # (an interrupt): an unpublished reservation would
+                self._fail(exc)  # hold every later one back forever, so stop instead
+                raise
+            if self._failed is not None:  # not _closed: close() waits for reserved requests
+                self._check_open("is closed")
+        try:  # our turn: no other request writes the journals until we publish
+            self._write(res)
+        except BaseException as exc:
+            with self._cond:
+                self._fail(exc)
+            raise
+        with self._cond:
+            self._publish(res)
+        return out
+
+    def _commit_alone(
+        self, base: CascadeState, epoch: int, done: Done, entries: tuple[Entry, ...]
+    ) -> Outcome:
+        """(Lock held, drained.) A commit that may trigger eviction, all under the lock."""
+        res, out = self._reserve(base, epoch, done, entries)
+        try:
+            self._write(res)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        self._publish(res, checkpoint=False)
+        if self._evict() or self._checkpoint_due(res.seq):
+            self._checkpoint_locked()
+        return out
+
+    def _may_overflow(self, done: Done) -> bool:
+        """Whether this request's teachings could push a repository past the cap."""
+        if self._max_entries is None:
+            return False
+        return any(
+            len(repo) + sum(j in t.targets for t in done.teachings) > self._max_entries
+            for j, repo in enumerate(self._tail.repositories)
+        )
+
+    def _reserve(
+        self, base: CascadeState, epoch: int, done: Done, entries: tuple[Entry, ...]
+    ) -> tuple[_Reservation, Outcome]:
+        """(Lock held.) Append the request's teachings (``entries``: theirs, sanitised) to
+        the tail, in place, and add its counters; nothing is visible to readers yet."""
+        tail, out = self._tail, done.outcome
+        repos = list(tail.repositories)
+        logs: list[_Log] = []
         stored_in: list[int] = []
         dup_reason: str | None = None
-        for j, (b_repo, s_repo, c_repo) in enumerate(
-            zip(base.repositories, new.repositories, cur.repositories, strict=True)
-        ):
-            a, z = len(b_repo), len(s_repo)
-            added = list(s_repo.entries[a:z]) if z > a else []
-            vecs = np.asarray(s_repo.vectors[a:z])
-            changed = False
-            if self._sanitize and added:
-                clean = [sanitize_entry(e) for e in added]
-                changed = any(c is not e for c, e in zip(clean, added, strict=True))
-                added = clean
-            keep: list[int] = []
-            for i, e in enumerate(added):
-                dup = None
-                if self._dedupe is not None:
-                    dup = find_near_duplicate(c_repo, vecs[i], e.tenant, self._dedupe)
-                    if dup is None:
-                        for k in keep:
-                            if (
-                                added[k].tenant == e.tenant
-                                and float(vecs[k] @ vecs[i]) >= 1.0 - self._dedupe
-                            ):
-                                dup = len(c_repo) + keep.index(k)
-                                break
+        for j, repo in enumerate(tail.repositories):
+            kept: list[tuple[Entry, npt.NDArray[np.float32]]] = []
+            for t, entry in zip(done.teachings, entries, strict=True):
+                if j not in t.targets:
+                    continue
+                dup = self._duplicate(repo, entry, t.vector, kept)
                 if dup is None:
-                    keep.append(i)
+                    kept.append((entry, t.vector))
                 else:
-                    d = (
-                        1.0 - float(np.dot(vecs[i], c_repo.vectors[dup]))
-                        if dup < len(c_repo)
-                        else 0.0
-                    )
+                    row, dist = dup
                     dup_reason = (
-                        f"near-duplicate of entry {dup} in repository {j} "
-                        f"(cosine distance {max(d, 0.0):.3g} <= {self._dedupe:g})"
+                        f"near-duplicate of entry {row} in repository {j} "
+                        f"(cosine distance {dist:.3g} <= {self._dedupe:g})"
                     )
-            if keep:
-                kept = [dataclasses.replace(added[i], id=-1) for i in keep]
-                kvec = np.ascontiguousarray(vecs[keep])
-                if fast and not changed and len(keep) == len(added):
-                    repos[j] = s_repo
-                else:  # rows already normalised by step's update: store them bit-exactly
-                    repos[j] = append_exact(c_repo, kept, kvec)
+            added: tuple[Entry, ...] = ()
+            rows = np.empty((0, repo.dim), np.float32)
+            if kept:
+                # the newest version of its arena: update appends in place, O(dim) per row
+                repos[j] = update(repo, [e for e, _ in kept], np.stack([v for _, v in kept]))
+                added = tuple(e for e, _ in kept)  # ids -1: replay numbers them by row
+                rows = repos[j].vectors[len(repo) :]  # as stored: replay is bit-exact
                 stored_in.append(j)
-            else:
-                kept, kvec = [], np.empty((0, c_repo.dim), np.float32)
             used: list[int] = []
-            if epoch == self._epoch and j < len(out.strategies):
+            if epoch == self._epoch:  # rows still numbered as in the version it read
+                b_repo = base.repositories[j]
                 for su in out.strategies[j]:
                     r = su.entry_id
                     if 0 <= r < len(b_repo) and b_repo.entries[r].id == r:
                         used.append(r)
-            if kept or used:
-                logs.append((j, kept, kvec, used))
+            if added or used:
+                logs.append(_Log(j, added, rows, tuple(used)))
 
-        # durability first: journal every change, then publish it
-        for j, kept, kvec, used in logs:
-            if self._stores:
-                self._stores[j].log(kept, kvec, used)
-        for j, _kept, _kvec, used in logs:
-            self._uses[j].resize(len(repos[j]))
-            self._uses[j].add(used)
-        for j in range(len(repos)):
-            self._uses[j].resize(len(repos[j]))
-
-        pruned = False
-        if self._max_entries is not None:
-            for j, rj in enumerate(repos):
-                if len(rj) > self._max_entries:
-                    pr = evict(
-                        rj,
-                        self._max_entries - self._evict_batch,
-                        policy=self._eviction,
-                        uses=self._uses[j].view(),
-                    )
-                    repos[j] = pr.repository
-                    self._uses[j] = _Uses(pr.uses)
-                    pruned = True
-
-        # the request's own effect on the counters, rebased onto the current ones
-        mine = new.counters - base.counters
+        mine = done.counters
         story = tuple(stored_in)
-        if story != out.stored_in:  # dedupe or sanitising changed what was stored
+        if story != out.stored_in:  # dedupe changed what was stored
             rejected = out.strategy_rejected
             extra_rejection = not story and dup_reason is not None and rejected is None
             if extra_rejection:
@@ -394,16 +470,103 @@ class Cascade:
                 n_rejected_strategies=mine.n_rejected_strategies + extra_rejection,
             )
             out = dataclasses.replace(out, stored_in=story, strategy_rejected=rejected)
-        self._state = dataclasses.replace(
-            cur, repositories=tuple(repos), counters=cur.counters + mine
+        self._reserved += 1
+        self._tail = dataclasses.replace(
+            tail, repositories=tuple(repos), counters=tail.counters + mine
         )
-        self._commits += 1
+        return _Reservation(self._reserved, self._tail, tuple(logs)), out
+
+    def _duplicate(
+        self,
+        repo: Repository,
+        entry: Entry,
+        vector: npt.NDArray[np.float32],
+        kept: Sequence[tuple[Entry, npt.NDArray[np.float32]]],
+    ) -> tuple[int, float] | None:
+        """The row (and cosine distance) that ``entry`` near-duplicates among the tail's
+        rows and the ones kept before it in this request, or None."""
+        if self._dedupe is None:
+            return None
+        row = find_near_duplicate(repo, vector, entry.tenant, self._dedupe)
+        if row is not None:
+            return row, max(0.0, 1.0 - float(vector @ repo.vectors[row]))
+        for i, (other, v) in enumerate(kept):
+            sim = float(v @ vector)
+            if other.tenant == entry.tenant and sim >= 1.0 - self._dedupe:
+                return len(repo) + i, max(0.0, 1.0 - sim)
+        return None
+
+    def _write(self, res: _Reservation) -> None:
+        """Journal the reservation (durable per the fsync policy when it returns)."""
+        if self._stores:
+            for log in res.logs:
+                self._stores[log.level].log(log.entries, log.rows, log.used)
+
+    def _publish(self, res: _Reservation, *, checkpoint: bool = True) -> None:
+        """(Lock held, on the reservation's turn.) Make it the state; count its uses."""
+        self._state = res.state
+        for j, repo in enumerate(res.state.repositories):
+            self._uses[j].resize(len(repo))
+        for log in res.logs:
+            self._uses[log.level].add(log.used)
+        self._published = res.seq
+        self._cond.notify_all()
+        if checkpoint and self._checkpoint_due(res.seq):
+            self._checkpoint_locked()  # still our turn: the lock is held until we return
+
+    def _checkpoint_due(self, seq: int) -> bool:
+        return bool(self._checkpoint_every) and seq % (self._checkpoint_every or 1) == 0
+
+    def _evict(self) -> bool:
+        """(Lock held, drained.) Prune every repository past the cap; True if any was."""
+        if self._max_entries is None:
+            return False
+        repos = list(self._state.repositories)
+        pruned = False
+        for j, repo in enumerate(repos):
+            if len(repo) > self._max_entries:
+                pr = evict(
+                    repo,
+                    self._max_entries - self._evict_batch,
+                    policy=self._eviction,
+                    uses=self._uses[j].view(),
+                )
+                repos[j] = pr.repository
+                self._uses[j] = _Uses(pr.uses)
+                pruned = True
         if pruned:
+            self._state = self._tail = dataclasses.replace(self._state, repositories=tuple(repos))
             self._epoch += 1
-            self._checkpoint_locked()
-        elif self._checkpoint_every and self._commits % self._checkpoint_every == 0:
-            self._checkpoint_locked()
-        return out
+        return pruned
+
+    def _fail(self, exc: BaseException) -> None:
+        """(Lock held.) A reserved request cannot be published (its journal write
+        failed): stop serving (module docstring)."""
+        self._failed = exc
+        self._cond.notify_all()
+
+    def _check_open(self, closed: str) -> None:
+        if self._failed is not None:
+            raise ServiceClosedError(
+                f"this Cascade stopped: a commit failed before it was journalled ({self._failed!r})"
+            ) from self._failed
+        if self._closed:
+            raise ServiceClosedError(f"this Cascade {closed}")
+
+    @contextmanager
+    def _drained(self) -> Iterator[None]:
+        """(Lock held.) Hold new reservations back and wait until every reserved request
+        is published, so the block runs while no journal record is being written and no
+        reserved request refers to the current row numbering."""
+        self._barriers += 1
+        try:
+            self._cond.wait_for(
+                lambda: self._published == self._reserved or self._failed is not None
+            )
+            yield
+        finally:
+            self._barriers -= 1
+            self._cond.notify_all()
 
     # -- maintenance ---------------------------------------------------------------------
     def _checkpoint_locked(self) -> None:
@@ -412,7 +575,7 @@ class Cascade:
 
     def checkpoint(self) -> None:
         """Snapshot every durable repository and reset its journal (no-op without a store)."""
-        with self._lock:
+        with self._cond, self._drained():
             self._checkpoint_locked()
 
     def prune(
@@ -421,7 +584,7 @@ class Cascade:
         """Offline pruning of every repository now: near-duplicates first, then the cap."""
         from .core.prune import dedupe
 
-        with self._lock:
+        with self._cond, self._drained():
             repos = list(self._state.repositories)
             for j, r in enumerate(repos):
                 u = self._uses[j].view()
@@ -433,19 +596,21 @@ class Cascade:
                     r, u = pr.repository, pr.uses
                 repos[j] = r
                 self._uses[j] = _Uses(u)
-            self._state = dataclasses.replace(self._state, repositories=tuple(repos))
+            self._state = self._tail = dataclasses.replace(self._state, repositories=tuple(repos))
             self._epoch += 1
             self._checkpoint_locked()
 
     def close(self, *, checkpoint: bool = True) -> None:
-        """Stop serving; checkpoint (by default) and close the journals."""
-        with self._lock:
+        """Stop serving: wait for the requests already committing, checkpoint (by
+        default) and close the journals."""
+        with self._cond:
             if self._closed:
                 return
             self._closed = True
             try:
-                if checkpoint:
-                    self._checkpoint_locked()
+                with self._drained():
+                    if checkpoint:
+                        self._checkpoint_locked()
             finally:
                 for ds in self._stores:
                     ds.close()

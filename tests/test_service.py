@@ -1,19 +1,39 @@
-"""service.Cascade: concurrency without lost updates, rebase on conflict, durability,
-near-duplicate suppression, the cap, usage counters."""
+"""service.Cascade: concurrency without lost updates, rebase on conflict, in-place
+commits, ordered out-of-lock journalling, durability, near-duplicate suppression, the cap,
+usage counters.
+
+Run as a script (``python tests/test_service.py serve STORE``) it is the worker of the
+concurrent SIGKILL test: 8 threads ask through a durable Cascade and print each outcome
+once :meth:`Cascade.ask` has returned it.
+"""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+import tracemalloc
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
-from intercascade_core.core.cascade import Level, run_stream
+from intercascade_core.core.cascade import CascadeConfig, Counters, Level, init_state, run_stream
+from intercascade_core.core.repository import Entry, empty_repository, update
 from intercascade_core.errors import InvalidArgumentError, ServiceClosedError
+from intercascade_core.models.chat import ChatModel
 from intercascade_core.models.hashing import HashingEmbedder
+from intercascade_core.models.sim import Faults, SimBackend
 from intercascade_core.service import Cascade
+from intercascade_core.storage.journal import DurableStore, Journal, TornJournalWarning
 from tests._crash_worker import (
     DIM,
     STRONG_THRESHOLD,
@@ -46,7 +66,7 @@ def _check_consistent(cascade: Cascade, outs, queries) -> None:
     assert len(repo) == len(stored) == st.n_stored
     # no lost update: the repository holds exactly the stored queries' strategies
     assert collections.Counter(e.query for e in repo.entries) == collections.Counter(
-        q.text for q, o in zip(queries, outs) if o.stored_in
+        q.text for q, o in zip(queries, outs, strict=True) if o.stored_in
     )
     assert [e.id for e in repo.entries] == list(range(len(repo)))
     assert st.calls == tuple(sum(o.usage[i].calls for o in outs) for i in range(2))
@@ -237,6 +257,8 @@ def test_bad_arguments() -> None:
         Cascade(levels, emb)
     with pytest.raises(InvalidArgumentError, match="levels"):
         Cascade(levels[:1], emb, calibrations=cals)
+    with pytest.raises(InvalidArgumentError, match="levels"):
+        Cascade([levels[0], levels[1].model], emb, calibrations=cals)  # type: ignore[list-item]
     with pytest.raises(InvalidArgumentError, match="dedupe_distance"):
         Cascade(levels, emb, calibrations=cals, dedupe_distance=5)
     with pytest.raises(InvalidArgumentError, match="max_entries"):
@@ -267,3 +289,297 @@ def test_concurrent_durable_run_reopens_bit_identical(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got.vectors, repo.vectors)
     np.testing.assert_array_equal(again.uses[0], uses)
     again.close()
+
+
+# ----------------------------------------------------------------------------- in-place commits
+def _unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_16_threads_teach_in_place_without_copying_the_arena() -> None:
+    """16 requests drive from the same published state (a barrier holds their first model
+    call until all 16 are in flight), then all teach. Every strategy is stored, and none
+    of the commits copies the 50,000-row repository: the final version still shares the
+    initial one's memory, and the traced peak allocation during the 16 requests stays
+    below the size of one copy of the rows (an append onto the version a request started
+    from, once another request had extended it, would branch a full copy per request)."""
+    n0, threads = 50_000, 16
+    # 50,000 rows fill a 65,536-row power-of-two capacity: 16 more fit without growing
+    initial = update(
+        empty_repository(DIM),
+        [Entry(f"seed problem {i}", "0", f"seed strategy {i}") for i in range(n0)],
+        _unit_rows(n0, DIM, seed=0),
+    )
+    levels, client = sim_levels()
+    gated = [Level(_Gate(levels[0].model, threads), "weak"), levels[1]]
+    cals = [fixed_calibration(1.01), fixed_calibration(0.0)]  # all strong-accepted, all teach
+    state = dataclasses.replace(init_state(cals, DIM), repositories=(initial,))
+    cascade = Cascade(
+        gated,
+        HashingEmbedder(dim=DIM),
+        state=state,
+        config=CascadeConfig(policy="retrieval", k=2, backend="numpy"),
+    )
+    queries = stream(threads, seed=17)
+    one_copy = initial.vectors.nbytes
+    tracemalloc.start()
+    try:
+        outs = cascade.ask_many(queries, threads=threads)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    client.close()
+    assert all(o.stored_in == (0,) for o in outs)
+    final = cascade.state.repositories[0]
+    assert len(final) == n0 + threads
+    assert collections.Counter(e.query for e in final.entries[n0:]) == collections.Counter(
+        q.text for q in queries
+    )
+    assert np.shares_memory(final.vectors, initial.vectors)
+    assert peak < one_copy, f"peak {peak} B >= one copy of the rows ({one_copy} B)"
+
+
+def _fault_levels(seed: int) -> tuple[list[Level], httpx.Client]:
+    backend = SimBackend(seed=seed, faults=Faults(rate_500=0.05, rate_malformed=0.05))
+    client = httpx.Client(transport=httpx.MockTransport(backend.handler()))
+    url = "http://sim.invalid/v1"
+    return [
+        Level(ChatModel(url, "sim-weak", client=client, max_retries=0), "weak"),
+        Level(ChatModel(url, "sim-strong", client=client, max_retries=0), "strong"),
+    ], client
+
+
+def _counters_of(o) -> Counters:  # type: ignore[no-untyped-def]
+    """The counters one outcome accounts for."""
+    n = o.n_levels
+    return Counters(
+        n_queries=1,
+        calls=tuple(
+            int(o.confidences[i] is not None or o.failures[i] is not None) for i in range(n)
+        ),
+        accepted=tuple(int(o.level == i) for i in range(n)),
+        n_discarded=int(o.status == "discarded"),
+        n_failed_calls=sum(f is not None for f in o.failures),
+        n_stored=int(bool(o.stored_in)),
+        n_rejected_strategies=int(o.strategy_rejected is not None),
+    )
+
+
+def test_counters_after_concurrent_asks_are_the_sum_of_the_outcomes() -> None:
+    """400 asks from 16 threads, with failing calls, malformed strategies and
+    near-duplicate suppression: the published counters are exactly the sum of what the
+    400 outcomes account for, and the repository and usage counters agree with them."""
+    levels, client = _fault_levels(seed=3)
+    cascade = Cascade(
+        levels,
+        HashingEmbedder(dim=DIM),
+        calibrations=[fixed_calibration(WEAK_THRESHOLD), fixed_calibration(STRONG_THRESHOLD)],
+        config=CascadeConfig(policy="retrieval", k=2, backend="numpy"),
+        dedupe_distance=0.2,
+    )
+    queries = stream(400, seed=23)
+    outs = cascade.ask_many(queries, threads=16)
+    client.close()
+    total = Counters.zero(2)
+    for o in outs:
+        total = total + _counters_of(o)
+    st = cascade.state
+    assert st.counters == total
+    # the scenario exercises every kind of counter
+    assert total.n_failed_calls > 0 and total.n_rejected_strategies > 0 and total.n_stored > 0
+    assert any("near-duplicate" in (o.strategy_rejected or "") for o in outs)
+    assert len(st.repositories[0]) == st.n_stored
+    assert int(cascade.uses[0].sum()) == sum(len(o.strategies[0]) for o in outs)
+    assert sorted(o.index for o in outs) == list(range(len(queries)))
+
+
+# ----------------------------------------------------------------------------- the journal
+def test_a_slow_journal_write_holds_later_commits_back_but_not_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first journal record takes 0.4 s to write. Meanwhile the lock is free (the
+    state can be read), nothing is published (a later commit never becomes visible
+    before an earlier one) and no ask returns. The observed states only ever grow, their
+    repository and counters agree, and the journal replays to the published repository."""
+    real_append = Journal.append
+    window: list[float] = []
+
+    def slow_first_append(self, lsn, entries, vectors, uses=()):  # type: ignore[no-untyped-def]
+        if lsn == 1 and self.path.parent.name == "level0":
+            window.append(time.perf_counter())
+            time.sleep(0.4)
+            real_append(self, lsn, entries, vectors, uses)
+            window.append(time.perf_counter())
+        else:
+            real_append(self, lsn, entries, vectors, uses)
+
+    monkeypatch.setattr(Journal, "append", slow_first_append)
+    threads = 8
+    levels, client = sim_levels()
+    gated = [Level(_Gate(levels[0].model, threads), "weak"), levels[1]]
+    cascade = Cascade(
+        gated,
+        HashingEmbedder(dim=DIM),
+        calibrations=[fixed_calibration(1.01), fixed_calibration(0.0)],
+        config=CascadeConfig(policy="retrieval", k=2, backend="numpy"),
+        store=tmp_path / "s",
+        fsync="never",
+    )
+    seen: list[tuple[float, int, int, int]] = []
+    stop = threading.Event()
+
+    def observe() -> None:
+        while not stop.is_set():
+            st = cascade.state
+            seen.append((time.perf_counter(), st.n_queries, st.n_stored, len(st.repositories[0])))
+            time.sleep(0.001)
+
+    returned: list[float] = []
+
+    def ask(q):  # type: ignore[no-untyped-def]
+        out = cascade.ask(q)
+        returned.append(time.perf_counter())
+        return out
+
+    watcher = threading.Thread(target=observe)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            outs = list(pool.map(ask, stream(threads, seed=29)))
+    finally:
+        stop.set()
+        watcher.join()
+        client.close()
+    assert all(o.stored_in == (0,) for o in outs)
+    start, end = window
+    during = [s for s in seen if start < s[0] < end]
+    assert during, "the state could not be read while the journal was written"
+    assert all(n_queries == 0 for _, n_queries, _, _ in during)
+    assert min(returned) > end
+    assert [s[1] for s in seen] == sorted(s[1] for s in seen)
+    assert all(n_stored == size for _, _, n_stored, size in seen)
+    repo = cascade.state.repositories[0]
+    cascade.close(checkpoint=False)
+    again, client = make_cascade(str(tmp_path / "s"))
+    client.close()
+    assert list(again.state.repositories[0].entries) == list(repo.entries)
+    again.close()
+
+
+def test_a_failed_journal_write_stops_the_service_and_loses_nothing_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_append = Journal.append
+
+    def full_disk_at_lsn_3(self, lsn, entries, vectors, uses=()):  # type: ignore[no-untyped-def]
+        if lsn == 3:
+            raise OSError(28, "No space left on device")
+        real_append(self, lsn, entries, vectors, uses)
+
+    monkeypatch.setattr(Journal, "append", full_disk_at_lsn_3)
+    levels, client = sim_levels()
+    cascade = Cascade(
+        levels,
+        HashingEmbedder(dim=DIM),
+        calibrations=[fixed_calibration(1.01), fixed_calibration(0.0)],  # every ask teaches
+        store=tmp_path / "s",
+        fsync="never",
+    )
+    queries = stream(4, seed=31)
+    acked = [cascade.ask(q) for q in queries[:2]]
+    with pytest.raises(OSError, match="No space"):
+        cascade.ask(queries[2])
+    with pytest.raises(ServiceClosedError, match="stopped: a commit failed"):
+        cascade.ask(queries[3])
+    assert len(cascade.state.repositories[0]) == 2
+    cascade.close()
+    monkeypatch.setattr(Journal, "append", real_append)
+    again, _ = make_cascade(str(tmp_path / "s"))
+    client.close()
+    assert [o.stored_in for o in acked] == [(0,), (0,)]
+    assert [e.query for e in again.state.repositories[0].entries] == [q.text for q in queries[:2]]
+    again.close()
+
+
+def _serve(store: str, n: int) -> None:
+    """The SIGKILL test's worker: 8 threads ask, each prints ``done <query id> <stored>
+    <uses>`` (flushed) once ask has returned; it never finishes before it is killed."""
+    cascade, _client = make_cascade(store, checkpoint_every=5)
+    queries = stream(n, seed=37)
+    out_lock = threading.Lock()
+
+    def ask(q):  # type: ignore[no-untyped-def]
+        o = cascade.ask(q)
+        with out_lock:
+            print(f"done {o.query_id} {int(bool(o.stored_in))} {len(o.strategies[0])}", flush=True)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(ask, queries))
+    print("finished", flush=True)
+    while True:
+        time.sleep(1)
+
+
+def test_sigkill_during_concurrent_asks_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """8 threads serve through a durable Cascade (fsync per record, out of the lock; a
+    checkpoint every 5 commits), SIGKILLed after 60 acknowledged asks. Reopened, the
+    store holds every acknowledged strategy and use, at most 8 unacknowledged ones (the
+    requests in flight) and nothing else."""
+    store = tmp_path / "store"
+    root = Path(__file__).parent.parent
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__)), "serve", str(store), "3000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    lines: list[bytes] = []
+    watchdog = threading.Timer(180, proc.kill)  # a hung worker fails the test, never hangs it
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        while len(lines) < 60:
+            line = proc.stdout.readline()
+            if not line:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                pytest.fail(f"worker exited early: {err[-2000:]}")
+            lines.append(line)
+        proc.send_signal(signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    lines += [x for x in rest.splitlines() if x.strip()]
+    assert b"finished" not in lines, "the worker finished before the kill"
+    assert all(line.split()[0] == b"done" for line in lines)
+    # (query id, stored, uses): ids, not outcome indices, name the query (threads take
+    # their indices in the order they call ask, not in stream order)
+    acked = [(w[1].decode(), int(w[2]), int(w[3])) for w in (line.split() for line in lines)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TornJournalWarning)  # a torn tail is allowed
+        ds = DurableStore.open(
+            store / "level0", dim=DIM, model_id=HashingEmbedder(dim=DIM).model_id, verify="full"
+        )
+    got, uses = ds.repository, np.asarray(ds.uses)
+    ds.close()
+    text = {q.id: q.text for q in stream(3000, seed=37)}
+    have = collections.Counter(e.query for e in got.entries)
+    want = collections.Counter(text[i] for i, stored, _ in acked if stored)
+    assert not want - have, "an acknowledged strategy was lost"
+    assert set(have) <= set(text.values()), "a strategy was invented"
+    assert len(got) <= sum(want.values()) + 8
+    assert [e.id for e in got.entries] == list(range(len(got)))
+    assert len(uses) == len(got)
+    assert int(uses.sum()) >= sum(n for _, _, n in acked)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "serve":
+    _serve(sys.argv[2], int(sys.argv[3]))
