@@ -96,3 +96,16 @@ def exact_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     if which == "numpy":
         monkeypatch.setattr(mod, "_ext", None)
     return which
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def misleading_teacher(seed: int = 3) -> Any:
+    """A simulator whose strong model is confidently wrong 15 % of the time and whose weak
+    model copies a shown strategy's answer 60 % of the time with raised confidence: the
+    world where strategies break a strategy-free calibration (in-situ and audit tests)."""
+    from intercascade_core.models.sim import DEFAULT_PROFILES, SimProfile
+    from intercascade_core.models.sim_copying import CopyingSimBackend
+
+    profiles = dict(DEFAULT_PROFILES)
+    profiles["sim-strong"] = SimProfile(0.85, 0.2, 0.9, wrong_conf=(0.5, 0.95, 1.0))
+    return CopyingSimBackend(seed=seed, profiles=profiles, copy_rate=0.6, copy_conf=(0.8, 0.97, 1.0))

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import misleading_teacher
 
 from intercascade_core.core.cascade import Level
 from intercascade_core.errors import InvalidArgumentError
@@ -37,23 +38,17 @@ from intercascade_core.lab.report import (
 )
 from intercascade_core.models.chat import ChatModel
 from intercascade_core.models.hashing import HashingEmbedder
-from intercascade_core.models.sim import DEFAULT_PROFILES, SimProfile, templated_math_stream
-from intercascade_core.models.sim_copying import CopyingSimBackend
+from intercascade_core.models.sim import templated_math_stream
 
 ALPHA, DELTA = 0.2, 0.1
 CAL = templated_math_stream(200, n_templates=8, seed=100)
 TEST = templated_math_stream(200, n_templates=8, seed=200)
 
 
-def _backend(seed: int = 3) -> CopyingSimBackend:
-    profiles = dict(DEFAULT_PROFILES)
-    profiles["sim-strong"] = SimProfile(0.85, 0.2, 0.9, wrong_conf=(0.5, 0.95, 1.0))
-    return CopyingSimBackend(seed=seed, profiles=profiles, copy_rate=0.6, copy_conf=(0.8, 0.97, 1.0))
-
 
 @pytest.fixture(scope="module")
 def ev() -> Iterator[Evaluation]:
-    with httpx.Client(transport=_backend().transport()) as client:
+    with httpx.Client(transport=misleading_teacher().transport()) as client:
         levels = [Level(ChatModel("http://sim/v1", n, client=client, sleep=lambda s: None), name=name)
                   for n, name in (("sim-weak", "weak"), ("sim-strong", "strong"))]
         yield evaluate(CAL, TEST, levels, HashingEmbedder(dim=64), alpha=ALPHA, delta=DELTA, k=1,

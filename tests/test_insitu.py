@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
+from conftest import misleading_teacher
 
 from intercascade_core.core.audit import AuditConfig
 from intercascade_core.core.calibrate import calibrate_cascade, risk_upper_bound
@@ -43,7 +44,7 @@ from intercascade_core.core.tasks import Query
 from intercascade_core.errors import InvalidArgumentError
 from intercascade_core.models.chat import ChatModel
 from intercascade_core.models.hashing import HashingEmbedder
-from intercascade_core.models.sim import DEFAULT_PROFILES, SimProfile, templated_math_stream
+from intercascade_core.models.sim import templated_math_stream
 from intercascade_core.models.sim_copying import CopyingSimBackend
 
 ALPHA, DELTA = 0.2, 0.1
@@ -52,11 +53,6 @@ CONFIG = CascadeConfig(k=1, backend="numpy")
 CAL = templated_math_stream(200, n_templates=8, seed=100)
 TEST = templated_math_stream(200, n_templates=8, seed=200)
 
-
-def _backend(seed: int = 3) -> CopyingSimBackend:
-    profiles = dict(DEFAULT_PROFILES)
-    profiles["sim-strong"] = SimProfile(0.85, 0.2, 0.9, wrong_conf=(0.5, 0.95, 1.0))
-    return CopyingSimBackend(seed=seed, profiles=profiles, copy_rate=0.6, copy_conf=(0.8, 0.97, 1.0))
 
 
 @dataclass
@@ -69,7 +65,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    with httpx.Client(transport=_backend().transport()) as client:
+    with httpx.Client(transport=misleading_teacher().transport()) as client:
         levels = [Level(ChatModel("http://sim/v1", n, client=client, sleep=lambda s: None))
                   for n in ("sim-weak", "sim-strong")]
         ins = insitu_calibrate(CAL, levels, EMB, alpha=ALPHA, delta=DELTA, config=CONFIG)
@@ -80,7 +76,7 @@ def world() -> Iterator[World]:
 
 # ---------------------------------------------------------------------- the copying model
 def test_copying_backend_raises_confidence_on_wrong_examples() -> None:
-    be = _backend()
+    be = misleading_teacher()
     queries = templated_math_stream(60, n_templates=2, seed=7)
     with httpx.Client(transport=be.transport()) as client:
         weak = ChatModel("http://sim/v1", "sim-weak", client=client, sleep=lambda s: None)
@@ -106,7 +102,7 @@ def test_copying_backend_raises_confidence_on_wrong_examples() -> None:
 
 
 def test_copying_backend_ignores_other_templates_and_iv() -> None:
-    be = _backend()
+    be = misleading_teacher()
     a = templated_math_stream(40, n_templates=2, seed=8)[0]
     qs = templated_math_stream(40, n_templates=2, seed=8)
     other = next(q for q in qs if q.template != a.template)
