@@ -67,15 +67,23 @@ argument:
 
 Per-request tenants: ``ask(query, tenant="a")`` retrieves only tenant ``a``'s strategies
 and stores the new strategy under ``a``.
+
+Other drivers. :meth:`Cascade.ask` is :meth:`Cascade.begin` (step 1: a
+:class:`Ticket` holding the query's machine), the synchronous driver (step 2) and
+:meth:`Cascade.finish` (steps 3-5). :meth:`Cascade.aask` awaits the machine's requests
+through a caller's coroutine instead (the gateway's async models and batched embedder) and
+runs the same :meth:`finish` on an executor thread, because a commit may wait for its
+turn and for the journal; any driver therefore makes the same decisions and the same commit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +93,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .core.cascade import CascadeConfig, CascadeState, Level, Outcome, drive, initial_state
-from .core.machine import Done, QueryMachine
+from .core.machine import Call, Done, QueryMachine
 from .core.prune import Policy, evict, find_near_duplicate
 from .core.repository import Entry, Repository, update
 from .core.sanitize import sanitize_entry
@@ -98,7 +106,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.protocols import Embedder
     from .core.tasks import Query
 
-__all__ = ["Cascade"]
+__all__ = ["Cascade", "Ticket"]
 
 
 class _Uses:
@@ -141,6 +149,17 @@ class _Log:
     entries: tuple[Entry, ...]
     rows: npt.NDArray[np.float32]
     used: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Ticket:
+    """One query begun by :meth:`Cascade.begin`: its machine (to be driven to
+    :class:`~.core.machine.Done`), the published state it reads and when it started."""
+
+    machine: QueryMachine
+    base: CascadeState
+    epoch: int
+    started: float
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -297,6 +316,11 @@ class Cascade:
             return self._state
 
     @property
+    def names(self) -> tuple[str, ...]:
+        """The levels' names, weakest first."""
+        return self._names
+
+    @property
     def repositories(self) -> tuple[Repository, ...]:
         return self.state.repositories
 
@@ -307,9 +331,10 @@ class Cascade:
             return tuple(u.view() for u in self._uses)
 
     # -- serving -------------------------------------------------------------------------
-    def ask(self, query: Query, *, tenant: str | None = None) -> Outcome:
-        """Run one query through the cascade and commit its effect; thread-safe. Returns
-        once the effect is published (and journalled, with a store)."""
+    def begin(self, query: Query, *, tenant: str | None = None) -> Ticket:
+        """Start one query (step 1 of the module docstring): its machine over the
+        published state, with the next outcome index. Drive ``ticket.machine`` to
+        :class:`~.core.machine.Done`, then :meth:`finish` it."""
         if tenant is not None and not isinstance(tenant, str):
             raise InvalidArgumentError(
                 "tenant", f"must be a str or None, got {type(tenant).__name__}"
@@ -320,12 +345,48 @@ class Cascade:
             index = self._next_index
             self._next_index += 1
         cfg = self._config if tenant is None else dataclasses.replace(self._config, tenant=tenant)
-        t0 = time.perf_counter()
-        done = drive(
-            QueryMachine(base, query, self._names, cfg, index=index), self._levels, self._embedder
-        )
-        latency = time.perf_counter() - t0
-        return dataclasses.replace(self._commit(base, epoch, done), latency_s=latency)
+        machine = QueryMachine(base, query, self._names, cfg, index=index)
+        return Ticket(machine, base, epoch, time.perf_counter())
+
+    def finish(self, ticket: Ticket, done: Done) -> Outcome:
+        """Commit a driven ticket (steps 3-5); thread-safe, blocking (it may wait for its
+        turn and for the journal). ``latency_s`` is the time from :meth:`begin` to now."""
+        if not isinstance(ticket, Ticket):
+            raise InvalidArgumentError(
+                "ticket", f"expected a Ticket from begin(), got {type(ticket).__name__}"
+            )
+        if not isinstance(done, Done) or ticket.machine.next() is not done:
+            raise InvalidArgumentError("done", "expected the Done record of this ticket's machine")
+        latency = time.perf_counter() - ticket.started
+        out = self._commit(ticket.base, ticket.epoch, done)
+        return dataclasses.replace(out, latency_s=latency)
+
+    def ask(self, query: Query, *, tenant: str | None = None) -> Outcome:
+        """Run one query through the cascade and commit its effect; thread-safe. Returns
+        once the effect is published (and journalled, with a store)."""
+        ticket = self.begin(query, tenant=tenant)
+        done = drive(ticket.machine, self._levels, self._embedder)
+        return self.finish(ticket, done)
+
+    async def aask(
+        self,
+        query: Query,
+        *,
+        tenant: str | None = None,
+        perform: Callable[[Call], Awaitable[object]],
+        executor: Executor | None = None,
+    ) -> Outcome:
+        """:meth:`ask` for an event loop: ``await perform(request)`` carries out each of
+        the machine's requests (an embedding row, or a level's
+        :class:`~.core.protocols.Generation` or :class:`~intercascade_core.errors.ModelError`);
+        the commit runs on ``executor`` (default: the loop's). Cancelled before the
+        commit, the query leaves no trace but its index; once the commit has started it
+        completes even if the awaiting task is cancelled."""
+        ticket = self.begin(query, tenant=tenant)
+        while not isinstance(request := ticket.machine.next(), Done):
+            ticket.machine.feed(await perform(request))
+        loop = asyncio.get_running_loop()
+        return await asyncio.shield(loop.run_in_executor(executor, self.finish, ticket, request))
 
     def ask_many(
         self,
@@ -572,6 +633,25 @@ class Cascade:
     def _checkpoint_locked(self) -> None:
         for j, ds in enumerate(self._stores):
             ds.checkpoint(self._state.repositories[j], self._uses[j].view())
+
+    def replace_calibrations(self, calibrations: Sequence[Calibration]) -> CascadeState:
+        """Serve with new thresholds from now on (a new calibration, or a level set to
+        abstain after a risk alarm); returns the state published with them. Requests
+        already in flight keep the thresholds they started with; repositories, counters
+        and the journal are untouched (thresholds are not journalled: the caller keeps
+        its calibration)."""
+        from .core.calibrate import Calibration
+
+        cals = tuple(calibrations)
+        if len(cals) != len(self._names) or not all(isinstance(c, Calibration) for c in cals):
+            raise InvalidArgumentError(
+                "calibrations", f"expected {len(self._names)} Calibration records, got {cals!r:.200}"
+            )
+        with self._cond, self._drained():
+            self._check_open("is closed")
+            # drained: no reservation holds a tail without the new thresholds
+            self._state = self._tail = dataclasses.replace(self._state, calibrations=cals)
+            return self._state
 
     def checkpoint(self) -> None:
         """Snapshot every durable repository and reset its journal (no-op without a store)."""
