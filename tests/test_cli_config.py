@@ -1,13 +1,20 @@
-"""The TOML config: the shipped example parses; every bad value is a ConfigError naming its key."""
+"""The TOML config: the shipped example parses; every bad value is a ConfigError naming its key;
+every number, string, list and the file itself has an upper bound. No test here is statistical."""
 
 from __future__ import annotations
 
+import math
+import os
+import time
+import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from intercascade_core.errors import ConfigError
-from intercascade_core.lab.config import load_config
+from intercascade_core.lab.config import LIMITS, MAX_CONFIG_BYTES, load_config, parse_config
 
 EXAMPLE = Path(__file__).parents[1] / "intercascade_core" / "data" / "examples" / "config.toml"
 
@@ -118,3 +125,135 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.toml")
+
+
+# ----------------------------------------------------------------------------- limits
+# Every numeric key has an upper bound (LIMITS), every string a length bound, the file a
+# size bound; beyond one the error names the key and the bound, at once.
+
+_TABLE_OF = {"cascade": "[cascade]\n", "data": "[data]\n"}
+
+
+def _with(key: str, value: str) -> str:
+    """A config with ``key`` (dotted, ``models[]`` = the second model) set to ``value``."""
+    table, name = key.split(".")
+    if table == "models[]":
+        base = _MODELS.replace("price_input = 2.5\nprice_output = 10\n", "")
+        partner = {"price_input": "price_output = 1\n", "price_output": "price_input = 1\n"}
+        return base + f"{name} = {value}\n" + partner.get(name, "")
+    return _TABLE_OF[table] + f"{name} = {value}\n" + _MODELS
+
+
+def _error_key(key: str) -> str:
+    return key.replace("models[]", "models[1]")
+
+
+@pytest.mark.parametrize("key", sorted(LIMITS))
+def test_one_past_every_upper_bound_is_refused_naming_key_and_bound(tmp_path: Path, key: str) -> None:
+    bound = LIMITS[key]
+    over = str(int(bound) + 1) if isinstance(bound, int) else repr(bound * 1.0001 + 1e-9)
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, _with(key, over)))
+    assert info.value.key == _error_key(key)
+    assert f"{bound:g}" in str(info.value) or str(bound) in str(info.value)
+    at_bound = str(int(bound)) if isinstance(bound, int) else repr(float(bound))
+    if key not in ("data.templates", "data.variants", "data.calibration_variants"):
+        load_config(_write(tmp_path, _with(key, at_bound)))  # the bound itself is allowed
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("[data]\nvariants = 100000000000\n" + _MODELS, "data.variants", "[1, 10000]"),
+        ("[data]\nvariants = " + "9" * 400 + "\n" + _MODELS, "data.variants", "400 digits"),
+        ("[data]\ntemplates = 200\nvariants = 5000\n" + _MODELS, "data.variants", "1000000"),
+        ("[data]\ntemplates = [" + ", ".join(["1"] * 10_001) + "]\n" + _MODELS, "<toml>", "line 2"),
+        ("[data]\ntemplates = [\n" + "1,\n" * 10_001 + "]\n" + _MODELS, "data.templates", "at most 10000"),
+        ("[data]\ntemplates = [1, 10001]\n" + _MODELS, "data.templates", "[0, 10000]"),
+        (_MODELS + "timeout = inf\n", "models[1].timeout", "3600"),
+        (_MODELS + "temperature = nan\n", "models[1].temperature", "nan"),
+        (_MODELS.replace('name = "strong"', 'name = "' + "n" * 257 + '"'), "models[1].name", "at most 256"),
+        (_MODELS.replace('"OPENAI_API_KEY"', '"KEY\\u0000"'), "models[1].api_key_env", "U+0000"),
+        (_MODELS + 'response_cache = "' + "p" * 1025 + '"\n', "models[1].response_cache", "at most 1024"),
+        (_MODELS.replace("http://localhost:8080/v1", "http://h/" + "u" * 2048), "models[0].base_url", "at most 2048"),
+        ('[cascade]\nrepository = "a\\nb"\n' + _MODELS, "cascade.repository", "U+000A"),
+        (_MODELS * 9, "models", "at most 16"),
+        ("x = " + "[\n" * 5000 + "]\n" * 5000 + _MODELS, "<toml>", "nested too deeply"),
+        ("a" + ".a" * 600 + " = 1\n" + _MODELS, "<toml>", "at most 512"),
+        ("x = 1" + " " * 5000 + "\n" + _MODELS, "<toml>", "at most 4096"),
+    ],
+)
+def test_hostile_sizes_are_one_line_errors(tmp_path: Path, text: str, key: str, words: str) -> None:
+    path = _write(tmp_path, text)
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert time.monotonic() - start < 5  # refused, not run until memory is gone
+    assert info.value.key == key and words in str(info.value)
+    assert "\n" not in str(info.value) and len(str(info.value)) < len(str(path)) + 200
+
+
+def test_the_file_itself_is_bounded(tmp_path: Path) -> None:
+    big = _write(tmp_path, _MODELS + "#" * MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError, match="bytes"):
+        load_config(big)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(tmp_path)
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):  # would block on open
+        load_config(fifo)
+    if Path("/dev/zero").exists():
+        with pytest.raises(ConfigError, match="not a regular file"):  # would read forever
+            load_config("/dev/zero")
+    with pytest.raises(ConfigError, match="not a usable path"):
+        load_config("c\x00.toml")
+    bom = _write(tmp_path, "\ufeff" + _MODELS)
+    assert len(load_config(bom).models) == 2
+
+
+_numbers = (
+    st.integers(min_value=-(2**70), max_value=2**70).map(str)
+    | st.floats(allow_nan=True, allow_infinity=True).map(repr)
+    | st.sampled_from(["1e11", "-0", "0x7fffffffffffffff", "9" * 300, "true", '"1"', "[]", "{}"])
+)
+
+
+@settings(max_examples=300)
+@given(key=st.sampled_from(sorted(LIMITS)), value=_numbers)
+def test_any_number_in_any_key_is_in_bounds_or_a_config_error(key: str, value: str) -> None:
+    """Hostile numbers (huge, negative, non-finite, wrong type) in every numeric key: the
+    value is accepted only within its documented bound; otherwise a ConfigError names
+    the key. No other exception escapes."""
+    text = _with(key, value)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return  # not TOML at all (e.g. Python's "nan" spelling): the parser's error, tested above
+    try:
+        cfg = parse_config(doc, source="c.toml")
+    except ConfigError as e:
+        assert e.key in (_error_key(key), "data.variants"), e
+        return
+    table, name = key.split(".")
+    section = cfg.models[1] if table == "models[]" else getattr(cfg, table)
+    got = getattr(section, name)
+    count = got if isinstance(got, int | float) else len(got)
+    assert math.isfinite(count) and count <= LIMITS[key]
+
+
+@settings(max_examples=200)
+@given(
+    key=st.sampled_from(["name", "model", "api_key_env", "base_url", "response_cache"]),
+    value=st.text(max_size=3000),
+)
+def test_any_string_is_bounded_and_printable_or_a_config_error(key: str, value: str) -> None:
+    table = [{"base_url": "sim:weak", "model": "sim-weak"}, {"base_url": "sim:strong", "model": "sim-strong"}]
+    table[1][key] = value if key != "base_url" else "http://h/" + value
+    try:
+        cfg = parse_config({"models": table}, source="c.toml")
+    except ConfigError as e:
+        assert e.key == f"models[1].{key}" and len(str(e)) < 300
+        return
+    got = getattr(cfg.models[1], key)
+    assert len(got) <= 2048 and not any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in value)

@@ -14,6 +14,7 @@ from intercascade_core.core.prompts import (
     weak_prompt,
 )
 from intercascade_core.core.repository import Entry
+from intercascade_core.core.sanitize import find_labels, sanitize_text
 from intercascade_core.core.tasks import Query
 from intercascade_core.errors import MalformedStrategy
 
@@ -72,6 +73,19 @@ def test_strategy_generation_prompt_asks_for_general_labelled_sections() -> None
 def test_parse_strategy_accepts_variants(reply: str) -> None:
     s = parse_strategy(reply)
     assert s.strategy.startswith("Add the parts, then subtract what leaves")
+
+
+@pytest.mark.parametrize(
+    "heading", ["1. Answer:", "Аnswer:", "> **Answer**：", "a) Final Answer꞉", "\u3000Answer:"]
+)
+def test_parse_strategy_and_the_sanitiser_agree_on_a_heading(heading: str) -> None:
+    # one recogniser: a line parse_strategy reads as a heading is one sanitize_text rewrites
+    reply = f"Solution: s\n{heading} 7\nStrategy: Add the parts, then subtract what leaves."
+    assert parse_strategy(reply).answer == "7"
+    assert [m.label for m in find_labels(reply)] == [
+        "solution", "final answer" if "Final" in heading else "answer", "strategy"
+    ]
+    assert list(find_labels(sanitize_text(reply))) == []
 
 
 def test_parse_strategy_keeps_sections_apart() -> None:

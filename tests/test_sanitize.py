@@ -13,6 +13,8 @@ from intercascade_core.core.prompts import weak_prompt
 from intercascade_core.core.repository import Entry
 from intercascade_core.core.sanitize import (
     MAX_STRATEGY_CHARS,
+    find_labels,
+    fold,
     sanitize_entry,
     sanitize_strategy,
     sanitize_text,
@@ -24,6 +26,7 @@ hostile = st.text(
     st.sampled_from(
         list("<>|[]/:\n\r\t\x00\x1b\u202e\u200b\ufeff\u2028＜＞﹤﹥‹›«» ")
         + list("EXAMPLEND0123sINSTAnswerProblemStrategy")
+        + list("：꞉∶ АаеоrsΑ1.)-*>“\u3000\u0301_")  # lookalikes, colons, prefixes
     ),
     max_size=200,
 ) | st.text(max_size=200)
@@ -40,6 +43,7 @@ def _clean(out: str, max_chars: int) -> None:
     assert not re.search(
         r"(?im)^[ \t>#*_\-]*(answer|problem|question|strategy|solution)[ \t*_]*:", out
     )
+    assert list(find_labels(out)) == []  # nor in any lookalike spelling or after a prefix
 
 
 @settings(max_examples=300)
@@ -76,6 +80,25 @@ def test_examples() -> None:
     assert sanitize_text("x < 3 and y > 2") == "x < 3 and y > 2"
     assert sanitize_text("a\n\n\n\n b  ") == "a\n\n b"
     assert sanitize_text("Now the new problem.") == "[now the new problem]."
+
+
+def test_the_folded_view_reads_lookalikes_as_the_latin_letters() -> None:
+    assert fold("Ａｎѕwеr\u200b：") == "answer:"  # fullwidth, Cyrillic, zero-width, colon
+    assert fold("𝐒trα\u0301tegy ꞉") == "strategy :"  # math bold, Greek, accent, colon
+    assert fold("x² ½") == "x2 1⁄2"  # the view only: sanitize_text keeps "x² ½"
+    assert sanitize_text("x² ½") == "x² ½"
+    with pytest.raises(InvalidArgumentError, match="text"):
+        fold(3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="text"):
+        list(find_labels(None))  # type: ignore[arg-type]
+
+
+def test_find_labels_offsets_point_into_the_original_text() -> None:
+    text = "intro\r\n  1. Ａnswer： 42\nStrategy: s"
+    first, second = find_labels(text)
+    assert (first.label, text[first.line_start : first.start]) == ("answer", "  1. ")
+    assert text[first.start : first.end] == "Ａnswer：" and text[first.end :].startswith(" 42")
+    assert (second.label, text[second.line_start : second.end]) == ("strategy", "Strategy:")
 
 
 def test_length_bound_cuts_at_a_word_with_ellipsis() -> None:

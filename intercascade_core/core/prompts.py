@@ -18,8 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import IntercascadeError, InvalidArgumentError, MalformedStrategy
-from .sanitize import MAX_ANSWER_CHARS, MAX_QUERY_CHARS, MAX_STRATEGY_CHARS, sanitize_text
+from ..errors import InvalidArgumentError, MalformedStrategy
+from .sanitize import (
+    MAX_ANSWER_CHARS,
+    MAX_QUERY_CHARS,
+    MAX_STRATEGY_CHARS,
+    find_labels,
+    sanitize_text,
+)
 from .tasks import Query
 
 __all__ = [
@@ -151,15 +157,18 @@ class ParsedStrategy:
     strategy: str
 
 
-_LABELS = ("solution", "answer", "strategy")
-_HEADING_RE = re.compile(
-    r"^[ \t>#*_-]*(?:\d+[.)]\s*)?(solution|final answer|answer|strategy)[ \t*_]*[:：][ \t*_]*",
-    re.IGNORECASE | re.MULTILINE,
-)
+# the strong reply's sections; "Final answer:" counts as "Answer:"
+_SECTIONS = {"solution": "solution", "answer": "answer", "final answer": "answer",
+             "strategy": "strategy"}
 
 
 def parse_strategy(text: str, *, problem: str | None = None) -> ParsedStrategy:
     """Parse ``Solution: / Answer: / Strategy:`` sections (any order, markdown tolerated).
+
+    A section starts where :func:`~.sanitize.find_labels` (the recogniser that
+    :func:`~.sanitize.sanitize_text` neutralises) finds its label, so any line the
+    sanitiser would rewrite as a label is a heading here and vice versa: ``1. Answer:``,
+    ``**Strategy**:``, fullwidth or Cyrillic spellings alike.
 
     Raises :class:`MalformedStrategy` (never returns a half-parsed record) when the Strategy
     section is missing, duplicated, empty, too short or too long, or when it quotes three or
@@ -167,13 +176,12 @@ def parse_strategy(text: str, *, problem: str | None = None) -> ParsedStrategy:
     """
     if not isinstance(text, str):
         raise InvalidArgumentError("text", f"expected str, got {type(text).__name__}")
-    matches = list(_HEADING_RE.finditer(text))
+    matches = [m for m in find_labels(text) if m.label in _SECTIONS]
     sections: dict[str, str] = {}
     for i, m in enumerate(matches):
-        label = m.group(1).lower()
-        label = "answer" if label == "final answer" else label
-        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        body = text[m.end() : end].strip().strip("*").strip()
+        label = _SECTIONS[m.label]
+        end = matches[i + 1].line_start if i + 1 < len(matches) else len(text)
+        body = text[m.end : end].strip().strip("*").strip()
         if label in sections:
             if label == "strategy":
                 raise MalformedStrategy("the Strategy section appears more than once")

@@ -37,14 +37,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import queue
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 
+from ..core import untrusted_json
 from ..core.prompts import EXAMPLE_CLOSE, STRATEGY_REQUEST_MARK
 from ..core.tasks import Query
 from ..errors import InvalidArgumentError
@@ -313,6 +318,36 @@ class Faults:
 
 
 # ----------------------------------------------------------------------------- backend
+#: the largest request body served (a weak prompt with k strategies is ~30 kB)
+MAX_BODY_BYTES = 4 << 20
+#: JSON nesting allowed in a request (a chat request nests 3 deep)
+MAX_BODY_DEPTH = 16
+
+
+def _chat_request(body: bytes) -> tuple[dict[str, Any], str, str]:
+    """(request, model, prompt) of a chat-completions body; ``ValueError`` naming what is
+    wrong when it is not one (the server answers 400 with that text)."""
+    req = untrusted_json.loads(body, max_bytes=MAX_BODY_BYTES, max_depth=MAX_BODY_DEPTH)
+    if not isinstance(req, dict):
+        raise ValueError(f"expected a JSON object, got {_json_type(req)}")
+    model = req.get("model")
+    if not isinstance(model, str):
+        raise ValueError(f"'model' must be a string, got {_json_type(model)}")
+    messages = req.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"'messages' must be a non-empty array, got {_json_type(messages)}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}] must be an object with a string 'content'")
+    return req, model, "\n".join(m["content"] for m in messages)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return "missing or null" if value is None else names.get(type(value), type(value).__name__)
+
+
 _TOKEN = re.compile(r"\s*\S+|\s+")
 
 
@@ -407,15 +442,18 @@ class SimBackend:
             return self._json(200, {"object": "list", "data": data})
         if method != "POST" or not path.endswith("/chat/completions"):
             return self._error(404, f"no route for {method} {path}", "not_found")
+        if len(body) > MAX_BODY_BYTES:
+            return self._error(
+                413, f"request body of {len(body)} bytes (at most {MAX_BODY_BYTES})",
+                "invalid_request_error",
+            )
         try:
-            req = json.loads(body)
-            model = req["model"]
-            messages = req["messages"]
-            prompt = "\n".join(str(m["content"]) for m in messages)
-        except (ValueError, KeyError, TypeError) as e:
+            req, model, prompt = _chat_request(body)
+        except ValueError as e:  # MalformedJSONError is one
             return self._error(400, f"bad request body: {e}", "invalid_request_error")
         if model not in self.profiles:
-            return self._error(404, f"The model {model!r} does not exist", "model_not_found")
+            shown = model if len(model) <= 100 else model[:100] + "..."
+            return self._error(404, f"The model {shown!r} does not exist", "model_not_found")
         key = _h(self.seed, json.dumps(req, sort_keys=True))
         fault = self._fault(key)
         if fault in ("429", "500", "timeout"):
@@ -605,48 +643,247 @@ class SimBackend:
 
 
 # ----------------------------------------------------------------------------- server
+#: seconds a connection may sit idle or take to send a request (then it is closed)
+DEFAULT_SOCKET_TIMEOUT_S = 30.0
+#: handler threads at most; connections beyond them wait in a queue
+DEFAULT_MAX_THREADS = 64
+#: connections that may wait for a handler; more are answered 503 at once
+DEFAULT_MAX_WAITING = 128
+#: the longest a queued connection waits for a handler before it is answered 503
+DEFAULT_ADMIT_WAIT_S = 2.0
+
+
+class _BadFraming(Exception):
+    """The request's body cannot be located (its Content-Length is unusable or false)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _reply_and_close(sock: socket.socket, status: int, message: str) -> None:
+    """Answer an HTTP/1.1 error on a connection no handler will read, then close it."""
+    body = json.dumps({"error": {"message": message, "type": "server_busy", "code": status}})
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(head.encode() + body.encode())
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the client has gone; nothing to tell it
+    finally:
+        sock.close()
+
+
+class _PooledHTTPServer(HTTPServer):
+    """An ``HTTPServer`` whose connections are handled by at most ``max_threads`` threads.
+
+    The stdlib ``ThreadingHTTPServer`` starts a thread per connection, so idle clients
+    can hold any number of threads. Here accepted connections wait in a bounded queue for
+    a pooled handler thread; one that finds the queue full, or that waited longer than
+    ``admit_wait_s``, gets ``503`` with ``Retry-After`` and is closed.
+    """
+
+    request_queue_size = 128  # listen backlog: bursts of parallel clients are not refused
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        max_threads: int,
+        max_waiting: int,
+        admit_wait_s: float,
+    ) -> None:
+        super().__init__(address, handler)
+        self.max_threads = max_threads
+        self.admit_wait_s = admit_wait_s
+        self._waiting: queue.Queue[tuple[socket.socket, Any, float] | None] = queue.Queue(
+            max_waiting
+        )
+        self._lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+        self._idle = 0
+        self._active: set[socket.socket] = set()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            if self._idle <= self._waiting.qsize() and len(self._workers) < self.max_threads:
+                worker = threading.Thread(
+                    target=self._work, daemon=True, name=f"sim-serve-handler-{len(self._workers)}"
+                )
+                self._workers.append(worker)
+                worker.start()
+        try:
+            self._waiting.put_nowait((request, client_address, time.monotonic()))
+        except queue.Full:
+            _reply_and_close(request, 503, "server busy: too many connections")
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            item = self._waiting.get()
+            with self._lock:
+                self._idle -= 1
+            if item is None:
+                return
+            request, client_address, queued_at = item
+            if time.monotonic() - queued_at > self.admit_wait_s:
+                _reply_and_close(request, 503, "server busy: no handler free in time")
+                continue
+            with self._lock:
+                self._active.add(request)
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                with self._lock:
+                    self._active.discard(request)
+                self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that time out and hang up are expected
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._lock:
+            active, workers = list(self._active), list(self._workers)
+        for sock in active:  # wake handlers blocked on a keep-alive read
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        while True:
+            try:
+                item = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].close()
+        for _ in workers:
+            self._waiting.put(None)
+        deadline = time.monotonic() + 5  # daemon threads: a stuck one cannot block exit
+        for worker in workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _positive(name: str, value: float, *, integer: bool = False) -> None:
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < math.inf:
+        kind = "an integer" if integer else "a finite number"
+        raise InvalidArgumentError(name, f"must be {kind} > 0, got {value!r}")
+
+
 class SimServer:
-    """A running ``http.server`` around a :class:`SimBackend` (see :func:`start_server`)."""
+    """A running HTTP server around a :class:`SimBackend` (see :func:`start_server`).
 
-    def __init__(self, backend: SimBackend, host: str = "127.0.0.1", port: int = 0) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    It is meant for loopback and tests, but holds up to hostile clients: every socket
+    read or write gives up after ``timeout`` seconds; at most ``max_threads`` handler
+    threads run (further connections queue, ``max_waiting`` at most, for at most
+    ``admit_wait_s`` seconds, else get 503); and a bad request gets a JSON error
+    (400 for a malformed, wrongly typed or too deeply nested body or a false
+    ``Content-Length``, 413 for a body over :data:`MAX_BODY_BYTES`) instead of a dropped
+    connection.
+    """
 
+    def __init__(
+        self,
+        backend: SimBackend,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        timeout: float = DEFAULT_SOCKET_TIMEOUT_S,
+        max_threads: int = DEFAULT_MAX_THREADS,
+        max_waiting: int = DEFAULT_MAX_WAITING,
+        admit_wait_s: float = DEFAULT_ADMIT_WAIT_S,
+    ) -> None:
+        _positive("timeout", timeout)
+        _positive("max_threads", max_threads, integer=True)
+        _positive("max_waiting", max_waiting, integer=True)
+        _positive("admit_wait_s", admit_wait_s)
         sim = backend
+        socket_timeout = float(timeout)
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True  # headers and body go out at once (no 40 ms stalls)
+            timeout = socket_timeout  # applied to the connection by StreamRequestHandler
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding") is not None:
+                    raise _BadFraming(400, "Transfer-Encoding is not supported; send Content-Length")
+                values = self.headers.get_all("Content-Length") or []
+                if not values:
+                    return b""
+                raw = values[0].strip()
+                if len(set(values)) > 1 or not re.fullmatch(r"[0-9]{1,18}", raw):
+                    raise _BadFraming(400, "Content-Length must be one non-negative integer")
+                length = int(raw)
+                if length > MAX_BODY_BYTES:
+                    raise _BadFraming(
+                        413, f"request body over the {MAX_BODY_BYTES} bytes allowed"
+                    )
+                try:
+                    body = self.rfile.read(length) if length else b""
+                except TimeoutError:
+                    body = b""
+                if len(body) < length:
+                    raise _BadFraming(400, "request body shorter than its Content-Length")
+                return body
 
             def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                r = sim.respond(self.command, self.path.split("?")[0], body)
+                path = self.path.split("?")[0]
+                try:
+                    body = self._body()
+                except _BadFraming as e:
+                    # where the next request would start is unknown: answer, then close
+                    self._send(sim._error(e.status, str(e), "invalid_request_error"), close=True)
+                    return
+                r = sim.respond(self.command, path, body)
                 if r.timeout:  # stall past the client's timeout, then answer normally
                     time.sleep(sim.faults.timeout_s)
-                    r = sim.respond(self.command, self.path.split("?")[0], body)
+                    r = sim.respond(self.command, path, body)
+                self._send(r)
+
+            def _send(self, r: SimResponse, *, close: bool = False) -> None:
                 self.send_response(r.status)
                 for k, v in r.headers:
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(r.body)))
-                self.end_headers()
+                if close:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 try:
+                    self.end_headers()
                     self.wfile.write(r.body)
-                except (BrokenPipeError, ConnectionResetError):  # client gave up (timeout)
-                    pass
+                except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                    self.close_connection = True  # client gave up (timeout)
+
+            def send_error(
+                self, code: int, message: str | None = None, explain: str | None = None
+            ) -> None:
+                # the stdlib's error page is HTML; clients of this server read JSON. A
+                # request line too broken to parse leaves the version at HTTP/0.9, which
+                # has no status line: answer as HTTP/1.1 anyway
+                self.request_version = "HTTP/1.1"
+                text = message or HTTPStatus(code).phrase
+                self._send(sim._error(code, text, "invalid_request_error"), close=True)
 
             do_GET = do_POST = _serve
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet: tests and benchmarks read stdout
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # clients that time out and hang up are expected
-
         self.backend = backend
-        self.httpd = Server((host, port), Handler)
+        self.httpd = _PooledHTTPServer(
+            (host, port), Handler,
+            max_threads=max_threads, max_waiting=max_waiting, admit_wait_s=float(admit_wait_s),
+        )
         self.host, self.port = str(self.httpd.server_address[0]), int(self.httpd.server_address[1])
         self._thread: threading.Thread | None = None
 
@@ -679,11 +916,19 @@ def start_server(
     seed: int = 0,
     faults: Faults | None = None,
     backend: SimBackend | None = None,
+    timeout: float = DEFAULT_SOCKET_TIMEOUT_S,
+    max_threads: int = DEFAULT_MAX_THREADS,
+    max_waiting: int = DEFAULT_MAX_WAITING,
+    admit_wait_s: float = DEFAULT_ADMIT_WAIT_S,
 ) -> Iterator[SimServer]:
     """Run the simulator on a background thread for the ``with`` block (port 0 = any free
-    port; read ``server.base_url``)."""
+    port; read ``server.base_url``). The bounds are :class:`SimServer`'s."""
     sim = backend if backend is not None else SimBackend(seed=seed, faults=faults or Faults())
-    server = SimServer(sim, host, port).start()
+    server = SimServer(
+        sim, host, port,
+        timeout=timeout, max_threads=max_threads, max_waiting=max_waiting,
+        admit_wait_s=admit_wait_s,
+    ).start()
     try:
         yield server
     finally:
@@ -697,10 +942,16 @@ def serve(
     seed: int = 0,
     faults: Faults | None = None,
     ready: Callable[[str], None] | None = None,
+    timeout: float = DEFAULT_SOCKET_TIMEOUT_S,
+    max_threads: int = DEFAULT_MAX_THREADS,
 ) -> None:
     """Serve the simulator until interrupted (``intercascade sim-serve``); ``ready`` is
-    called with the base URL (``http://HOST:PORT/v1``, the real port when ``port=0``)."""
-    server = SimServer(SimBackend(seed=seed, faults=faults or Faults()), host, port)
+    called with the base URL (``http://HOST:PORT/v1``, the real port when ``port=0``).
+    ``timeout`` and ``max_threads`` bound idle clients (see :class:`SimServer`)."""
+    server = SimServer(
+        SimBackend(seed=seed, faults=faults or Faults()), host, port,
+        timeout=timeout, max_threads=max_threads,
+    )
     if ready is not None:
         ready(server.base_url)
     try:
