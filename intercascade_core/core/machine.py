@@ -42,9 +42,9 @@ from .prompts import (
     weak_prompt,
 )
 from .protocols import Generation
-from .repository import Entry, Repository, update
+from .repository import Entry, Repository, unit_rows, update
 from .retrieve import retrieve
-from .sanitize import sanitize_strategy
+from .sanitize import sanitize_entry
 from .state import (
     CascadeConfig,
     CascadeState,
@@ -201,19 +201,21 @@ def teaching_entry(
 ) -> Entry:
     """The repository entry taught by ``reply``; raises :class:`MalformedStrategy`.
 
-    The strategy is LLM-written, so it is stored sanitised; ``created_at`` is the stream
-    position, not wall time, so runs are reproducible.
+    The strategy is LLM-written and the query and answer come from outside, so the whole
+    entry is stored sanitised; ``created_at`` is the stream position, not wall time, so
+    runs are reproducible.
     """
     strategy = parse_strategy(reply, problem=query.text).strategy
-    return Entry(
+    entry = Entry(
         query=query.text,
         answer=answer if answer is not None else "",
-        strategy=sanitize_strategy(strategy),
+        strategy=strategy,
         source_level=level,
         source_model=name,
         created_at=float(position),
         tenant=tenant or "default",
     )
+    return sanitize_entry(entry)  # every driver stores the same sanitised entry
 
 
 # ----------------------------------------------------------------------------- the trace
@@ -404,7 +406,7 @@ class QueryMachine:
         state: CascadeState,
         query: Query,
         names: Sequence[str],
-        config: CascadeConfig = CascadeConfig(),  # noqa: B008 - frozen
+        config: CascadeConfig = CascadeConfig(),
         *,
         index: int | None = None,
     ) -> None:
@@ -482,8 +484,8 @@ class QueryMachine:
                 "result", f"an Embed request needs a float row of shape ({dim},), got {got}"
             )
         row = np.array(result, dtype=np.float32)  # a copy: the caller may reuse its buffer
-        if not np.isfinite(row).all():
-            raise InvalidArgumentError("result", "the embedding row holds NaN or infinite values")
+        # the repository's one check (finite, unit norm), now rather than after the model calls
+        unit_rows(row, dim, count=1, argument="result", renormalise=False)
         row.flags.writeable = False
         return row
 

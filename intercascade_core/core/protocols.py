@@ -47,6 +47,25 @@ class Generation:
     latency_s: float = field(default=0.0, compare=False)
     attempts: int = field(default=1, compare=False)
 
+    def __post_init__(self) -> None:
+        # any TextModel may build one: refuse what would crash grading or corrupt usage
+        if not isinstance(self.text, str):
+            raise InvalidArgumentError("text", f"must be a str, got {type(self.text).__name__}")
+        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)):
+            raise InvalidArgumentError(
+                "confidence", f"must be a number (NaN defers), got {self.confidence!r:.40}"
+            )
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidArgumentError(name, f"must be an int >= 0, got {value!r:.40}")
+        if self.cost is not None and (
+            isinstance(self.cost, bool)
+            or not isinstance(self.cost, (int, float))
+            or not self.cost >= 0.0
+        ):
+            raise InvalidArgumentError("cost", f"must be None or a number >= 0, got {self.cost!r:.40}")
+
 
 
 

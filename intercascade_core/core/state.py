@@ -174,6 +174,24 @@ class CascadeState:
     repositories: tuple[Repository, ...]
     counters: Counters = Counters()
 
+    def __post_init__(self) -> None:
+        cals, repos = self.calibrations, self.repositories
+        if not isinstance(cals, tuple) or not cals or not all(
+            isinstance(c, Calibration) for c in cals
+        ):
+            raise InvalidArgumentError("calibrations", "must be a non-empty tuple of Calibration")
+        if not isinstance(repos, tuple) or not all(isinstance(r, Repository) for r in repos):
+            raise InvalidArgumentError("repositories", "must be a tuple of Repository")
+        if len(repos) != len(cals) - 1:
+            raise InvalidArgumentError(
+                "repositories",
+                f"needs one per level but the last ({len(cals) - 1}), got {len(repos)}",
+            )
+        if not isinstance(self.counters, Counters):
+            raise InvalidArgumentError(
+                "counters", f"must be Counters, got {type(self.counters).__name__}"
+            )
+
     @property
     def thresholds(self) -> tuple[float, ...]:
         return tuple(c.threshold for c in self.calibrations)
