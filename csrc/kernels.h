@@ -1,4 +1,4 @@
-/* kernels.h -- cosine top-k kernels behind intercascade_core._simd.
+/* kernels.h -- cosine top-k kernels behind intercascade_core.core._simd.
  *
  * Naming: ic_* is the interface used by the glue (_simd.c); kernel_<isa>_* are
  * the per-ISA tile functions in kernels.c. Nothing here touches Python: every

@@ -1,4 +1,4 @@
-"""Type stub for the C extension ``intercascade_core._simd`` (csrc/)."""
+"""Type stub for the C extension ``intercascade_core.core._simd`` (csrc/)."""
 
 from typing import Literal
 

@@ -6,7 +6,7 @@ rows of the input) and never changes its arguments.
 Usage counters live outside the immutable :class:`~intercascade_core.core.repository.Entry`:
 an int64 array aligned with the rows (``uses[r]`` = how many prompts row ``r`` was placed
 in), threaded by the caller (:class:`~intercascade_core.service.Cascade` does it) and
-persisted by :mod:`.store`. :func:`record_uses` returns the incremented copy.
+persisted by :mod:`intercascade_core.storage.store`. :func:`record_uses` returns the incremented copy.
 
 Rows and ids: a pruned repository is rebuilt from the kept rows in their original order,
 and every kept entry gets its **new row index as id** (ids stay equal to rows, which is
