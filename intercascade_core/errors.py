@@ -2,7 +2,9 @@
 
 Catch :class:`IntercascadeError` for anything the library raises on purpose. Errors a
 caller provokes with a bad value are :class:`InvalidArgumentError` (also a
-:class:`ValueError`) and name the argument::
+:class:`ValueError`) and name the argument. Text that may hold a header or a server's
+body passes through :func:`redact` before it enters a message (:class:`ModelError` applies
+it to every message)::
 
     IntercascadeError
     ├── InvalidArgumentError (ValueError)     a bad argument; .argument names it
@@ -15,7 +17,9 @@ caller provokes with a bad value are :class:`InvalidArgumentError` (also a
     │   ├── MalformedResponse                  not a Chat Completions body
     │   ├── LogprobsUnavailable                no per-token logprobs
     │   ├── RetriesExhausted                   429/5xx/timeouts through every retry
-    │   └── DeadlineExceeded                   the call's total deadline passed
+    │   ├── DeadlineExceeded                   the call's total deadline passed
+    │   └── EndpointUnreachable                refused or unresolvable, never retried
+    ├── MalformedJSONError (ValueError)        untrusted JSON: bad syntax or over a bound (.kind)
     ├── CorruptCacheError                      a response-cache file is damaged
     ├── EmbedderUnavailable                    a package, model file or tokenizer is missing
     ├── LocalModelError                        a local llama.cpp model cannot run
@@ -40,8 +44,10 @@ caller provokes with a bad value are :class:`InvalidArgumentError` (also a
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +65,8 @@ __all__ = [
     "LogprobsUnavailable",
     "RetriesExhausted",
     "DeadlineExceeded",
+    "EndpointUnreachable",
+    "MalformedJSONError",
     "CorruptCacheError",
     "EmbedderUnavailable",
     "LocalModelError",
@@ -84,7 +92,53 @@ __all__ = [
     "EndpointError",
     "ServiceClosedError",
     "UsageError",
+    "redact",
 ]
+
+
+# ----------------------------------------------------------------------------- redaction
+REDACTED = "[REDACTED]"
+# A configured secret shorter than this is not searched for in free text: it would match
+# ordinary words, and no real API key is that short (the patterns below still apply).
+_MIN_SECRET_CHARS = 6
+_SCHEME = r"(?i:bearer|basic)\s"
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # "Authorization: Bearer <token>", in a header dump or a JSON echo
+    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=:\-]+"), rf"\g<1>{REDACTED}"),
+    (re.compile(r"\b(Basic\s+)[A-Za-z0-9+/=]{8,}"), rf"\g<1>{REDACTED}"),
+    # header or field names that carry a secret, then ':' or '=' (quotes optional, escaped
+    # or not); a value that starts with a scheme was handled above
+    (
+        re.compile(
+            r"(?i)(\b(?:proxy-)?authorization|\bx-(?:goog-)?api-key|\bapi[-_]?key|\baccess[-_]?token"
+            r"|\bclient[-_]?secret|\bpassword)(\\?[\"']?\s*[:=]\s*\\?[\"']?)"
+            rf"(?!{_SCHEME}|\[REDACTED\])[^\s\"'\\,;}}&]+"
+        ),
+        rf"\g<1>\g<2>{REDACTED}",
+    ),
+    # well-known key shapes: OpenAI sk-..., Google AIza..., Hugging Face hf_..., GitHub gh?_...
+    (re.compile(r"\b(?:sk-[A-Za-z0-9_\-]{8,}|AIza[0-9A-Za-z_\-]{20,}|hf_[A-Za-z0-9]{20,}"
+                r"|gh[pousr]_[A-Za-z0-9]{20,})"), REDACTED),
+    # user:password@ in a URL, and secret-looking query parameters
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s:@]+:[^/\s@]+@"), rf"\g<1>{REDACTED}@"),
+    (re.compile(r"(?i)([?&](?:key|api[-_]?key|access[-_]?token|token|sig)=)[^&\s\"'#]+"),
+     rf"\g<1>{REDACTED}"),
+)
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """*text* with secrets replaced by ``[REDACTED]``: each of *secrets* (also JSON-escaped)
+    and anything shaped like a credential (bearer/basic tokens, values of key, token and
+    authorization fields, ``sk-``-style keys, URL passwords). Apply it before truncating,
+    so a cut never leaves part of a key behind."""
+    for secret in secrets:
+        if secret and len(secret) >= _MIN_SECRET_CHARS:
+            escaped = json.dumps(secret)[1:-1]
+            for form in dict.fromkeys((secret, escaped, escaped.replace("/", "\\/"))):
+                text = text.replace(form, REDACTED)
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class IntercascadeError(Exception):
@@ -104,7 +158,7 @@ class ModelError(IntercascadeError):
     """A model call failed for good. ``reason`` is a short, stable, recordable string."""
 
     def __init__(self, message: str, *, model: str = "", status: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(redact(message))  # messages quote server bodies; they are recorded
         self.model = model
         self.status = status
 
@@ -139,6 +193,21 @@ class RetriesExhausted(ModelError):
 
 class DeadlineExceeded(ModelError):
     """The total deadline for one ``generate`` call passed (including backoff sleeps)."""
+
+
+class EndpointUnreachable(ModelError):
+    """The connection was refused or the host name does not resolve. Never retried: an
+    endpoint that refuses is down or misconfigured, not flaky."""
+
+
+class MalformedJSONError(IntercascadeError, ValueError):
+    """Untrusted JSON is not well-formed or exceeds a bound. ``kind`` is ``"size"``,
+    ``"depth"``, ``"number"``, ``"syntax"`` or ``"encoding"``; the message never quotes the
+    document."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class CorruptCacheError(IntercascadeError):

@@ -23,39 +23,53 @@ llama-server needs no ``--logprobs`` flag (``logprobs: true`` per request is eno
 older Ollama versions silently drop ``logprobs``, which here raises
 :class:`LogprobsUnavailable` rather than reporting a fake confidence of 1.0.
 
+The server is untrusted: one attempt is bounded in wall-clock time however the reply
+trickles in, the body is read with the bounded
+:func:`~intercascade_core.core.untrusted_json.loads` and its fields type-checked, every
+error text passes :func:`~intercascade_core.errors.redact` (the key never appears), and a
+refused connection or an unresolvable host fails at once. Call :meth:`ChatModel.probe`
+once before a long run to find a wrong URL or key before the first query.
+
 ``httpx`` is imported lazily, so the pure core may import the error types and
 :class:`Generation` from this module without pulling the HTTP stack.
 """
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
-import json
 import math
 import random
+import socket
+import threading
 import time
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeGuard, TypeVar
 
+from ..core import untrusted_json
 from ..core.protocols import Generation, TextModel
 from ..errors import (
     AuthenticationError,
     BadRequestError,
     ContextLengthExceeded,
     DeadlineExceeded,
-    IntercascadeError,
+    EndpointUnreachable,
     InvalidArgumentError,
     LogprobsUnavailable,
+    MalformedJSONError,
     MalformedResponse,
     ModelError,
     RetriesExhausted,
+    redact,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
 
 __all__ = [
+    "MAX_RESPONSE_BYTES",
     "PRICES",
     "ChatModel",
     "Generation",
@@ -67,7 +81,6 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------- errors
 # ----------------------------------------------------------------------------- pricing
 @dataclass(frozen=True, slots=True)
 class Price:
@@ -141,7 +154,6 @@ def answer_span_confidence(
     return confidence_from_logprobs(span)
 
 
-# ----------------------------------------------------------------------------- generation
 # ----------------------------------------------------------------------------- client
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 _CONTEXT_HINTS = (  # OpenAI, vLLM, Gemini, llama.cpp, Ollama wordings
@@ -155,6 +167,13 @@ _CONTEXT_HINTS = (  # OpenAI, vLLM, Gemini, llama.cpp, Ollama wordings
     "exceeds the context",
     "input token count",
 )
+MAX_RESPONSE_BYTES = 16 * 2**20  # default bound on one completion body
+_ERROR_BODY_BYTES = 64 * 2**10  # enough of an error body to classify and quote it
+_WATCHDOG_GRACE_S = 0.25  # lets an attempt that noticed its own budget end close cleanly
+_MIN_LOGPROB = -1e4  # lower clamp: -inf or -1e308 would overflow fsum
+_MAX_TOKENS = 10**9  # no context window is larger; a bigger count is corrupt
+
+_E = TypeVar("_E", bound=ModelError)
 
 
 def _retry_after_s(value: str | None, now: float) -> float | None:
@@ -162,14 +181,58 @@ def _retry_after_s(value: str | None, now: float) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if not math.isnan(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     return max(0.0, when.timestamp() - now)
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """Why a connect error means the endpoint is not there (refused, name not resolved);
+    None for anything that may pass (resets, timeouts)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cur, socket.gaierror):
+            return f"host name not resolved ({cur.strerror or cur})"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _key_problem(key: str) -> str | None:
+    """What makes *key* unusable in a header, without quoting it."""
+    for i, ch in enumerate(key):
+        if not "!" <= ch <= "~":
+            what = (f"U+{ord(ch):04X}" if unicodedata.category(ch)[0] in "CZ"
+                    else "a non-ASCII character")
+            return (f"character {i + 1} of {len(key)} is {what}; a key is visible ASCII "
+                    "without spaces (a pasted newline or quote?). The key is not shown")
+    return None
+
+
+class _AttemptTimedOut(Exception):
+    """The attempt's wall-clock budget ran out before the last byte of the reply."""
+
+
+class _TooLarge(Exception):
+    """A 200 body grew past the model's ``max_response_bytes``."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    content: bytes  # the whole 200 body; at most _ERROR_BODY_BYTES of any other
+    retry_after: str | None
+    latency_s: float
 
 
 class ChatModel:
@@ -178,18 +241,21 @@ class ChatModel:
     Parameters
     ----------
     base_url, model, api_key:
-        Endpoint root (``.../v1``), model id and optional bearer key.
+        Endpoint root (``.../v1``), model id and optional bearer key (visible ASCII; it
+        never appears in an error message).
     client:
         An ``httpx.Client`` to use (any transport). When omitted the model creates one and
         closes it in :meth:`close`; a passed client is never closed here.
     timeout:
-        Per-attempt timeout in seconds (connect/read/write/pool).
+        Wall-clock seconds for one attempt, from connecting to the last byte of the reply
+        (a server that trickles its reply cannot stretch it).
     deadline:
-        Total seconds for one :meth:`generate`, backoff sleeps included.
+        Total seconds for one :meth:`generate`, attempts and backoff sleeps included.
     max_retries, backoff_base, backoff_max:
-        Retry budget on 429/5xx/connect and read timeouts: the n-th retry waits
+        Retry budget on 429/5xx, timeouts and dropped connections: the n-th retry waits
         ``Retry-After`` when the server sends one, else ``min(backoff_max,
-        backoff_base * 2**n)`` scaled by a jitter factor in [0.5, 1.5).
+        backoff_base * 2**n)`` scaled by a jitter factor in [0.5, 1.5). A refused
+        connection or an unresolvable host is never retried (:class:`EndpointUnreachable`).
     confidence_span:
         ``"all"`` (default: mean over all completion tokens) or ``"answer"`` (the final
         ``Answer:`` line only).
@@ -197,8 +263,15 @@ class ChatModel:
         Overrides the :data:`PRICES` lookup.
     params:
         Default request parameters (e.g. ``{"temperature": 0}``), overridable per call.
+    max_response_bytes:
+        A longer completion body is a :class:`MalformedResponse` (read no further).
     sleep, clock, jitter_seed:
-        Injected for tests (instant, deterministic retries).
+        Injected for tests (instant, deterministic retries). ``clock`` measures the
+        deadline between attempts; the bound inside one attempt is always real time.
+
+    Each attempt runs on a short-lived daemon thread that the caller waits for at most the
+    attempt's budget, so nothing a server does (trickled headers or body, a stalled
+    name lookup) holds the caller longer; an abandoned attempt stops at its next chunk.
     """
 
     def __init__(
@@ -216,6 +289,7 @@ class ChatModel:
         confidence_span: Literal["all", "answer"] = "all",
         price: Price | None = None,
         params: Mapping[str, Any] | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         jitter_seed: int | None = None,
@@ -223,17 +297,26 @@ class ChatModel:
         import httpx  # lazy: the pure core imports this module's types only
 
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise InvalidArgumentError("base_url", f"expected an http(s) URL, got {base_url!r}")
+            raise InvalidArgumentError(
+                "base_url", redact(f"expected an http(s) URL, got {base_url!r}"))
         if not isinstance(model, str) or not model:
             raise InvalidArgumentError("model", f"expected a non-empty model id, got {model!r}")
+        if api_key is not None and not isinstance(api_key, str):
+            raise InvalidArgumentError("api_key", f"expected a str, got {type(api_key).__name__}")
+        problem = _key_problem(api_key) if api_key else None
+        if problem is not None:
+            raise InvalidArgumentError("api_key", problem)
         for name, value in (("timeout", timeout), ("deadline", deadline)):
-            if not (isinstance(value, int | float) and value > 0):
-                raise InvalidArgumentError(name, f"must be > 0 seconds, got {value!r}")
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise InvalidArgumentError(name, f"must be a finite number > 0 seconds, got {value!r}")
         for name, value in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise InvalidArgumentError(name, f"must be a finite number >= 0 seconds, got {value!r}")
         if not (isinstance(max_retries, int) and max_retries >= 0):
             raise InvalidArgumentError("max_retries", f"must be an int >= 0, got {max_retries!r}")
+        if not (isinstance(max_response_bytes, int) and max_response_bytes >= 1):
+            raise InvalidArgumentError(
+                "max_response_bytes", f"must be an int >= 1, got {max_response_bytes!r}")
         if confidence_span not in ("all", "answer"):
             raise InvalidArgumentError(
                 "confidence_span", f"expected 'all' or 'answer', got {confidence_span!r}"
@@ -244,7 +327,10 @@ class ChatModel:
             )
         self.base_url = base_url.rstrip("/")
         self.model = model
-        self._api_key = api_key
+        self._secrets: tuple[str, ...] = (api_key,) if api_key else ()
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self._owns_client = client is None
         self._client = client if client is not None else httpx.Client()
         self.timeout = float(timeout)
@@ -255,12 +341,13 @@ class ChatModel:
         self.confidence_span = confidence_span
         self.price = price if price is not None else price_for(model)
         self.params = dict(params or {})
+        self.max_response_bytes = max_response_bytes
         self._sleep = sleep
         self._clock = clock
         self._jitter = random.Random(jitter_seed)
 
     def __repr__(self) -> str:
-        return f"ChatModel({self.base_url!r}, {self.model!r})"
+        return redact(f"ChatModel({self.base_url!r}, {self.model!r})")
 
     def close(self) -> None:
         if self._owns_client:
@@ -271,6 +358,19 @@ class ChatModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _error(self, cls: type[_E], why: str, status: int | None = None) -> _E:
+        """A typed error whose text has passed :func:`redact` with this model's key."""
+        return cls(redact(f"{self.model}: {why}", self._secrets), model=self.model, status=status)
+
+    def _quote(self, content: bytes, limit: int) -> str:
+        """A redacted prefix of a server's body, fit for an error message."""
+        return redact(content.decode("utf-8", "replace"), self._secrets)[:limit]
+
+    def _quote_bytes(self, content: bytes, limit: int) -> bytes:
+        """The same as bytes: the body's own bytes where nothing was redacted."""
+        text = content[:_ERROR_BODY_BYTES].decode("utf-8", "surrogateescape")
+        return redact(text, self._secrets).encode("utf-8", "surrogateescape")[:limit]
 
     # -- the call --------------------------------------------------------------------------
     def generate(self, messages: Sequence[Mapping[str, str]], **params: Any) -> Generation:
@@ -283,129 +383,261 @@ class ChatModel:
         body.update(self.params)
         body.update(params)
         body["logprobs"] = True  # confidence needs them; never let a caller switch them off
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
         url = f"{self.base_url}/chat/completions"
         start = self._clock()
         attempt = 0
         while True:
             remaining = self.deadline - (self._clock() - start)
             if remaining <= 0:
-                raise DeadlineExceeded(
-                    f"{self.model}: deadline of {self.deadline}s passed after {attempt} attempts",
-                    model=self.model,
-                )
-            t = min(self.timeout, remaining)
+                raise self._error(
+                    DeadlineExceeded,
+                    f"deadline of {self.deadline}s passed after {attempt} attempts")
+            budget = min(self.timeout, remaining)
+            cut_by_deadline = budget < self.timeout
             retry_after: float | None = None
             try:
-                t0 = time.perf_counter()
-                resp = self._client.post(url, json=body, headers=headers, timeout=t)
-                latency = time.perf_counter() - t0
+                reply = self._exchange("POST", url, body, budget, ok_limit=self.max_response_bytes)
+            except _AttemptTimedOut:
+                if cut_by_deadline:
+                    raise self._error(
+                        DeadlineExceeded, f"deadline of {self.deadline}s passed during attempt "
+                        f"{attempt + 1} (no complete reply)") from None
+                last = f"no complete reply within the {self.timeout}s attempt timeout"
+            except _TooLarge:
+                raise self._error(
+                    MalformedResponse,
+                    f"body longer than max_response_bytes={self.max_response_bytes}",
+                    status=200) from None
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as e:
-                # connect/read/write timeouts, refused or reset connections, dropped replies
+                why = _unreachable(e) if isinstance(e, httpx.ConnectError) else None
+                if why is not None:  # down or misconfigured, not flaky: retrying only waits
+                    raise self._error(EndpointUnreachable, f"{url}: {why}") from None
+                if cut_by_deadline and isinstance(e, httpx.TimeoutException):
+                    raise self._error(
+                        DeadlineExceeded, f"deadline of {self.deadline}s passed during attempt "
+                        f"{attempt + 1} ({type(e).__name__})") from None
+                # connect/read/write timeouts, reset connections, dropped replies
                 last = f"{type(e).__name__}: {e}"
             except httpx.HTTPError as e:
                 # proxy, bad URL scheme, local protocol or body-decoding errors: retrying cannot
                 # help, but the caller still gets a typed, recordable ModelError
-                raise ModelError(f"{self.model}: {type(e).__name__}: {e}", model=self.model) from e
+                raise self._error(ModelError, f"{type(e).__name__}: {e}") from None
             else:
-                status = resp.status_code
+                status = reply.status
                 if status == 200:
-                    return self._parse(resp.content, latency, attempt + 1)
-                text = resp.text[:500]
+                    return self._parse(reply.content, reply.latency_s, attempt + 1)
+                text = self._quote(reply.content, 500)
                 if status in (401, 403):
-                    raise AuthenticationError(
-                        f"{self.model}: HTTP {status}: {text}", model=self.model, status=status
-                    )
+                    raise self._error(AuthenticationError, f"HTTP {status}: {text}", status)
                 if status not in _RETRY_STATUS:
-                    cls = (
-                        ContextLengthExceeded
-                        if any(h in text.lower() for h in _CONTEXT_HINTS)
-                        else BadRequestError
-                    )
-                    raise cls(
-                        f"{self.model}: HTTP {status}: {text}", model=self.model, status=status
-                    )
+                    lowered = text.lower()
+                    cls = (ContextLengthExceeded if any(h in lowered for h in _CONTEXT_HINTS)
+                           else BadRequestError)
+                    raise self._error(cls, f"HTTP {status}: {text}", status)
                 last = f"HTTP {status}: {text[:200]}"
-                retry_after = _retry_after_s(resp.headers.get("retry-after"), time.time())
+                retry_after = _retry_after_s(reply.retry_after, time.time())
             if attempt >= self.max_retries:
-                raise RetriesExhausted(
-                    f"{self.model}: gave up after {attempt + 1} attempts; last: {last}",
-                    model=self.model,
-                )
+                raise self._error(
+                    RetriesExhausted, f"gave up after {attempt + 1} attempts; last: {last}")
             if retry_after is not None:
                 delay = retry_after
             else:
                 delay = min(self.backoff_max, self.backoff_base * 2**attempt)
                 delay *= 0.5 + self._jitter.random()
             if self._clock() - start + delay >= self.deadline:
-                raise DeadlineExceeded(
-                    f"{self.model}: next retry in {delay:.2f}s would pass the {self.deadline}s "
-                    f"deadline; last: {last}",
-                    model=self.model,
-                )
+                raise self._error(
+                    DeadlineExceeded, f"next retry in {delay:.2f}s would pass the "
+                    f"{self.deadline}s deadline; last: {last}")
             self._sleep(delay)
             attempt += 1
 
-    def _parse(self, content: bytes, latency: float, attempts: int) -> Generation:
-        def bad(why: str) -> MalformedResponse:
-            return MalformedResponse(f"{self.model}: {why}", model=self.model, status=200)
+    def probe(self) -> None:
+        """Check once, before a run, that the endpoint answers and takes the key.
+
+        ``GET {base_url}/models``; a server without that route (404/405) is asked for a
+        1-token completion instead. One attempt, bounded by ``min(timeout, deadline)``.
+
+        Raises :class:`EndpointUnreachable` (refused, unresolvable, no reply in time),
+        :class:`AuthenticationError` (401/403) or :class:`BadRequestError` (neither route
+        exists, or the completion request is refused: a wrong model id). Other replies
+        (429, 5xx) show a server is there and are left to :meth:`generate`'s retries.
+        """
+        budget = min(self.timeout, self.deadline)
+        status, text = self._probe_once("GET", f"{self.base_url}/models", None, budget)
+        if status in (404, 405):
+            ping = {"model": self.model, "max_tokens": 1,
+                    "messages": [{"role": "user", "content": "ping"}]}
+            url = f"{self.base_url}/chat/completions"
+            status, text = self._probe_once("POST", url, ping, budget)
+            if status in (404, 405):
+                raise self._error(
+                    BadRequestError, f"{self.base_url} has neither /models nor "
+                    f"/chat/completions (HTTP {status}): is base_url the API root (.../v1)?",
+                    status)
+            if 400 <= status < 500 and status not in (401, 403, 408, 409, 425, 429):
+                raise self._error(BadRequestError, f"HTTP {status}: {text}", status)
+        if status in (401, 403):
+            raise self._error(AuthenticationError, f"HTTP {status}: {text}", status)
+
+    def _probe_once(
+        self, method: str, url: str, payload: dict[str, Any] | None, budget: float
+    ) -> tuple[int, str]:
+        import httpx
 
         try:
-            data = json.loads(content)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise bad(f"body is not JSON ({e}): {content[:120]!r}") from None
+            reply = self._exchange(method, url, payload, budget, ok_limit=None)
+        except _AttemptTimedOut:
+            raise self._error(EndpointUnreachable, f"{url}: no reply within {budget}s") from None
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as e:
+            why = _unreachable(e) or f"{type(e).__name__}: {e}"
+            raise self._error(EndpointUnreachable, f"{url}: {why}") from None
+        except httpx.HTTPError as e:
+            raise self._error(ModelError, f"{url}: {type(e).__name__}: {e}") from None
+        return reply.status, self._quote(reply.content, 300)
+
+    def _exchange(
+        self,
+        method: str,
+        url: str,
+        payload: dict[str, Any] | None,
+        budget: float,
+        *,
+        ok_limit: int | None,
+    ) -> _Reply:
+        """One request and its reply, from connecting to the last byte within *budget* real
+        seconds (else :class:`_AttemptTimedOut`). A 200 body longer than *ok_limit* raises
+        :class:`_TooLarge`; other bodies (or any, when *ok_limit* is None) are cut at
+        ``_ERROR_BODY_BYTES``. httpx errors propagate unchanged."""
+        end = time.monotonic() + budget
+        abandoned = threading.Event()
+        finished = threading.Event()
+        results: list[_Reply] = []
+        errors: list[BaseException] = []
+
+        def attempt() -> _Reply:
+            t0 = time.perf_counter()
+            # the read timeout bounds a silent server; the clock check, a trickling one
+            with self._client.stream(
+                method, url, json=payload, headers=self._headers, timeout=budget
+            ) as resp:
+                limit = ok_limit if resp.status_code == 200 else None
+                cap = _ERROR_BODY_BYTES if limit is None else limit
+                buf = bytearray()
+                for chunk in resp.iter_bytes():
+                    buf += chunk
+                    if len(buf) > cap:
+                        if limit is not None:
+                            raise _TooLarge
+                        del buf[cap:]  # enough to classify and quote
+                        break
+                    if abandoned.is_set() or time.monotonic() > end:
+                        raise _AttemptTimedOut
+                return _Reply(resp.status_code, bytes(buf), resp.headers.get("retry-after"),
+                              time.perf_counter() - t0)
+
+        def run() -> None:
+            try:
+                results.append(attempt())
+            except BaseException as e:  # handed to the caller's thread
+                errors.append(e)
+            finally:
+                finished.set()
+
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(run,),
+                                  name=f"ChatModel({self.model}) attempt", daemon=True)
+        worker.start()
+        if not finished.wait(budget + _WATCHDOG_GRACE_S):
+            abandoned.set()  # the worker closes the connection at its next chunk
+            raise _AttemptTimedOut
+        if errors:
+            raise errors[0]
+        return results[0]
+
+    def _parse(self, content: bytes, latency: float, attempts: int) -> Generation:
+        def bad(why: str) -> MalformedResponse:
+            return self._error(MalformedResponse, why, 200)
+
         try:
-            choice = data["choices"][0]
-            message = choice["message"]
-            text = message.get("content") or ""
-            usage = data.get("usage") or {}
-            if not isinstance(text, str):
-                raise TypeError("message.content is not a string")
-        except (KeyError, IndexError, TypeError, AttributeError) as e:
-            raise bad(f"no choices[0].message.content ({type(e).__name__}: {e})") from None
+            data = untrusted_json.loads(content, max_bytes=self.max_response_bytes)
+        except MalformedJSONError as e:
+            raise bad(f"body is not JSON ({e}): {self._quote_bytes(content, 120)!r}") from None
+        if not isinstance(data, dict):
+            raise bad(f"body is a JSON {type(data).__name__}, not an object")
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise bad("no choices[0] object")
+        choice = choices[0]
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise bad("choices[0].message is not an object")
+        text = message.get("content")
+        text = "" if text is None else text
+        if not isinstance(text, str):
+            raise bad(f"message.content is a {type(text).__name__}, not a string")
         lp_block = choice.get("logprobs")
         items = lp_block.get("content") if isinstance(lp_block, dict) else None
         if items is None:
             if text == "":
                 items = []  # an empty completion legitimately has no token logprobs
             else:
-                raise LogprobsUnavailable(
-                    f"{self.model}: the response has no choices[0].logprobs.content; enable "
-                    "logprobs on the server or use a model that returns them",
-                    model=self.model,
-                )
-        try:
-            tokens = tuple(str(it["token"]) for it in items)
-            logprobs = tuple(float(it["logprob"]) for it in items)
-        except (KeyError, TypeError, ValueError) as e:
-            raise bad(f"bad logprobs entry ({type(e).__name__}: {e})") from None
-        if any(not math.isfinite(lp) or lp > 1e-6 for lp in logprobs):
-            # -inf from some servers for impossible tokens: clamp; positive is corrupt
-            if any(lp > 1e-6 or math.isnan(lp) for lp in logprobs):
-                raise bad("a token logprob is positive or NaN")
-            logprobs = tuple(max(lp, -1e4) for lp in logprobs)
+                raise self._error(
+                    LogprobsUnavailable, "the response has no choices[0].logprobs.content; "
+                    "enable logprobs on the server or use a model that returns them")
+        if not isinstance(items, list):
+            raise bad("choices[0].logprobs.content is not a list")
+        tokens: list[str] = []
+        logprobs: list[float] = []
+        for n, it in enumerate(items):
+            token = it.get("token") if isinstance(it, dict) else None
+            lp = it.get("logprob") if isinstance(it, dict) else None
+            if not isinstance(token, str) or not _is_number(lp):
+                raise bad(f"logprobs.content[{n}] lacks a string token and a numeric logprob")
+            if lp > 1e-6:
+                raise bad(f"logprobs.content[{n}]: a token logprob is positive")
+            tokens.append(token)
+            logprobs.append(max(float(lp), _MIN_LOGPROB))  # -inf/-1e308 would overflow sums
+        usage = data.get("usage")
+        usage = {} if usage is None else usage
+        if not isinstance(usage, dict):
+            raise bad("usage is not an object")
+        prompt_tokens = self._count(usage, "prompt_tokens", 0)
+        completion_tokens = self._count(usage, "completion_tokens", len(tokens))
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            raise bad("model is not a string")
+        finish = choice.get("finish_reason")
+        if finish is not None and not isinstance(finish, str):
+            raise bad("finish_reason is not a string")
         if self.confidence_span == "answer":
             conf = answer_span_confidence(text, tokens, logprobs)
         else:
             conf = confidence_from_logprobs(logprobs)
-        try:
-            prompt_tokens = int(usage.get("prompt_tokens", 0))
-            completion_tokens = int(usage.get("completion_tokens", len(tokens)))
-        except (TypeError, ValueError, AttributeError) as e:
-            raise bad(f"bad usage block ({e})") from None
         cost = None if self.price is None else self.price.cost(prompt_tokens, completion_tokens)
         return Generation(
             text=text,
-            tokens=tokens,
-            logprobs=logprobs,
+            tokens=tuple(tokens),
+            logprobs=tuple(logprobs),
             confidence=conf,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            model=str(data.get("model") or self.model),
+            model=model or self.model,
             cost=cost,
-            finish_reason=choice.get("finish_reason"),
+            finish_reason=finish,
             latency_s=latency,
             attempts=attempts,
         )
+
+    def _count(self, usage: dict[str, Any], name: str, default: int) -> int:
+        """A token count: a whole number in [0, 1e9] (null or absent: *default*)."""
+        value = usage.get(name)
+        if value is None:
+            return default
+        if not _is_number(value) or not 0 <= value <= _MAX_TOKENS or value != int(value):
+            raise self._error(
+                MalformedResponse, f"usage.{name} is not a whole number in [0, {_MAX_TOKENS}]",
+                200)
+        return int(value)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -14,23 +14,32 @@ Each miss appends one line and fsyncs it before the reply is returned; a torn la
 a :class:`CorruptCacheError`. Each record keeps the seconds the original call took, so a
 report can state model time even when a later run was served from the file
 (:func:`read_cache`).
+
+The file and the server are both untrusted: lines are read with the bounded
+:func:`~intercascade_core.core.untrusted_json.loads` and their fields type-checked, and a
+forwarded reply is streamed through to the client as it arrives (so the client's deadline
+holds), stored only once it is complete, at most ``MAX_RESPONSE_BYTES`` long.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ..errors import CorruptCacheError, IntercascadeError, InvalidArgumentError
+from ..core import untrusted_json
+from ..errors import CorruptCacheError, InvalidArgumentError, MalformedJSONError
+from .chat import MAX_RESPONSE_BYTES
 
 __all__ = ["CacheRecord", "ResponseCache", "TornCacheWarning", "read_cache"]
 
@@ -72,14 +81,37 @@ def _scan(p: Path) -> tuple[list[CacheRecord], int, int]:
     out: list[CacheRecord] = []
     for n, line in enumerate(lines, 1):
         try:
-            d = json.loads(line)
-            out.append(CacheRecord(d["key"], d["url"], d["model"], float(d["elapsed_s"]), d["body"]))
-        except (ValueError, KeyError, TypeError) as e:
+            out.append(_record(line))
+        except MalformedJSONError as e:
             raise CorruptCacheError(f"{p}: line {n} is not a cache record ({e})") from None
     if torn:
         warnings.warn(f"{p}: dropped an incomplete last line ({len(torn)} bytes)", TornCacheWarning,
                       stacklevel=3)
     return out, len(raw) - len(torn), len(raw)
+
+
+# a stored body is a JSON string inside the line: escaping about doubles it at worst for
+# text (control characters take six bytes; a line past the bound is not written)
+_MAX_LINE_BYTES = 2 * MAX_RESPONSE_BYTES + 4096
+
+
+def _record(line: bytes) -> CacheRecord:
+    d = untrusted_json.loads(line, max_bytes=_MAX_LINE_BYTES, max_depth=2)
+    if not isinstance(d, dict):
+        raise MalformedJSONError("syntax", "not a JSON object")
+    elapsed = d.get("elapsed_s")
+    if not (isinstance(elapsed, int | float) and not isinstance(elapsed, bool)
+            and math.isfinite(elapsed) and elapsed >= 0):
+        raise MalformedJSONError("number", "field 'elapsed_s' is not a number of seconds >= 0")
+    return CacheRecord(_string(d, "key"), _string(d, "url"), _string(d, "model"),
+                       float(elapsed), _string(d, "body"))
+
+
+def _string(d: dict[str, Any], name: str) -> str:
+    value = d.get(name)
+    if not isinstance(value, str):
+        raise MalformedJSONError("syntax", f"field {name!r} is not a string")
+    return value
 
 
 class ResponseCache(httpx.BaseTransport):
@@ -121,26 +153,30 @@ class ResponseCache(httpx.BaseTransport):
             self.misses += 1
         t0 = time.perf_counter()
         resp = self._inner.handle_request(request)
-        try:
-            content = resp.read()
-        finally:
-            resp.close()
-        elapsed = time.perf_counter() - t0
-        text = _completion_text(content) if resp.status_code == 200 else None
-        if text is not None:  # anything else is left for ChatModel to classify, not memoised
-            self._append(CacheRecord(key, url, str(payload.get("model", "")), elapsed, text))
-        return _json_response(resp.status_code, content, request, resp.headers)
+        model = str(payload.get("model", ""))
+
+        def complete(content: bytes) -> None:
+            text = _completion_text(content) if resp.status_code == 200 else None
+            if text is not None:  # anything else is left for ChatModel to classify
+                elapsed = time.perf_counter() - t0
+                self._append(CacheRecord(key, url, model, elapsed, text))
+
+        return httpx.Response(resp.status_code, headers=_plain_headers(resp.headers),
+                              stream=_Tee(resp, complete), request=request)
 
     def _append(self, rec: CacheRecord) -> None:
         line = json.dumps({"key": rec.key, "url": rec.url, "model": rec.model,
                            "elapsed_s": round(rec.elapsed_s, 4), "body": rec.body},
                           ensure_ascii=False) + "\n"
+        data = line.encode("utf-8")
+        if len(data) > _MAX_LINE_BYTES:
+            return  # it could not be read back; the reply is passed on, only not memoised
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as f:
                 start = f.tell()
                 try:
-                    f.write(line.encode("utf-8"))
+                    f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
                 except BaseException:
@@ -151,6 +187,28 @@ class ResponseCache(httpx.BaseTransport):
 
     def close(self) -> None:
         self._inner.close()
+
+
+class _Tee(httpx.SyncByteStream):
+    """Passes a forwarded reply's decoded chunks on as they arrive; once it has been read
+    to the end, hands the whole body (up to ``MAX_RESPONSE_BYTES``) to *complete*. A reply
+    closed early (the client's deadline) or too long is passed on, never stored."""
+
+    def __init__(self, resp: httpx.Response, complete: Callable[[bytes], None]) -> None:
+        self._resp = resp
+        self._complete = complete
+
+    def __iter__(self) -> Iterator[bytes]:
+        buf = bytearray()
+        for chunk in self._resp.iter_bytes():
+            if len(buf) <= MAX_RESPONSE_BYTES:
+                buf += chunk
+            yield chunk
+        if len(buf) <= MAX_RESPONSE_BYTES:
+            self._complete(bytes(buf))
+
+    def close(self) -> None:
+        self._resp.close()
 
 
 def _memoisable(request: httpx.Request) -> dict[str, Any] | None:
@@ -169,17 +227,20 @@ def _completion_text(content: bytes) -> str | None:
     """The reply as text when it is a chat completion worth replaying, else None."""
     try:
         text = content.decode("utf-8")
-        doc = json.loads(text)
-    except ValueError:  # UnicodeDecodeError is a ValueError
+        doc = untrusted_json.loads(text, max_bytes=MAX_RESPONSE_BYTES)
+    except ValueError:  # UnicodeDecodeError and MalformedJSONError are ValueErrors
         return None
     ok = isinstance(doc, dict) and isinstance(doc.get("choices"), list) and doc["choices"]
     return text if ok else None
 
 
-def _json_response(status: int, content: bytes, request: httpx.Request,
-                   headers: httpx.Headers | None = None) -> httpx.Response:
-    # the body is already decoded: drop transfer headers that describe the wire form
+def _plain_headers(headers: httpx.Headers | None) -> dict[str, str]:
+    # the body is (or will be) decoded: drop transfer headers that describe the wire form
     keep = {k: v for k, v in (headers or {}).items()
             if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")}
     keep.setdefault("content-type", "application/json")
-    return httpx.Response(status, headers=keep, content=content, request=request)
+    return keep
+
+
+def _json_response(status: int, content: bytes, request: httpx.Request) -> httpx.Response:
+    return httpx.Response(status, headers=_plain_headers(None), content=content, request=request)
