@@ -109,7 +109,7 @@ def test_stream_invariants(
     assert m.calls_per_level[1] == n - sum(o.kind == "weak_accepted" for o in outs)
     assert m.n_discarded == sum(o.kind == "discarded" for o in outs)
     # 21: +1 entry per strong-accepted query (strategies here always parse), never otherwise
-    for o, before, after in zip(outs, sizes, sizes[1:]):
+    for o, before, after in zip(outs, sizes, sizes[1:], strict=False):
         grew = o.kind == "strong_accepted" and policy != "jung"
         assert after - before == (1 if grew else 0)
         assert (o.stored_in == (0,)) == grew
@@ -131,7 +131,11 @@ def test_k0_equals_jung_decision_for_decision(sim: Sim, cals) -> None:
         config=CascadeConfig(policy="jung"),
         progress=False,
     )
-    for cfg in (CascadeConfig(policy="retrieval", k=0), CascadeConfig(policy="random", k=0)):
+    # in two-call mode the strong level answers Jung's prompt (single-call asks another one)
+    for cfg in (
+        CascadeConfig(policy="retrieval", k=0, strategy_mode="two_call"),
+        CascadeConfig(policy="random", k=0, strategy_mode="two_call"),
+    ):
         inter = run_stream(STREAM, sim.levels, EMB, calibrations=cals, config=cfg, progress=False)
         assert decisions(inter.outcomes) == decisions(jung.outcomes)
         a, b = compute_metrics(inter.outcomes), compute_metrics(jung.outcomes)
@@ -343,7 +347,8 @@ def test_malformed_strategy_is_rejected_with_reason_never_stored() -> None:
     weak = Stub("w", ["Answer: 1"])
     strong = Stub("s", ["Answer: 4", "Solution: trust me\nAnswer: 4"])  # no Strategy section
     state = init_state([cal_w, cal_s], EMB.dim)
-    new, o = step(state, Query("What is 2+2?", "4"), [Level(weak), Level(strong)], EMB)
+    two_call = CascadeConfig(strategy_mode="two_call")
+    new, o = step(state, Query("What is 2+2?", "4"), [Level(weak), Level(strong)], EMB, two_call)
     assert o.kind == "strong_accepted" and o.correct is True
     assert o.strategy_rejected == "no 'Strategy:' section" and o.stored_in == ()
     assert len(new.repositories[0]) == 0 and new.n_rejected_strategies == 1
@@ -410,9 +415,62 @@ def test_a_failed_level_defers_and_a_failed_last_level_discards_with_reason() ->
     q = Query("What is 2+2?", "4")
     strong = Stub("s", ["Answer: 4", "Solution: s\nAnswer: 4\nStrategy: add the two numbers up."])
     state = init_state([cal, cal], EMB.dim)
-    _, o = step(state, q, [Level(Broken()), Level(strong)], EMB)
+    two_call = CascadeConfig(strategy_mode="two_call")
+    _, o = step(state, q, [Level(Broken()), Level(strong)], EMB, two_call)
     assert o.kind == "strong_accepted" and o.failures[0] is not None and o.failures[1] is None
     assert "LogprobsUnavailable" in (o.failure or "") and o.stored_in == (0,)
     new, o = step(state, q, [Level(Broken()), Level(Broken())], EMB)
     assert o.kind == "discarded" and all(o.failures) and o.answer is None
     assert new.n_discarded == 1 and new.n_failed_calls == 2 and new.calls == (1, 1)
+
+
+@dataclass
+class Recording:
+    """A model that records every prompt it is asked, per model name."""
+
+    inner: Any
+    seen: list[str]
+
+    @property
+    def model(self) -> str:
+        return str(self.inner.model)
+
+    def generate(self, messages: Sequence[Mapping[str, str]], **params: Any) -> Generation:
+        self.seen.append(messages[-1]["content"])
+        out: Generation = self.inner.generate(messages, **params)
+        return out
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CascadeConfig(),
+        CascadeConfig(strategy_mode="two_call"),
+        CascadeConfig(policy="jung"),
+        CascadeConfig(policy="random", strategy_mode="single_call"),
+    ],
+    ids=["default-single-call", "two-call", "jung", "random-single-call"],
+)
+def test_the_strong_level_is_calibrated_on_the_prompt_it_answers_with(
+    sim: Sim, config: CascadeConfig
+) -> None:
+    """The last level never sees strategies, so the prompt it is calibrated on must be
+    the very prompt it answers with in deployment, query for query."""
+    cal_seen: list[str] = []
+    run_seen: list[str] = []
+    queries = templated_math_stream(40, n_templates=4, seed=300)
+    cal_levels = [sim.levels[0], Level(Recording(sim.levels[1].model, cal_seen), "strong")]
+    run = calibrate_levels(queries, cal_levels, alpha=0.5, delta=0.2, min_n=5, config=config)
+    assert run.calibrations[1].threshold < 1  # the strong level accepts some answers
+    run_levels = [sim.levels[0], Level(Recording(sim.levels[1].model, run_seen), "strong")]
+    out = run_stream(queries, run_levels, EMB, calibrations=run.calibrations, config=config,
+                     progress=False)
+    asked = [q for q, o in zip(queries, out.outcomes, strict=True) if o.confidences[1] is not None]
+    assert asked
+    by_text = dict(zip((q.text for q in queries), cal_seen, strict=True))
+    # in two-call mode the strong level's later calls are strategy requests, not answers
+    answers = [p for p in run_seen if "your final answer was:" not in p]
+    assert answers == [by_text[q.text] for q in asked]
+    expected = "answer_and_strategy" if config.teaches and config.strategy_mode == "single_call" \
+        else "strategy_free"
+    assert run.prompts == ("strategy_free", expected)

@@ -24,21 +24,26 @@ from intercascade_core.models.sim import Faults, SimBackend, templated_math_stre
 
 PIN = Path(__file__).parent / "fixtures" / "outcome_pin.json"
 
-# name -> (levels, config, faults)
+# name -> (levels, config, faults). Every config names its strategy mode and store rule (the
+# ones the pin was computed with), so a change of the defaults does not change the pin.
+_PINNED = {"strategy_mode": "two_call", "store_rule": "strict"}
+_PINNED_SINGLE = {"strategy_mode": "single_call", "store_rule": "strict"}
 SCENARIOS: dict[str, tuple[tuple[str, ...], dict[str, Any], dict[str, Any]]] = {
-    "jung": (("sim-weak", "sim-strong"), {"policy": "jung"}, {}),
-    "random": (("sim-weak", "sim-strong"), {"policy": "random", "seed": 3}, {}),
-    "retrieval": (("sim-weak", "sim-strong"), {"policy": "retrieval", "k": 2}, {}),
-    "retrieval-numpy-k3": (("sim-weak", "sim-strong"), {"k": 3, "backend": "numpy"}, {}),
-    "single-call": (("sim-weak", "sim-strong"), {"strategy_mode": "single_call"}, {}),
-    "three-levels-previous": (
-        ("sim-weak", "sim-mid", "sim-strong"), {"teach": "previous", "k": 2}, {},
+    "jung": (("sim-weak", "sim-strong"), {"policy": "jung", **_PINNED}, {}),
+    "random": (("sim-weak", "sim-strong"), {"policy": "random", "seed": 3, **_PINNED}, {}),
+    "retrieval": (("sim-weak", "sim-strong"), {"policy": "retrieval", "k": 2, **_PINNED}, {}),
+    "retrieval-numpy-k3": (
+        ("sim-weak", "sim-strong"), {"k": 3, "backend": "numpy", **_PINNED}, {},
     ),
-    "three-levels-all": (("sim-weak", "sim-mid", "sim-strong"), {"k": 1}, {}),
-    "tenant": (("sim-weak", "sim-strong"), {"tenant": "acme"}, {}),
+    "single-call": (("sim-weak", "sim-strong"), dict(_PINNED_SINGLE), {}),
+    "three-levels-previous": (
+        ("sim-weak", "sim-mid", "sim-strong"), {"teach": "previous", "k": 2, **_PINNED}, {},
+    ),
+    "three-levels-all": (("sim-weak", "sim-mid", "sim-strong"), {"k": 1, **_PINNED}, {}),
+    "tenant": (("sim-weak", "sim-strong"), {"tenant": "acme", **_PINNED}, {}),
     "faults": (
         ("sim-weak", "sim-strong"),
-        {"policy": "retrieval"},
+        {"policy": "retrieval", **_PINNED},
         {"rate_500": 0.05, "rate_malformed": 0.05, "rate_missing_logprobs": 0.03},
     ),
 }
@@ -66,8 +71,10 @@ def compute(name: str) -> dict[str, Any]:
             Level(ChatModel("http://sim/v1", n, client=client, sleep=lambda s: None, max_retries=1))
             for n in names
         ]
+        # the pin was computed with strategy-free calibration prompts for every level
         cal = calibrate_levels(
-            templated_math_stream(240, n_templates=8, seed=11), levels, alpha=0.25, delta=0.1
+            templated_math_stream(240, n_templates=8, seed=11), levels, alpha=0.25, delta=0.1,
+            config=CascadeConfig(policy="jung"),
         )
         result = run_stream(
             templated_math_stream(120, n_templates=8, seed=12),

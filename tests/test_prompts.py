@@ -112,3 +112,31 @@ def test_parse_strategy_rejects_with_reason(reply: str, reason: str) -> None:
     with pytest.raises(MalformedStrategy) as e:
         parse_strategy(reply, problem="Mia has 12 apples, gets 35, gives 17 away.")
     assert reason in e.value.reason
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    ["too short", "x" * 5000, "add 12 and 35 then remove 17 to get it"],
+)
+def test_without_the_strict_filter_every_strategy_section_is_kept(strategy: str) -> None:
+    problem = "Mia has 12 apples, gets 35, gives 17 away."
+    with pytest.raises(MalformedStrategy):
+        parse_strategy(f"Strategy: {strategy}", problem=problem)  # strict by default
+    parsed = parse_strategy(f"Answer: 30\nStrategy: {strategy}", problem=problem, strict=False)
+    assert parsed.strategy == strategy and parsed.answer == "30"
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        ("Solution: x\nAnswer: 7", "no 'Strategy:' section"),
+        ("Answer: 7\nStrategy:   ", "empty"),
+        ("Strategy: one way to do it\nStrategy: another way", "more than once"),
+    ],
+)
+def test_without_the_strict_filter_a_missing_strategy_is_still_rejected(
+    reply: str, reason: str
+) -> None:
+    with pytest.raises(MalformedStrategy) as e:
+        parse_strategy(reply, strict=False)
+    assert reason in e.value.reason

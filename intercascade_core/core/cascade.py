@@ -14,9 +14,9 @@ Per query, level i = 0..N-1 in order (0 = weakest):
    ``retrieval``: top-k cosine; ``random``: k drawn uniformly, seeded; ``jung``: none)
    and prepend them to the strategy-free prompt (no strategies = the identical prompt);
 2. the level answers; if its confidence clears its threshold (``conf >= λ_i``) the
-   answer is output, and a level >= 1 *teaches*: it writes a strategy (a second call by
-   default, so its answer and confidence are exactly the baseline's) which is stored in
-   every weaker level's repository (``teach="all_weaker"``) or the previous one's
+   answer is output, and a level >= 1 *teaches*: it writes a strategy (in the same call as
+   its answer by default, as the paper does; ``strategy_mode="two_call"`` asks for it in a
+   second call) which is stored in every weaker level's repository (``teach="all_weaker"``) or the previous one's
    (``"previous"``); otherwise the query is deferred to level i+1;
 3. past the last level the query is discarded (uncovered).
 
@@ -35,11 +35,8 @@ import numpy as np
 
 from ..errors import InvalidArgumentError, ModelError
 from .calibrate import Calibration, calibrate_cascade
-from .machine import Call, Done, Embed, QueryMachine, apply
-from .prompts import (
-    as_messages,
-    strategy_free_prompt,
-)
+from .machine import Call, Done, Embed, QueryMachine, answer_prompt, apply, single_call
+from .prompts import as_messages
 from .protocols import Generation
 from .state import (
     CascadeConfig,
@@ -68,6 +65,7 @@ __all__ = [
     "StreamResult",
     "Usage",
     "calibrate_levels",
+    "calibration_prompt",
     "drive",
     "init_state",
     "initial_state",
@@ -76,7 +74,7 @@ __all__ = [
     "step",
 ]
 
-def _check_levels(state: CascadeState, levels: Sequence[Level]) -> None:
+def check_levels(state: CascadeState, levels: Sequence[Level]) -> None:
     if not isinstance(state, CascadeState):
         raise InvalidArgumentError("state", f"expected a CascadeState, got {type(state).__name__}")
     if len(levels) != state.n_levels:
@@ -128,7 +126,7 @@ def step(
     """
     import time
 
-    _check_levels(state, levels)
+    check_levels(state, levels)
     t0 = time.perf_counter()
     machine = QueryMachine(state, query, [lv.name for lv in levels], config, index=index)
     done = drive(machine, levels, embedder)
@@ -177,10 +175,11 @@ def run_stream(
 
 @dataclass(frozen=True, slots=True, eq=False)
 class CalibrationRun:
-    """Thresholds and the strategy-free calibration data they came from.
+    """Thresholds and the calibration data they came from.
 
     ``confidences[i][j]``/``correct[i][j]``: level i on calibration item j (a failed call
-    counts as confidence 0 and wrong, so it can never lower a threshold).
+    counts as confidence 0 and wrong, so it can never lower a threshold). ``prompts[i]``
+    names the prompt level i was asked (``"strategy_free"`` or ``"answer_and_strategy"``).
     """
 
     calibrations: tuple[Calibration, ...]
@@ -188,6 +187,16 @@ class CalibrationRun:
     correct: tuple[tuple[bool, ...], ...]
     failures: tuple[tuple[str | None, ...], ...]
     usage: tuple[Usage, ...]
+    prompts: tuple[str, ...] = ()
+
+
+def calibration_prompt(query: Query, level: int, n_levels: int, config: CascadeConfig) -> str:
+    """The prompt ``level`` is calibrated on: the one it answers with in deployment when no
+    strategy is retrieved (:func:`~.machine.answer_prompt` itself, so the two cannot drift):
+    the strategy-free prompt, or for the last level of a single-call teaching cascade the
+    answer-and-strategy prompt, whose confidence distribution is the one its threshold
+    is applied to."""
+    return answer_prompt(query, level, n_levels, config, ())
 
 
 def calibrate_levels(
@@ -196,14 +205,24 @@ def calibrate_levels(
     *,
     alpha: float,
     delta: float,
+    config: CascadeConfig = CascadeConfig(),
     split_delta: bool = True,
     progress: bool = False,
     **calibrate_kw: Any,
 ) -> CalibrationRun:
-    """Ask every level the strategy-free prompt on a calibration split (gold answers
-    required) and calibrate the thresholds with Jung's sequential rule."""
+    """Ask every level its calibration prompt (:func:`calibration_prompt` for ``config``:
+    strategy-free, except the last level of a single-call cascade, which is asked the
+    answer-and-strategy prompt it deploys with) on a calibration split (gold answers
+    required) and calibrate the thresholds with Jung's sequential rule.
+
+    Calibrate with the config the cascade runs with: the default config here matches the
+    default of :func:`step`, and a Jung cascade needs ``CascadeConfig(policy="jung")``."""
     from tqdm import tqdm
 
+    if not isinstance(config, CascadeConfig):
+        raise InvalidArgumentError(
+            "config", f"expected a CascadeConfig, got {type(config).__name__}"
+        )
     items = list(queries)
     if not items:
         raise InvalidArgumentError("queries", "the calibration split is empty")
@@ -216,11 +235,13 @@ def calibrate_levels(
     corr: list[list[bool]] = [[] for _ in levels]
     fails: list[list[str | None]] = [[] for _ in levels]
     usage = [Usage() for _ in levels]
+    n = len(levels)
     for q in tqdm(items, desc="calibration", disable=not progress, unit="q", leave=False):
-        prompt = as_messages(strategy_free_prompt(q))
         for i, lv in enumerate(levels):
             try:
-                gen = lv.model.generate(prompt, **lv.params)
+                gen = lv.model.generate(
+                    as_messages(calibration_prompt(q, i, n, config)), **lv.params
+                )
             except ModelError as e:
                 confs[i].append(0.0)
                 corr[i].append(False)
@@ -246,4 +267,8 @@ def calibrate_levels(
         correct=tuple(tuple(c) for c in corr),
         failures=tuple(tuple(f) for f in fails),
         usage=tuple(usage),
+        prompts=tuple(
+            "answer_and_strategy" if single_call(i, n, config) else "strategy_free"
+            for i in range(n)
+        ),
     )

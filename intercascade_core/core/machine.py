@@ -197,15 +197,19 @@ def teach_targets(level: int, config: CascadeConfig) -> tuple[int, ...]:
 
 def teaching_entry(
     query: Query, answer: str | None, reply: str, level: int, name: str, position: int,
-    tenant: str | None,
+    tenant: str | None, *, strict: bool = False,
 ) -> Entry:
     """The repository entry taught by ``reply``; raises :class:`MalformedStrategy`.
+
+    ``strict``: the extra length and instance-number filter (``store_rule="strict"``);
+    without it every reply with a non-empty ``Strategy:`` section is stored, as the paper
+    stores every strategy whose answer cleared the threshold.
 
     The strategy is LLM-written and the query and answer come from outside, so the whole
     entry is stored sanitised; ``created_at`` is the stream position, not wall time, so
     runs are reproducible.
     """
-    strategy = parse_strategy(reply, problem=query.text).strategy
+    strategy = parse_strategy(reply, problem=query.text, strict=strict).strategy
     entry = Entry(
         query=query.text,
         answer=answer if answer is not None else "",
@@ -327,7 +331,8 @@ def _taught(c: _Query, t: _Trace, reply: str) -> _Trace:
     i = t.level
     try:
         entry = teaching_entry(
-            c.query, t.levels[i].answer, reply, i, c.names[i], c.state.n_queries, c.config.tenant
+            c.query, t.levels[i].answer, reply, i, c.names[i], c.state.n_queries, c.config.tenant,
+            strict=c.config.store_rule == "strict",
         )
     except MalformedStrategy as e:
         return _finish(c, replace(t, rejected=e.reason))

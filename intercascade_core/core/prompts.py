@@ -162,7 +162,9 @@ _SECTIONS = {"solution": "solution", "answer": "answer", "final answer": "answer
              "strategy": "strategy"}
 
 
-def parse_strategy(text: str, *, problem: str | None = None) -> ParsedStrategy:
+def parse_strategy(
+    text: str, *, problem: str | None = None, strict: bool = True
+) -> ParsedStrategy:
     """Parse ``Solution: / Answer: / Strategy:`` sections (any order, markdown tolerated).
 
     A section starts where :func:`~.sanitize.find_labels` (the recogniser that
@@ -171,8 +173,11 @@ def parse_strategy(text: str, *, problem: str | None = None) -> ParsedStrategy:
     ``**Strategy**:``, fullwidth or Cyrillic spellings alike.
 
     Raises :class:`MalformedStrategy` (never returns a half-parsed record) when the Strategy
-    section is missing, duplicated, empty, too short or too long, or when it quotes three or
-    more of the instance's multi-digit numbers (it then depends on this instance).
+    section is missing, duplicated or empty. ``strict`` (the default here; the cascade's
+    ``store_rule="strict"``) adds a filter the paper does not have: it also rejects a
+    strategy that is too short or too long, or that quotes three or more of ``problem``'s
+    multi-digit numbers (it then depends on this instance). Without it a too-long strategy
+    is still cut to the sanitiser's limit when stored.
     """
     if not isinstance(text, str):
         raise InvalidArgumentError("text", f"expected str, got {type(text).__name__}")
@@ -190,6 +195,13 @@ def parse_strategy(text: str, *, problem: str | None = None) -> ParsedStrategy:
     strategy = sections.get("strategy")
     if strategy is None:
         raise MalformedStrategy("no 'Strategy:' section")
+    if not strategy:
+        raise MalformedStrategy("the Strategy section is empty")
+    if not strict:
+        return ParsedStrategy(
+            solution=sections.get("solution", ""), answer=sections.get("answer", ""),
+            strategy=strategy,
+        )
     if len(strategy) < MIN_STRATEGY_CHARS:
         raise MalformedStrategy(
             f"Strategy section too short ({len(strategy)} < {MIN_STRATEGY_CHARS} chars)"

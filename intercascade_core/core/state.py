@@ -34,6 +34,7 @@ __all__ = [
 Policy = Literal["jung", "random", "retrieval"]
 Teach = Literal["all_weaker", "previous"]
 StrategyMode = Literal["two_call", "single_call"]
+StoreRule = Literal["paper", "strict"]
 Status = Literal["accepted", "discarded"]
 
 
@@ -69,9 +70,16 @@ class CascadeConfig:
     strategies reach the cascade through the repository (``storage.sync``), so the machine
     stays free of I/O.
     teach: which weaker repositories a confident level >= 1 writes to.
-    strategy_mode: ``"two_call"`` (answer with the baseline prompt, then a strategy call on
-    acceptance) or ``"single_call"`` (the last level answers and writes the strategy at
-    once; its model should then use ``confidence_span="answer"``).
+    strategy_mode: ``"single_call"`` (the paper: the last level answers and writes the
+    strategy in one generation; its model should then use ``confidence_span="answer"``, and
+    it must be calibrated on that prompt, which :func:`~.cascade.calibrate_levels` does when
+    given this config) or ``"two_call"`` (answer with the baseline prompt, then a separate
+    strategy call on acceptance, counted as teaching).
+    store_rule: ``"paper"`` stores every strategy whose strong answer cleared the threshold
+    (a reply without a non-empty ``Strategy:`` section has nothing to store); ``"strict"``
+    also rejects strategies that are too short or too long or that quote three or more of
+    the problem's multi-digit numbers (:func:`~.prompts.parse_strategy`). Rejections are
+    counted (``Counters.n_rejected_strategies``, ``Outcome.strategy_rejected``).
     seed: seeds the random policy. tenant: repository tenant for storing and retrieving.
     """
 
@@ -79,7 +87,8 @@ class CascadeConfig:
     k: int = 2
     backend: str = "exact"
     teach: Teach = "all_weaker"
-    strategy_mode: StrategyMode = "two_call"
+    strategy_mode: StrategyMode = "single_call"
+    store_rule: StoreRule = "paper"
     seed: int = 0
     tenant: str | None = None
 
@@ -106,6 +115,10 @@ class CascadeConfig:
             raise InvalidArgumentError(
                 "strategy_mode",
                 f"expected one of {get_args(StrategyMode)}, got {self.strategy_mode!r}",
+            )
+        if self.store_rule not in get_args(StoreRule):
+            raise InvalidArgumentError(
+                "store_rule", f"expected one of {get_args(StoreRule)}, got {self.store_rule!r}"
             )
 
     @property
