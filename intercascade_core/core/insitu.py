@@ -293,8 +293,8 @@ def insitu_calibrate(
     n_levels = len(levels)
 
     if pilot is None:
-        pilot = calibrate_levels(items, levels, alpha=alpha, delta=delta, split_delta=split_delta,
-                                 progress=progress, **calibrate_kw)
+        pilot = calibrate_levels(items, levels, alpha=alpha, delta=delta, config=cfg,
+                                 split_delta=split_delta, progress=progress, **calibrate_kw)
     if isinstance(pilot, CalibrationRun):
         static = tuple(pilot.calibrations)
         fill_conf = [list(c) for c in pilot.confidences]
