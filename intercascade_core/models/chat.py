@@ -235,6 +235,192 @@ class _Reply:
     latency_s: float
 
 
+def check_settings(
+    base_url: object, model: object, api_key: object, *, timeout: object, deadline: object,
+    backoff_base: object, backoff_max: object, max_retries: object,
+    max_response_bytes: object, confidence_span: object,
+) -> None:
+    """Refuse a bad client setting with :class:`InvalidArgumentError` naming it (the sync
+    and the async client take the same settings)."""
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise InvalidArgumentError(
+            "base_url", redact(f"expected an http(s) URL, got {base_url!r}"))
+    if not isinstance(model, str) or not model:
+        raise InvalidArgumentError("model", f"expected a non-empty model id, got {model!r}")
+    if api_key is not None and not isinstance(api_key, str):
+        raise InvalidArgumentError("api_key", f"expected a str, got {type(api_key).__name__}")
+    problem = _key_problem(api_key) if api_key else None
+    if problem is not None:
+        raise InvalidArgumentError("api_key", problem)
+    for name, value in (("timeout", timeout), ("deadline", deadline)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise InvalidArgumentError(name, f"must be a finite number > 0 seconds, got {value!r}")
+    for name, value in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise InvalidArgumentError(name, f"must be a finite number >= 0 seconds, got {value!r}")
+    if not (isinstance(max_retries, int) and max_retries >= 0):
+        raise InvalidArgumentError("max_retries", f"must be an int >= 0, got {max_retries!r}")
+    if not (isinstance(max_response_bytes, int) and max_response_bytes >= 1):
+        raise InvalidArgumentError(
+            "max_response_bytes", f"must be an int >= 1, got {max_response_bytes!r}")
+    if confidence_span not in ("all", "answer"):
+        raise InvalidArgumentError(
+            "confidence_span", f"expected 'all' or 'answer', got {confidence_span!r}"
+        )
+
+
+def request_body(
+    model: str, defaults: Mapping[str, Any], messages: Sequence[Mapping[str, str]],
+    params: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The Chat Completions request of one call: the model's default parameters, then the
+    call's, and always ``logprobs: true`` (confidence needs them)."""
+    if not messages:
+        raise InvalidArgumentError("messages", "at least one message is required")
+    body: dict[str, Any] = {"model": model, "messages": [dict(m) for m in messages]}
+    body.update(defaults)
+    body.update(params)
+    body["logprobs"] = True  # never let a caller switch them off
+    return body
+
+
+def retry_delay(
+    attempt: int, retry_after: float | None, backoff_base: float, backoff_max: float,
+    jitter: random.Random,
+) -> float:
+    """Seconds before retry ``attempt + 1``: the server's ``Retry-After`` when it sent one,
+    else ``min(backoff_max, backoff_base * 2**attempt)`` times a jitter in [0.5, 1.5)."""
+    if retry_after is not None:
+        return retry_after
+    return min(backoff_max, backoff_base * 2.0**attempt) * (0.5 + jitter.random())
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyCodec:
+    """What a server's reply means, for the sync and the async client alike: typed errors
+    whose text is redacted with the model's key, the outcome of a non-200 status, and the
+    parsing of a completion body into a :class:`Generation`."""
+
+    model: str
+    secrets: tuple[str, ...]
+    price: Price | None
+    confidence_span: Literal["all", "answer"]
+    max_response_bytes: int
+
+    def error(self, cls: type[_E], why: str, status: int | None = None) -> _E:
+        """A typed error whose text has passed :func:`redact` with this model's key."""
+        return cls(redact(f"{self.model}: {why}", self.secrets), model=self.model, status=status)
+
+    def quote(self, content: bytes, limit: int) -> str:
+        """A redacted prefix of a server's body, fit for an error message."""
+        return redact(content.decode("utf-8", "replace"), self.secrets)[:limit]
+
+    def quote_bytes(self, content: bytes, limit: int) -> bytes:
+        """The same as bytes: the body's own bytes where nothing was redacted."""
+        text = content[:_ERROR_BODY_BYTES].decode("utf-8", "surrogateescape")
+        return redact(text, self.secrets).encode("utf-8", "surrogateescape")[:limit]
+
+    def status_error(self, status: int, content: bytes) -> ModelError | None:
+        """The error a non-200 reply ends the call with; None when it is to be retried."""
+        text = self.quote(content, 500)
+        if status in (401, 403):
+            return self.error(AuthenticationError, f"HTTP {status}: {text}", status)
+        if status in _RETRY_STATUS:
+            return None
+        lowered = text.lower()
+        cls = (ContextLengthExceeded if any(h in lowered for h in _CONTEXT_HINTS)
+               else BadRequestError)
+        return self.error(cls, f"HTTP {status}: {text}", status)
+
+
+    def parse(self, content: bytes, latency: float, attempts: int) -> Generation:
+        """A 200 body as a :class:`Generation` (typed errors for anything else)."""
+        def bad(why: str) -> MalformedResponse:
+            return self.error(MalformedResponse, why, 200)
+
+        try:
+            data = untrusted_json.loads(content, max_bytes=self.max_response_bytes)
+        except MalformedJSONError as e:
+            raise bad(f"body is not JSON ({e}): {self.quote_bytes(content, 120)!r}") from None
+        if not isinstance(data, dict):
+            raise bad(f"body is a JSON {type(data).__name__}, not an object")
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise bad("no choices[0] object")
+        choice = choices[0]
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise bad("choices[0].message is not an object")
+        text = message.get("content")
+        text = "" if text is None else text
+        if not isinstance(text, str):
+            raise bad(f"message.content is a {type(text).__name__}, not a string")
+        lp_block = choice.get("logprobs")
+        items = lp_block.get("content") if isinstance(lp_block, dict) else None
+        if items is None:
+            if text == "":
+                items = []  # an empty completion legitimately has no token logprobs
+            else:
+                raise self.error(
+                    LogprobsUnavailable, "the response has no choices[0].logprobs.content; "
+                    "enable logprobs on the server or use a model that returns them")
+        if not isinstance(items, list):
+            raise bad("choices[0].logprobs.content is not a list")
+        tokens: list[str] = []
+        logprobs: list[float] = []
+        for n, it in enumerate(items):
+            token = it.get("token") if isinstance(it, dict) else None
+            lp = it.get("logprob") if isinstance(it, dict) else None
+            if not isinstance(token, str) or not _is_number(lp):
+                raise bad(f"logprobs.content[{n}] lacks a string token and a numeric logprob")
+            if lp > 1e-6:
+                raise bad(f"logprobs.content[{n}]: a token logprob is positive")
+            tokens.append(token)
+            logprobs.append(max(float(lp), _MIN_LOGPROB))  # -inf/-1e308 would overflow sums
+        usage = data.get("usage")
+        usage = {} if usage is None else usage
+        if not isinstance(usage, dict):
+            raise bad("usage is not an object")
+        prompt_tokens = self._count(usage, "prompt_tokens", 0)
+        completion_tokens = self._count(usage, "completion_tokens", len(tokens))
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            raise bad("model is not a string")
+        finish = choice.get("finish_reason")
+        if finish is not None and not isinstance(finish, str):
+            raise bad("finish_reason is not a string")
+        if self.confidence_span == "answer":
+            conf = answer_span_confidence(text, tokens, logprobs)
+        else:
+            conf = confidence_from_logprobs(logprobs)
+        cost = None if self.price is None else self.price.cost(prompt_tokens, completion_tokens)
+        return Generation(
+            text=text,
+            tokens=tuple(tokens),
+            logprobs=tuple(logprobs),
+            confidence=conf,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            model=model or self.model,
+            cost=cost,
+            finish_reason=finish,
+            latency_s=latency,
+            attempts=attempts,
+        )
+
+    def _count(self, usage: dict[str, Any], name: str, default: int) -> int:
+        """A token count: a whole number in [0, 1e9] (null or absent: *default*)."""
+        value = usage.get(name)
+        if value is None:
+            return default
+        if not _is_number(value) or not 0 <= value <= _MAX_TOKENS or value != int(value):
+            raise self.error(
+                MalformedResponse, f"usage.{name} is not a whole number in [0, {_MAX_TOKENS}]",
+                200)
+        return int(value)
+
+
+
 class ChatModel:
     """An OpenAI-compatible chat model with logprob confidence and robust retries.
 
@@ -296,31 +482,11 @@ class ChatModel:
     ) -> None:
         import httpx  # lazy: the pure core imports this module's types only
 
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise InvalidArgumentError(
-                "base_url", redact(f"expected an http(s) URL, got {base_url!r}"))
-        if not isinstance(model, str) or not model:
-            raise InvalidArgumentError("model", f"expected a non-empty model id, got {model!r}")
-        if api_key is not None and not isinstance(api_key, str):
-            raise InvalidArgumentError("api_key", f"expected a str, got {type(api_key).__name__}")
-        problem = _key_problem(api_key) if api_key else None
-        if problem is not None:
-            raise InvalidArgumentError("api_key", problem)
-        for name, value in (("timeout", timeout), ("deadline", deadline)):
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise InvalidArgumentError(name, f"must be a finite number > 0 seconds, got {value!r}")
-        for name, value in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise InvalidArgumentError(name, f"must be a finite number >= 0 seconds, got {value!r}")
-        if not (isinstance(max_retries, int) and max_retries >= 0):
-            raise InvalidArgumentError("max_retries", f"must be an int >= 0, got {max_retries!r}")
-        if not (isinstance(max_response_bytes, int) and max_response_bytes >= 1):
-            raise InvalidArgumentError(
-                "max_response_bytes", f"must be an int >= 1, got {max_response_bytes!r}")
-        if confidence_span not in ("all", "answer"):
-            raise InvalidArgumentError(
-                "confidence_span", f"expected 'all' or 'answer', got {confidence_span!r}"
-            )
+        check_settings(
+            base_url, model, api_key, timeout=timeout, deadline=deadline,
+            backoff_base=backoff_base, backoff_max=backoff_max, max_retries=max_retries,
+            max_response_bytes=max_response_bytes, confidence_span=confidence_span,
+        )
         if client is not None and not isinstance(client, httpx.Client):
             raise InvalidArgumentError(
                 "client", f"expected an httpx.Client, got {type(client).__name__}"
@@ -345,6 +511,8 @@ class ChatModel:
         self._sleep = sleep
         self._clock = clock
         self._jitter = random.Random(jitter_seed)
+        self._codec = ReplyCodec(model, self._secrets, self.price, confidence_span,
+                                 max_response_bytes)
 
     def __repr__(self) -> str:
         return redact(f"ChatModel({self.base_url!r}, {self.model!r})")
@@ -360,29 +528,17 @@ class ChatModel:
         self.close()
 
     def _error(self, cls: type[_E], why: str, status: int | None = None) -> _E:
-        """A typed error whose text has passed :func:`redact` with this model's key."""
-        return cls(redact(f"{self.model}: {why}", self._secrets), model=self.model, status=status)
+        return self._codec.error(cls, why, status)
 
     def _quote(self, content: bytes, limit: int) -> str:
-        """A redacted prefix of a server's body, fit for an error message."""
-        return redact(content.decode("utf-8", "replace"), self._secrets)[:limit]
-
-    def _quote_bytes(self, content: bytes, limit: int) -> bytes:
-        """The same as bytes: the body's own bytes where nothing was redacted."""
-        text = content[:_ERROR_BODY_BYTES].decode("utf-8", "surrogateescape")
-        return redact(text, self._secrets).encode("utf-8", "surrogateescape")[:limit]
+        return self._codec.quote(content, limit)
 
     # -- the call --------------------------------------------------------------------------
     def generate(self, messages: Sequence[Mapping[str, str]], **params: Any) -> Generation:
         """POST one chat completion; retry transient failures; return a :class:`Generation`."""
         import httpx
 
-        if not messages:
-            raise InvalidArgumentError("messages", "at least one message is required")
-        body: dict[str, Any] = {"model": self.model, "messages": [dict(m) for m in messages]}
-        body.update(self.params)
-        body.update(params)
-        body["logprobs"] = True  # confidence needs them; never let a caller switch them off
+        body = request_body(self.model, self.params, messages, params)
         url = f"{self.base_url}/chat/completions"
         start = self._clock()
         attempt = 0
@@ -426,24 +582,16 @@ class ChatModel:
                 status = reply.status
                 if status == 200:
                     return self._parse(reply.content, reply.latency_s, attempt + 1)
-                text = self._quote(reply.content, 500)
-                if status in (401, 403):
-                    raise self._error(AuthenticationError, f"HTTP {status}: {text}", status)
-                if status not in _RETRY_STATUS:
-                    lowered = text.lower()
-                    cls = (ContextLengthExceeded if any(h in lowered for h in _CONTEXT_HINTS)
-                           else BadRequestError)
-                    raise self._error(cls, f"HTTP {status}: {text}", status)
-                last = f"HTTP {status}: {text[:200]}"
+                error = self._codec.status_error(status, reply.content)
+                if error is not None:
+                    raise error
+                last = f"HTTP {status}: {self._quote(reply.content, 200)}"
                 retry_after = _retry_after_s(reply.retry_after, time.time())
             if attempt >= self.max_retries:
                 raise self._error(
                     RetriesExhausted, f"gave up after {attempt + 1} attempts; last: {last}")
-            if retry_after is not None:
-                delay = retry_after
-            else:
-                delay = min(self.backoff_max, self.backoff_base * 2**attempt)
-                delay *= 0.5 + self._jitter.random()
+            delay = retry_delay(attempt, retry_after, self.backoff_base, self.backoff_max,
+                                self._jitter)
             if self._clock() - start + delay >= self.deadline:
                 raise self._error(
                     DeadlineExceeded, f"next retry in {delay:.2f}s would pass the "
@@ -554,89 +702,7 @@ class ChatModel:
         return results[0]
 
     def _parse(self, content: bytes, latency: float, attempts: int) -> Generation:
-        def bad(why: str) -> MalformedResponse:
-            return self._error(MalformedResponse, why, 200)
-
-        try:
-            data = untrusted_json.loads(content, max_bytes=self.max_response_bytes)
-        except MalformedJSONError as e:
-            raise bad(f"body is not JSON ({e}): {self._quote_bytes(content, 120)!r}") from None
-        if not isinstance(data, dict):
-            raise bad(f"body is a JSON {type(data).__name__}, not an object")
-        choices = data.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise bad("no choices[0] object")
-        choice = choices[0]
-        message = choice.get("message")
-        if not isinstance(message, dict):
-            raise bad("choices[0].message is not an object")
-        text = message.get("content")
-        text = "" if text is None else text
-        if not isinstance(text, str):
-            raise bad(f"message.content is a {type(text).__name__}, not a string")
-        lp_block = choice.get("logprobs")
-        items = lp_block.get("content") if isinstance(lp_block, dict) else None
-        if items is None:
-            if text == "":
-                items = []  # an empty completion legitimately has no token logprobs
-            else:
-                raise self._error(
-                    LogprobsUnavailable, "the response has no choices[0].logprobs.content; "
-                    "enable logprobs on the server or use a model that returns them")
-        if not isinstance(items, list):
-            raise bad("choices[0].logprobs.content is not a list")
-        tokens: list[str] = []
-        logprobs: list[float] = []
-        for n, it in enumerate(items):
-            token = it.get("token") if isinstance(it, dict) else None
-            lp = it.get("logprob") if isinstance(it, dict) else None
-            if not isinstance(token, str) or not _is_number(lp):
-                raise bad(f"logprobs.content[{n}] lacks a string token and a numeric logprob")
-            if lp > 1e-6:
-                raise bad(f"logprobs.content[{n}]: a token logprob is positive")
-            tokens.append(token)
-            logprobs.append(max(float(lp), _MIN_LOGPROB))  # -inf/-1e308 would overflow sums
-        usage = data.get("usage")
-        usage = {} if usage is None else usage
-        if not isinstance(usage, dict):
-            raise bad("usage is not an object")
-        prompt_tokens = self._count(usage, "prompt_tokens", 0)
-        completion_tokens = self._count(usage, "completion_tokens", len(tokens))
-        model = data.get("model")
-        if model is not None and not isinstance(model, str):
-            raise bad("model is not a string")
-        finish = choice.get("finish_reason")
-        if finish is not None and not isinstance(finish, str):
-            raise bad("finish_reason is not a string")
-        if self.confidence_span == "answer":
-            conf = answer_span_confidence(text, tokens, logprobs)
-        else:
-            conf = confidence_from_logprobs(logprobs)
-        cost = None if self.price is None else self.price.cost(prompt_tokens, completion_tokens)
-        return Generation(
-            text=text,
-            tokens=tuple(tokens),
-            logprobs=tuple(logprobs),
-            confidence=conf,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            model=model or self.model,
-            cost=cost,
-            finish_reason=finish,
-            latency_s=latency,
-            attempts=attempts,
-        )
-
-    def _count(self, usage: dict[str, Any], name: str, default: int) -> int:
-        """A token count: a whole number in [0, 1e9] (null or absent: *default*)."""
-        value = usage.get(name)
-        if value is None:
-            return default
-        if not _is_number(value) or not 0 <= value <= _MAX_TOKENS or value != int(value):
-            raise self._error(
-                MalformedResponse, f"usage.{name} is not a whole number in [0, {_MAX_TOKENS}]",
-                200)
-        return int(value)
+        return self._codec.parse(content, latency, attempts)
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
