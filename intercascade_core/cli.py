@@ -8,6 +8,7 @@ Commands::
                                     (--insitu: also Retrieval with in-situ calibrated thresholds)
     intercascade demo [--out DIR]   the embedded default: simulated models, GSM-Symbolic
                                     problems, MiniLM embeddings; no key, no network
+    intercascade serve --demo       the cascade as an OpenAI-compatible HTTP gateway
 
 Exit codes: 0 success; 2 usage or configuration error (one line on stderr, no traceback);
 1 runtime failure (a model endpoint, a missing optional dependency, a file that cannot be
@@ -264,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_count(1), default=8080, help="port (default 8080)")
     p.add_argument("--threads", type=_count(1), default=2, help="CPU threads (default 2)")
     p.add_argument("--n-ctx", type=_count(256), default=4096, help="context window in tokens (default 4096)")
+
+    # serve ----------------------------------------------------------------------------
+    from .gateway.command import add_serve_parser
+
+    add_serve_parser(sub, common)
     return parser
 
 
@@ -289,6 +295,12 @@ def _cmd_sim_serve(args: argparse.Namespace, con: Console) -> int:
 
     serve(args.host, args.port, seed=args.seed, ready=ready)
     return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace, con: Console) -> int:
+    from .gateway.command import cmd_serve
+
+    return cmd_serve(args)
 
 
 def _cmd_serve_local(args: argparse.Namespace, con: Console) -> int:
@@ -614,6 +626,7 @@ COMMANDS = {
     "calibrate": _cmd_calibrate, "run": _cmd_run, "eval": _cmd_eval, "demo": _cmd_demo,
     "export": _cmd_export, "sim-serve": _cmd_sim_serve,
     "serve-local": _cmd_serve_local,
+    "serve": _cmd_serve,
 }
 
 

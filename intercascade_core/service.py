@@ -316,6 +316,11 @@ class Cascade:
             return self._state
 
     @property
+    def config(self) -> CascadeConfig:
+        """How the cascade uses strategies (every request's, but for its tenant)."""
+        return self._config
+
+    @property
     def names(self) -> tuple[str, ...]:
         """The levels' names, weakest first."""
         return self._names
