@@ -29,7 +29,8 @@ it to every message)::
     ├── StoreError                             a repository on disk cannot be used (.path)
     │   ├── CorruptStoreError                  truncated, malformed, bad checksum
     │   │   └── JournalCorruptError            damaged beyond a torn last record
-    │   └── IncompatibleStoreError             another format version, model or dimension
+    │   ├── IncompatibleStoreError             another format version, model or dimension
+    │   └── StoreLockedError                   another writer holds the directory (.pid, .host)
     ├── QueueCorruptError                      the PostgreSQL write queue is damaged
     ├── PgStoreError                           the PostgreSQL backend
     │   ├── ServerUnavailableError (ConnectionError)
@@ -80,6 +81,7 @@ __all__ = [
     "CorruptStoreError",
     "JournalCorruptError",
     "IncompatibleStoreError",
+    "StoreLockedError",
     "QueueCorruptError",
     "PgStoreError",
     "ServerUnavailableError",
@@ -301,6 +303,23 @@ class JournalCorruptError(CorruptStoreError):
 class IncompatibleStoreError(StoreError):
     """The files are intact but cannot be used here: a future format version, another
     embedding model or dimension than expected."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer holds the store directory's lock (one writer per directory).
+    ``pid`` and ``host`` name the holder as it recorded itself (None if unreadable)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        message: str,
+        *,
+        pid: int | None = None,
+        host: str | None = None,
+    ) -> None:
+        super().__init__(path, message)
+        self.pid = pid
+        self.host = host
 
 
 class QueueCorruptError(IntercascadeError):

@@ -22,6 +22,7 @@ from intercascade_core.models.hashing import HashingEmbedder
 from intercascade_core.storage.journal import (
     CURRENT,
     JOURNAL,
+    LOCK,
     DurableStore,
     Journal,
     TornJournalWarning,
@@ -77,6 +78,7 @@ def test_checkpoint_then_more_records(tmp_path: Path) -> None:
     assert ds2.repository.entries[-1].query == "q99.0"
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
         CURRENT,
+        LOCK,
         JOURNAL,
         "snap-000000000005",
     ]

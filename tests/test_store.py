@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from intercascade_core.core.repository import Entry, empty_repository, update
-from intercascade_core.core.retrieve import retrieve
+from intercascade_core.core.retrieve import int8_scan_copy, retrieve
 from intercascade_core.errors import (
     CorruptStoreError,
     IncompatibleStoreError,
@@ -24,8 +25,15 @@ from intercascade_core.errors import (
 from intercascade_core.storage.store import (
     DATA_FILES,
     ENTRIES,
+    HNSW_INDEX,
     MANIFEST,
+    SCAN_ERRS,
+    SCAN_FILES,
+    SCAN_PACKED,
+    SCAN_SCALES,
     VECTORS,
+    DerivedDataWarning,
+    manifest_digest,
     open_repository,
     save,
 )
@@ -71,7 +79,7 @@ def _assert_same(r1, r2) -> None:
             texts,
             st.sampled_from(["default", "a", "b\u00fc", ""]),
             st.integers(-(2**40), 2**40),
-            st.floats(allow_nan=False),
+            st.floats(allow_nan=False, allow_infinity=False),
         ),
         max_size=12,
     ),
@@ -201,8 +209,11 @@ def saved(tmp_path: Path) -> Path:
 
 
 def _rewrite_manifest(p: Path, **changes: object) -> None:
+    """Edit the manifest and re-sign it (its own sha256), to reach the checks behind
+    the checksum; an unsigned edit is refused by the checksum first."""
     m = json.loads((p / MANIFEST).read_text())
     m.update(changes)
+    m["sha256"] = manifest_digest(m)
     (p / MANIFEST).write_text(json.dumps(m))
 
 
@@ -305,6 +316,7 @@ def test_pickled_npy_is_rejected(saved: Path) -> None:
     m = json.loads((saved / MANIFEST).read_text())
     data = (saved / VECTORS).read_bytes()
     m["files"][VECTORS] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    m["sha256"] = manifest_digest(m)
     (saved / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(CorruptStoreError, match="dtype"):
         open_repository(saved)
@@ -385,3 +397,216 @@ def test_append_exact_stores_rows_bit_exactly() -> None:
     assert r1.tenant_code("t") >= 0 and r2.tenant_code("t") == r1.tenant_code("t")
     with pytest.raises(InvalidArgumentError, match="vectors"):
         append_exact(r0, [Entry("c", "a", "s")], raw[:1] * 2)
+
+
+# ----------------------------------------------------------------------------- manifest checksum
+@pytest.mark.parametrize(
+    "change", [{"lsn": 1}, {"count": 19}, {"tenants": ["a", "c"]}, {"embedding_model": "x"}]
+)
+def test_an_unsigned_manifest_edit_is_a_checksum_mismatch(saved: Path, change: dict) -> None:
+    m = json.loads((saved / MANIFEST).read_text())
+    m.update(change)  # not re-signed: what a hand edit or a damaged byte gives
+    (saved / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CorruptStoreError, match=r"manifest\.json: sha256 checksum mismatch"):
+        open_repository(saved, verify="size")
+
+
+def test_the_checksum_is_required_from_version_2_and_version_1_still_opens(saved: Path) -> None:
+    m = json.loads((saved / MANIFEST).read_text())
+    del m["sha256"]
+    (saved / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CorruptStoreError, match="fields must be"):
+        open_repository(saved)
+    del m["derived"]
+    m["format_version"] = 1  # what earlier versions wrote: no checksum, no derived data
+    (saved / MANIFEST).write_text(json.dumps(m))
+    assert len(open_repository(saved).repository) == 20
+
+
+def test_save_refuses_what_could_not_be_read_back(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for bad in (Entry("q", "a", "s", created_at=float("inf")), Entry("q", "a", "s", id=2**70)):
+        repo = update(empty_repository(4), [bad], random_unit(rng, 1, 4))
+        with pytest.raises(InvalidArgumentError, match="entries"):
+            save(tmp_path / "r", repo, model_id=MODEL)
+        assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- derived data
+def _peek(prev, repo):  # the arena's derived value, unchanged
+    return prev
+
+
+def _mapped(a: np.ndarray) -> bool:
+    base = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return type(base).__name__ == "mmap"
+
+
+def _same_top(repo, queries, k: int = 7) -> None:
+    for tenant in (None, "a"):
+        a = retrieve(repo, queries, k, scan="int8", tenant=tenant)
+        b = retrieve(repo, queries, k, scan="f32", tenant=tenant)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("n", [1, 16, 37, 300])
+@pytest.mark.parametrize("verify", ["full", "size"])
+def test_scan_copy_is_saved_and_mapped_on_open(tmp_path: Path, n: int, verify: str) -> None:
+    repo = _repo(n, tenants=("a", "b"))
+    save(tmp_path / "r", repo, model_id=MODEL, scan_copy=True)
+    assert {SCAN_PACKED, SCAN_SCALES, SCAN_ERRS} <= {p.name for p in (tmp_path / "r").iterdir()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an intact copy is used without a warning
+        got = open_repository(tmp_path / "r", verify=verify).repository  # type: ignore[arg-type]
+    copy = got.derived("int8", _peek)
+    assert copy is not None and copy.rows == n and _mapped(copy.packed)
+    queries = random_unit(np.random.default_rng(1), 4, 16)
+    _same_top(got, queries)
+    # appending copies the mapped copy once and extends it; results stay exact
+    grown = update(
+        got, [Entry("x", "a", "s", tenant="a")] * 20, random_unit(np.random.default_rng(2), 20, 16)
+    )
+    int8_scan_copy(grown)
+    assert not _mapped(grown.derived("int8", _peek).packed)
+    _same_top(grown, queries)
+    _same_top(got, queries)  # the older version still reads only its rows
+
+
+def test_no_scan_copy_below_the_auto_threshold(tmp_path: Path) -> None:
+    save(tmp_path / "r", _repo(30), model_id=MODEL)
+    assert not any(p.name.startswith("scan.") for p in (tmp_path / "r").iterdir())
+    assert open_repository(tmp_path / "r").repository.derived("int8", _peek) is None
+
+
+def _damage_scan(path: Path, how: str) -> None:
+    f = path / SCAN_PACKED
+    if how == "flip":
+        data = bytearray(f.read_bytes())
+        data[-70] ^= 0x04  # in the last row's codes
+        f.write_bytes(bytes(data))
+    elif how == "truncate":
+        f.write_bytes(f.read_bytes()[:-16])
+    elif how == "missing":
+        f.unlink()
+    elif how == "other-rows":  # a well-formed copy of other vectors, re-signed
+        other = tmp = path.parent / "other"
+        save(tmp, _repo(37, seed=5, tenants=("a", "b")), model_id=MODEL, scan_copy=True)
+        for name in SCAN_FILES:
+            shutil.copyfile(other / name, path / name)
+        m = json.loads((path / MANIFEST).read_text())
+        m["derived"]["int8"]["files"] = json.loads((other / MANIFEST).read_text())["derived"][
+            "int8"
+        ]["files"]
+        m["sha256"] = manifest_digest(m)
+        (path / MANIFEST).write_text(json.dumps(m))
+    elif how == "wrong-rows":
+        m = json.loads((path / MANIFEST).read_text())
+        m["derived"]["int8"]["rows"] = 36
+        m["sha256"] = manifest_digest(m)
+        (path / MANIFEST).write_text(json.dumps(m))
+    elif how == "fifo":
+        f.unlink()
+        os.mkfifo(f)
+
+
+@pytest.mark.parametrize(
+    ("how", "verify"),
+    # a byte inside an unsampled row is found by the checksum, i.e. by verify="full" only
+    [("flip", "full")]
+    + [
+        (h, v)
+        for h in ("truncate", "missing", "other-rows", "wrong-rows", "fifo")
+        for v in ("full", "size")
+    ],
+)
+def test_a_damaged_scan_copy_is_rebuilt_with_a_warning(
+    tmp_path: Path, how: str, verify: str
+) -> None:
+    repo = _repo(37, tenants=("a", "b"))
+    save(tmp_path / "r", repo, model_id=MODEL, scan_copy=True)
+    _damage_scan(tmp_path / "r", how)
+    with pytest.warns(DerivedDataWarning, match=r"scan\.packed\.npy|rebuilt"):
+        got = open_repository(tmp_path / "r", verify=verify).repository  # type: ignore[arg-type]
+    assert got.derived("int8", _peek) is None  # not trusted: rebuilt on first use
+    _same_top(got, random_unit(np.random.default_rng(3), 5, 16))
+    _assert_same(repo, got)
+
+
+def test_a_flip_in_a_sampled_row_is_found_without_checksums(tmp_path: Path) -> None:
+    save(tmp_path / "r", _repo(37), model_id=MODEL, scan_copy=True)
+    f = tmp_path / "r" / SCAN_SCALES
+    data = bytearray(f.read_bytes())
+    data[-(48 * 4) + 1] ^= 0x01  # the scale of row 0 of the last block (row 32, sampled)
+    f.write_bytes(bytes(data))
+    with pytest.warns(DerivedDataWarning, match="sampled rows"):
+        got = open_repository(tmp_path / "r", verify="size").repository
+    assert got.derived("int8", _peek) is None
+
+
+def test_hnsw_index_is_saved_and_loaded(tmp_path: Path) -> None:
+    from intercascade_core.storage import hnsw
+
+    repo = _repo(300, tenants=("a", "b"))
+    queries = random_unit(np.random.default_rng(4), 6, 16)
+    before = retrieve(repo, queries, 5, backend="hnsw")  # builds the arena's index
+    save(tmp_path / "r", repo, model_id=MODEL)
+    assert (tmp_path / "r" / HNSW_INDEX).exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = open_repository(tmp_path / "r", verify="size").repository
+    assert hnsw.index_stats(got)["count"] == 300  # loaded, not rebuilt
+    after = retrieve(got, queries, 5, backend="hnsw")
+    np.testing.assert_array_equal(before.indices, after.indices)
+    np.testing.assert_array_equal(before.scores, after.scores)
+    grown = update(got, [Entry("x", "a", "s")] * 3, random_unit(np.random.default_rng(5), 3, 16))
+    top = retrieve(grown, grown.vectors[-1:], 1, backend="hnsw")
+    assert top.indices[0, 0] == 302  # the loaded index grows with the repository
+
+
+def _damage_hnsw(path: Path, how: str) -> None:
+    f = path / HNSW_INDEX
+    m = json.loads((path / MANIFEST).read_text())
+    rec = m["derived"]["hnsw"]
+    if how == "flip":
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        f.write_bytes(bytes(data))
+        return
+    if how == "truncate":
+        f.write_bytes(f.read_bytes()[:-100])
+        return
+    if how == "params":
+        rec["M"] = 32
+    elif how == "rows":
+        rec["rows"] = 299
+    elif how == "dim-in-file":  # a consistent record of a file whose header says otherwise
+        data = bytearray(f.read_bytes())
+        data[16:24] = (299).to_bytes(8, "little")  # the row count in hnswlib's header
+        f.write_bytes(bytes(data))
+        import hashlib
+
+        rec["files"][HNSW_INDEX] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    m["sha256"] = manifest_digest(m)
+    (path / MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "params", "rows", "dim-in-file"])
+def test_a_damaged_or_mismatched_hnsw_index_is_rebuilt_with_a_warning(
+    tmp_path: Path, how: str
+) -> None:
+    from intercascade_core.storage import hnsw
+
+    repo = _repo(300)
+    retrieve(repo, repo.vectors[:1], 3, backend="hnsw")
+    save(tmp_path / "r", repo, model_id=MODEL)
+    _damage_hnsw(tmp_path / "r", how)
+    with pytest.warns(DerivedDataWarning, match=r"hnsw\.bin"):
+        got = open_repository(tmp_path / "r", verify="size").repository  # checksummed anyway
+    assert hnsw.index_stats(got)["count"] == 0  # dropped; the next search rebuilds it
+    top = retrieve(got, repo.vectors[7:8], 1, backend="hnsw")
+    assert top.indices[0, 0] == 7

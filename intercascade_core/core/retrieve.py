@@ -14,7 +14,9 @@ Backends, by name:
   queries are quantised too, dots are exact integers — AVX-512 VNNI when available),
   and every row that the scan's error bound cannot exclude is re-scored in float32
   with the float32 scan's own code, so the result is *identical* to ``scan="f32"``
-  while reading 4× fewer bytes. Without the extension (not built, or
+  while reading 4× fewer bytes. A store persists the copy and hands it back
+  (:func:`int8_scan_copy`, :func:`attach_int8_scan_copy`, which checks it first), so a
+  reopened repository does not rebuild it. Without the extension (not built, or
   ``INTERCASCADE_NO_EXT=1``) its numpy twin answers, logged once at INFO.
 * ``"numpy"`` — the pure reference (:mod:`._topk_numpy`), the extension's twin.
 * a registered index name — ``"hnsw"`` (approximate, hnswlib,
@@ -56,12 +58,16 @@ from .protocols import SearchBackend
 from .repository import Repository, unit_rows
 
 __all__ = [
+    "INT8_CHECK_ROWS",
+    "INT8_MAX_DIM",
     "INT8_MIN_ROWS",
     "RepositoryIndex",
     "TopK",
+    "attach_int8_scan_copy",
     "backend_names",
     "check_backend",
     "extension_available",
+    "int8_scan_copy",
     "register_index",
     "retrieve",
 ]
@@ -188,6 +194,15 @@ class _Int8Copy:
     rows: int
 
 
+def _quantise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``x`` (float32) as ``(q int8, s float32, err float32)``; see :func:`_extend_int8`."""
+    s = (np.abs(x).max(axis=1) / np.float32(127.0)).astype(np.float32)
+    q = np.clip(np.rint(x / s[:, None]), -127, 127).astype(np.int8)
+    resid = x.astype(np.float64) - q.astype(np.float64) * s.astype(np.float64)[:, None]
+    e = np.sqrt(np.einsum("ij,ij->i", resid, resid)) * (1 + 1e-9)
+    return q, s, np.nextafter(e.astype(np.float32), np.float32(np.inf))
+
+
 def _extend_int8(prev: _Int8Copy | None, repo: Repository) -> _Int8Copy:
     """``prev`` extended to ``len(repo)`` rows (run under the arena lock).
 
@@ -195,15 +210,17 @@ def _extend_int8(prev: _Int8Copy | None, repo: Repository) -> _Int8Copy:
     is an upper bound on ``||x - s·q||₂`` (float64, rounded up), so
     ``|x·y - s·(q·y)| <= err·||y||`` (Cauchy–Schwarz). Stored for the VNNI kernel as
     ``q + 128`` (uint8) in blocks of 16 rows × 4 dimensions; ``scales``/``errs``
-    padded to whole blocks.
+    padded to whole blocks. A copy handed in by :func:`attach_int8_scan_copy` (a
+    read-only memory map) is copied into memory by its first extension.
     """
     n, d = len(repo), repo.dim
     if prev is not None and prev.rows >= n:
         return prev
     d4 = -(-d // 4)
     nb = -(-n // 16)
-    if prev is None or prev.packed.shape[0] < nb:
-        cap = max(nb, 2 * prev.packed.shape[0] if prev is not None else 0)  # doubling
+    if prev is None or prev.packed.shape[0] < nb or not prev.packed.flags.writeable:
+        old_cap = prev.packed.shape[0] if prev is not None else 0
+        cap = max(nb, 2 * old_cap if old_cap < nb else old_cap)  # doubling
         pk = np.full((cap, d4, 16, 4), 128, dtype=np.uint8)
         sc = np.zeros(cap * 16, dtype=np.float32)
         er = np.zeros(cap * 16, dtype=np.float32)
@@ -218,13 +235,9 @@ def _extend_int8(prev: _Int8Copy | None, repo: Repository) -> _Int8Copy:
     start = prev.rows // 16 * 16  # re-pack the partly filled block (its rows never change)
     for a in range(start, n, _QUANT_BLOCK):
         b = min(n, a + _QUANT_BLOCK)
-        x = vec[a:b]
-        s = (np.abs(x).max(axis=1) / np.float32(127.0)).astype(np.float32)
-        q = np.clip(np.rint(x / s[:, None]), -127, 127).astype(np.int8)
-        resid = x.astype(np.float64) - q.astype(np.float64) * s.astype(np.float64)[:, None]
-        e = np.sqrt(np.einsum("ij,ij->i", resid, resid)) * (1 + 1e-9)
+        q, s, e = _quantise(vec[a:b])
         sc[a:b] = s
-        er[a:b] = np.nextafter(e.astype(np.float32), np.float32(np.inf))
+        er[a:b] = e
         rows = np.full((-(-(b - a) // 16) * 16, d4 * 4), 128, dtype=np.uint8)
         rows[: b - a, :d] = (q.astype(np.int16) + 128).astype(np.uint8)
         blocks = rows.reshape(-1, 16, d4, 4).transpose(0, 2, 1, 3)
@@ -237,6 +250,105 @@ def _int8_copy(repo: Repository) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     copy = repo.derived("int8", _extend_int8)
     nb = -(-len(repo) // 16)
     return copy.packed[:nb], copy.scales[: nb * 16], copy.errs[: nb * 16]
+
+
+def int8_scan_copy(
+    repo: Repository,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The int8 scan copy of ``repo``'s rows as ``(packed, scales, errs)``, built or
+    extended first if needed (what a store persists; hand it back with
+    :func:`attach_int8_scan_copy`). Shapes: ``(ceil(n/16), ceil(dim/4), 16, 4)``
+    uint8 and ``(16·ceil(n/16),)`` float32 twice."""
+    if not isinstance(repo, Repository):
+        raise InvalidArgumentError("repo", f"must be a Repository, got {type(repo).__name__}")
+    if repo.dim > INT8_MAX_DIM:
+        raise InvalidArgumentError("repo", f"the int8 scan supports dim <= {INT8_MAX_DIM}, got {repo.dim}")
+    return _int8_copy(repo)
+
+
+#: rows of a handed-in scan copy re-quantised and compared before it is trusted
+INT8_CHECK_ROWS = 64
+
+
+def attach_int8_scan_copy(
+    repo: Repository,
+    packed: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    errs: npt.NDArray[np.float32],
+) -> None:
+    """Hand in a scan copy of ``repo``'s rows kept elsewhere (a store maps it from its
+    snapshot), so the first ``scan="int8"``/``"auto"`` query does not rebuild it.
+
+    A wrong copy would silently drop true neighbours, so it is checked first, in
+    O(n) vectorised work plus O(:data:`INT8_CHECK_ROWS`·dim): exact shapes and dtypes,
+    C order, finite positive scales, error bounds within the quantisation limit, the
+    padding of the last block, and sampled rows (first, last, spread) re-quantised and
+    compared (the scale and codes bit for bit; the stored error must still bound the
+    true residual). Anything else raises :class:`InvalidArgumentError` and attaches
+    nothing. Checksums of the files are the store's business. A copy already held by
+    the arena that covers as many rows is kept.
+    """
+    if not isinstance(repo, Repository):
+        raise InvalidArgumentError("repo", f"must be a Repository, got {type(repo).__name__}")
+    n, d = len(repo), repo.dim
+    _check_int8_copy(repo, packed, scales, errs)
+    given = _Int8Copy(packed, scales, errs, n)
+
+    def keep_longer(prev: _Int8Copy | None, r: Repository) -> _Int8Copy:
+        return prev if prev is not None and prev.rows >= n else given
+
+    if n and d <= INT8_MAX_DIM:
+        repo.derived("int8", keep_longer)
+
+
+def _check_int8_copy(repo: Repository, packed: Any, scales: Any, errs: Any) -> None:
+    n, d = len(repo), repo.dim
+    nb, d4 = -(-n // 16), -(-d // 4)
+
+    def bad(what: str) -> InvalidArgumentError:
+        return InvalidArgumentError("packed", f"int8 scan copy for {n} rows of dim {d}: {what}")
+
+    if d > INT8_MAX_DIM:
+        raise bad(f"the int8 scan supports dim <= {INT8_MAX_DIM}")
+    for name, arr, dtype, shape in (
+        ("packed", packed, np.uint8, (nb, d4, 16, 4)),
+        ("scales", scales, np.float32, (nb * 16,)),
+        ("errs", errs, np.float32, (nb * 16,)),
+    ):
+        if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != shape:
+            raise bad(f"{name} must be {np.dtype(dtype)} {shape}, got {_describe(arr)}")
+        if not arr.flags.c_contiguous:
+            raise bad(f"{name} must be C-contiguous")
+    if n == 0:
+        return
+    s, e = scales[:n], errs[:n]
+    if not (np.isfinite(s).all() and (s > 0).all()):
+        raise bad("scales must be finite and positive")
+    # each coordinate's residual is at most s/2: ||x - s·q|| <= s·sqrt(d)/2
+    if not (np.isfinite(e).all() and (e >= 0).all() and (e <= s * np.float32(np.sqrt(d) / 2 * 1.01) + 1e-30).all()):
+        raise bad("error bounds out of range")
+    pad = n - (nb - 1) * 16
+    if (packed[-1, :, pad:, :] != 128).any() or (scales[n:] != 0).any() or (errs[n:] != 0).any():
+        raise bad("padding of the last block is not empty")
+    if d4 * 4 > d and (packed[:, d4 - 1, :, d - (d4 - 1) * 4 :] != 128).any():
+        raise bad("padding of the last dimensions is not empty")
+    step = max(1, n // INT8_CHECK_ROWS)
+    rows = np.unique(np.r_[np.arange(0, n, step)[:INT8_CHECK_ROWS], n - 1])
+    q, s_ref, e_ref = _quantise(np.asarray(repo.vectors[rows], dtype=np.float32))
+    stored_q = packed[rows // 16, :, rows % 16, :].reshape(len(rows), d4 * 4)[:, :d]
+    if not np.array_equal(stored_q.astype(np.int16) - 128, q.astype(np.int16)):
+        raise bad("sampled rows do not match the vectors (codes)")
+    if not np.array_equal(scales[rows], s_ref):
+        raise bad("sampled rows do not match the vectors (scales)")
+    # the stored bound must still bound the residual (summation order may differ by ulps)
+    if (errs[rows] < e_ref * np.float32(1 - 1e-6)).any():
+        raise bad("sampled rows' error bounds are too small")
+
+
+def _describe(a: Any) -> str:
+    if isinstance(a, np.ndarray):
+        return f"{a.dtype} array of shape {a.shape}"
+    return type(a).__name__
 
 
 def retrieve(

@@ -17,6 +17,10 @@ The index lives in the repository's derived data (:meth:`Repository.derived`, ke
 ``"hnsw"``): the arena lock is held only to find or create it; rows are added under
 the index's own lock, so a long build does not hold up appends to the repository.
 
+A store saves the index with a snapshot and loads it back (:func:`save_index`,
+:func:`load_index`: the header, labels, parameters and sampled rows are checked before
+it is trusted; :mod:`.store` checksums the file first).
+
 Importing this module registers the name ``"hnsw"`` with
 :func:`~intercascade_core.core.retrieve.register_index` (the package root imports it,
 so the name always works); hnswlib itself is imported lazily, on the first search
@@ -25,6 +29,8 @@ so the name always works); hnswlib itself is imported lazily, on the first searc
 
 from __future__ import annotations
 
+import os
+import struct
 import threading
 from dataclasses import dataclass
 
@@ -40,6 +46,7 @@ __all__ = [
     "DEFAULT_PARAMS",
     "HnswParams",
     "ensure_index",
+    "has_index",
     "index_stats",
     "load_index",
     "save_index",
@@ -64,20 +71,22 @@ DEFAULT_PARAMS = HnswParams()
 
 
 class _AnnIndex:
-    def __init__(self, dim: int, params: HnswParams) -> None:
+    def __init__(self, dim: int, params: HnswParams, *, init: bool = True) -> None:
+        """An empty index, or with ``init=False`` one for ``load_index`` to fill."""
         try:
             import hnswlib
         except ImportError as exc:  # pragma: no cover - hnswlib is a core dependency
             raise ImportError("backend='hnsw' needs hnswlib: pip install hnswlib") from exc
         self.params = params
         self.index = hnswlib.Index(space="ip", dim=dim)
-        self.capacity = 1024
-        self.index.init_index(
-            max_elements=self.capacity,
-            M=params.M,
-            ef_construction=params.ef_construction,
-            random_seed=params.seed,
-        )
+        self.capacity = 1024 if init else 0
+        if init:
+            self.index.init_index(
+                max_elements=self.capacity,
+                M=params.M,
+                ef_construction=params.ef_construction,
+                random_seed=params.seed,
+            )
         self.count = 0
         self.lock = threading.Lock()
 
@@ -213,22 +222,110 @@ def _exact(
     return i, 1 - s.astype(np.float64)
 
 
-def save_index(repo: Repository, path: str) -> None:
-    """Write the arena's HNSW index (grown to ``len(repo)``) to ``path`` (hnswlib format)."""
+def save_index(repo: Repository, path: str | os.PathLike[str]) -> dict[str, int]:
+    """Write the arena's HNSW index (grown to ``len(repo)``) to ``path`` (hnswlib format,
+    fsynced) and return what :func:`load_index` checks it against: ``rows``, ``dim``,
+    ``M``, ``ef_construction`` (plus ``ef`` and ``seed``, restored on load). Refuses an
+    index that already holds rows newer than ``repo`` (an older version's file would
+    hold rows that are not in it)."""
     idx = ensure_index(repo)
     with idx.lock:
-        idx.index.save_index(str(path))
+        if idx.count != len(repo):
+            raise InvalidArgumentError(
+                "repo", f"the arena's index holds {idx.count} rows, this version {len(repo)}"
+            )
+        idx.index.save_index(os.fspath(path))
+        p = idx.params
+        meta = {"rows": idx.count, "dim": repo.dim, "M": p.M, "ef_construction": p.ef_construction,
+                "ef": p.ef, "seed": p.seed}
+    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return meta
 
 
-def load_index(repo: Repository, path: str, params: HnswParams | None = None) -> None:
-    """Attach an index saved by :func:`save_index` from a repository with the *same
-    first rows* (the caller vouches for that) to ``repo``'s arena, replacing any. The
-    index may hold at most ``len(repo)`` rows."""
-    idx = _AnnIndex(repo.dim, params or DEFAULT_PARAMS)
-    idx.index.load_index(str(path), max_elements=0)
+def has_index(repo: Repository) -> bool:
+    """Whether ``repo``'s arena holds an HNSW index (built by a search or loaded)."""
+    return repo.derived("hnsw", _peek) is not None
+
+
+# hnswlib's file header (hnswalg.h saveIndex): offsetLevel0, max_elements, count,
+# size_data_per_element, label_offset, offsetData (size_t); maxlevel, enterpoint (int);
+# maxM, maxM0, M (size_t); mult (double); ef_construction (size_t)
+_HEADER = struct.Struct("<6Qii3QdQ")
+
+
+def _check_header(path: str, dim: int, rows: int, params: HnswParams) -> None:
+    """hnswlib trusts its file: a wrong dimension loads silently and reads past its
+    rows. Check the header against what the index must be before hnswlib sees it."""
+
+    def bad(what: str) -> InvalidArgumentError:
+        return InvalidArgumentError("path", f"{path}: {what}")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(_HEADER.size)
+    if len(head) != _HEADER.size:
+        raise bad("shorter than an hnswlib header")
+    (off0, max_el, count, per_el, label_off, off_data, level, enter, max_m, max_m0, m,
+     _mult, ef_c) = _HEADER.unpack(head)
+    links0 = max_m0 * 4 + 4
+    if count != rows:
+        raise bad(f"index holds {count} rows, expected {rows}")
+    if m != params.M or ef_c != params.ef_construction or max_m != m or max_m0 != 2 * m:
+        raise bad(f"built with M={m}, ef_construction={ef_c}; expected M={params.M}, "
+                  f"ef_construction={params.ef_construction}")
+    if (off0, off_data, label_off, per_el) != (0, links0, links0 + 4 * dim, links0 + 4 * dim + 8):
+        raise bad(f"row layout is not that of {dim}-dimensional inner-product rows")
+    if not (count <= max_el <= 1 << 40 and -1 <= level <= 64 and (count == 0 or 0 <= enter < count)):
+        raise bad("implausible header")
+    if size < _HEADER.size + count * (per_el + 4):
+        raise bad(f"{size} bytes, too short for {count} rows")
+
+
+#: rows of a loaded index compared with the repository's before it is trusted
+CHECK_ROWS = 64
+
+
+def load_index(
+    repo: Repository,
+    path: str | os.PathLike[str],
+    params: HnswParams | None = None,
+    *,
+    rows: int | None = None,
+) -> None:
+    """Attach an index saved by :func:`save_index` to ``repo``'s arena, replacing any.
+
+    It must hold exactly ``rows`` rows (default: ``len(repo)``; at most ``len(repo)``),
+    labelled ``0..rows-1``, of ``repo.dim`` dimensions, built with ``params`` (default
+    :data:`DEFAULT_PARAMS`: ``M`` and ``ef_construction`` must match), and sampled rows
+    must equal the repository's. The header is checked before hnswlib reads the file;
+    anything else raises :class:`InvalidArgumentError` and attaches nothing. (Checksums
+    are the caller's business: hnswlib cannot be trusted with a damaged file.)"""
+    params = params or DEFAULT_PARAMS
+    want = len(repo) if rows is None else rows
+    if want > len(repo):
+        raise InvalidArgumentError("rows", f"index of {want} rows for a repository of {len(repo)}")
+    p = os.fspath(path)
+    _check_header(p, repo.dim, want, params)
+    idx = _AnnIndex(repo.dim, params, init=False)
+    try:
+        idx.index.load_index(p, max_elements=0)
+    except RuntimeError as e:
+        raise InvalidArgumentError("path", f"{p}: hnswlib cannot load it ({e})") from None
     count = idx.index.get_current_count()
-    if count > len(repo):
-        raise InvalidArgumentError("path", f"index holds {count} rows, the repository {len(repo)}")
+    if count != want or idx.index.dim != repo.dim:
+        raise InvalidArgumentError("path", f"{p}: index holds {count} rows of dim {idx.index.dim}")
+    if want:
+        labels = np.sort(np.asarray(idx.index.get_ids_list(), dtype=np.int64))
+        if not np.array_equal(labels, np.arange(want, dtype=np.int64)):
+            raise InvalidArgumentError("path", f"{p}: labels are not the rows 0..{want - 1}")
+        sample = np.unique(np.r_[np.arange(0, want, max(1, want // CHECK_ROWS))[:CHECK_ROWS], want - 1])
+        got = np.asarray(idx.index.get_items(sample, return_type="numpy"), dtype=np.float32)
+        if not np.array_equal(got, np.asarray(repo.vectors[sample])):
+            raise InvalidArgumentError("path", f"{p}: sampled rows differ from the repository's")
     idx.count = count
     idx.capacity = idx.index.get_max_elements()
 
