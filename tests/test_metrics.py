@@ -147,3 +147,31 @@ def test_conventions_and_validation() -> None:
     assert reduction(None, 1) != reduction(None, 1)
     with pytest.raises(InvalidArgumentError, match="outcomes"):
         compute_metrics([])
+
+
+def test_teaching_is_its_own_column_and_the_strong_figure_is_the_answers_only() -> None:
+    """Table 5 counts the strong level's answer calls (the paper's figure); the separate
+    strategy calls of two-call mode are teaching, and the totals add both."""
+
+    def o(teach: Usage, rejected: str | None = None) -> Outcome:
+        return Outcome(
+            index=0, query_id="", status="accepted", level=1, answer="4", correct=True,
+            unparseable=False, confidences=(0.1, 0.9), level_answers=("1", "4"),
+            level_correct=(False, True), strategies=((), ()),
+            usage=(Usage(1, 10, 10, 0.1), Usage(1, 100, 100, 2.0)),
+            teach_usage=(Usage(), teach), failures=(None, None),
+            stored_in=() if rejected else (0,), strategy_rejected=rejected,
+        )
+
+    two_call = [o(Usage(1, 150, 50, 1.0)), o(Usage(1, 150, 50, 1.0), "too short")]
+    base = [o(Usage())] * 2
+    m = compute_metrics(two_call, baseline=base)
+    assert (m.strong_tokens, m.teaching_tokens, m.total_tokens) == (400, 400, 840)
+    assert m.strong_cost == pytest.approx(4.0) and m.teaching_cost == pytest.approx(2.0)
+    assert m.token_reduction == 0.0 and m.cost_reduction == 0.0
+    assert m.token_reduction_with_teaching == pytest.approx((400 - 800) / 400)
+    assert m.cost_reduction_with_teaching == pytest.approx((4.0 - 6.0) / 4.0)
+    assert m.token_reduction_total == pytest.approx((440 - 840) / 440)
+    assert (m.n_strategies_stored, m.n_strategies_rejected) == (1, 1)
+    unknown = [o(Usage(1, 1, 1, None))] * 2
+    assert math.isnan(compute_metrics(unknown, baseline=base).cost_reduction_with_teaching)

@@ -41,6 +41,8 @@ COLUMNS = {
     "Weak Corr. Accpt. (%)": "weak_correct_accepted",
     "Token Reduction (%)": "token_reduction",
     "Cost Reduction (%)": "cost_reduction",
+    "Teaching Tokens": "teaching_tokens",
+    "Cost Reduction incl. Teaching (%)": "cost_reduction_with_teaching",
 }
 
 
@@ -317,3 +319,33 @@ def test_plots_with_the_insitu_variant(tmp_path: Path) -> None:
     fig = confidence_histograms_figure(outcomes, weak_threshold=0.7, thresholds={"retrieval_insitu": None})
     assert [ax.get_title() for ax in fig.axes][-1] == LABELS["retrieval_insitu"]
     assert len(fig.axes[-1].get_lines()) == 0 and len(fig.axes[0].get_lines()) == 1  # abstains: no λ line
+
+
+def test_table5_teaching_column_settings_and_simulator_knobs_are_reported() -> None:
+    results, _ = _synthetic()
+    for j, v in enumerate(("random", "retrieval"), start=1):
+        results["variants"][v].update(teaching_tokens=1234 * j, cost_reduction_with_teaching=-0.5 + 0.1 * j,
+                                      strategies_rejected=j)
+    results["settings"].update(
+        min_n=10, strategy_mode="single_call", store_rule="strict", preregistered="bench/x.toml",
+        simulated=True,
+        simulator={"weak_base_accuracy": 0.15, "strong_base_accuracy": 0.8, "weak_taught_accuracy": 0.85,
+                   "knobs": {"taught_accuracy": 0.6, "mislead_rate": 0.9, "mislead_conf": [0.94, 1.0, 1.0],
+                             "confidence_boost": 0.5}},
+    )
+    results["teach_calibration"] = {"levels": [
+        {"name": "weak", "threshold": 0.7, "n_calibration": 50, "n_accepted": 30, "n_errors": 2,
+         "risk_bound": 0.19, "guaranteed": True},
+        {"name": "strong", "threshold": 0.6543, "n_calibration": 50, "n_accepted": 40, "n_errors": 3,
+         "risk_bound": 0.18, "guaranteed": True},
+    ]}
+    md = render_markdown(results, plots=())
+    rows = parse_tables(md)
+    assert rows[LABELS["retrieval"]]["teaching_tokens"] == "2468"
+    assert rows[LABELS["random"]]["cost_reduction_with_teaching"] == format_percent(-0.4)
+    assert "α = 0.2, δ = 0.1 (δ split across levels), min_n = 10 (fixed in bench/x.toml" in md
+    assert "single-call" in md and "storage rule: strict" in md
+    assert "rejected by the storage rule: Inter-Cascade (Random) 1, Inter-Cascade (Retrieval) 2" in md
+    assert "`mislead_rate` = 0.9" in md and "`confidence_boost` = 0.5" in md and "= 0.60" in md
+    assert "| strong | 0.6543 |" in md  # the strong level's own single-call calibration
+    assert "*Teaching Tokens*" in md and "as the paper's Table 5 does" in md

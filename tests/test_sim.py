@@ -27,6 +27,8 @@ from intercascade_core.models.chat import ChatModel, answer_span_confidence
 from intercascade_core.models.sim import (
     Faults,
     SimBackend,
+    SimKnobs,
+    same_template,
     start_server,
     template_signature,
     templated_math_stream,
@@ -97,8 +99,8 @@ def test_weak_is_weak_strong_is_strong_correct_is_confident(client_for) -> None:
         ok = [bool(grade(g.text, q.gold, "math").correct) for g, q in gens]
         acc = sum(ok) / len(ok)
         assert lo < acc < hi, (name, acc)
-        conf_ok = [g.confidence for (g, _), c in zip(gens, ok) if c]
-        conf_bad = [g.confidence for (g, _), c in zip(gens, ok) if not c]
+        conf_ok = [g.confidence for (g, _), c in zip(gens, ok, strict=True) if c]
+        conf_bad = [g.confidence for (g, _), c in zip(gens, ok, strict=True) if not c]
         assert sum(conf_ok) / len(conf_ok) > sum(conf_bad) / len(conf_bad) + 0.2
 
 
@@ -189,17 +191,51 @@ def test_server_timeout_fault_is_a_real_timeout() -> None:
         assert g.attempts == 2 and math.isfinite(g.confidence)
 
 
-def test_template_key_hook(client_for) -> None:
-    # a key that merges two different templates: a strategy for one now teaches the other
-    qs = templated_math_stream(40, n_templates=2, seed=1)
-    sim = SimBackend(template_key=lambda q: "same")
-    strong = ChatModel("http://sim/v1", "sim-strong", client=client_for(sim))
-    weak = ChatModel("http://sim/v1", "sim-weak", client=client_for(sim))
-    g = strong.generate(as_messages(strategy_generation_prompt(qs[0], qs[0].gold or "")))
-    assert "pattern same" in g.text
-    e = Entry(qs[0].text, qs[0].gold or "", g.text.split("Strategy:", 1)[1].strip())
-    right = [
-        bool(grade(weak.generate(as_messages(weak_prompt(q, [e]))).text, q.gold, "math").correct)
-        for q in qs
-    ]
-    assert sum(right) / len(right) > 0.6 and len({q.template for q in qs}) == 2
+def test_same_template_is_read_from_the_text() -> None:
+    a = ("A building is made out of 5 white blocks, 2 times as many green blocks, and an unknown "
+         "number of black blocks. If there are 25 blocks in the building in total, how many black "
+         "blocks are there?")
+    b = ("A building is made out of 7 orange tiles, 2 times as many purple tiles, and an unknown "
+         "number of black tiles. If there are 30 tiles in the building in total, how many black "
+         "tiles are there?")
+    c = "A parasite infects 18 people. Every day, each infected person infects 4 others. How many?"
+    assert template_signature(a) != template_signature(b)  # names and objects vary
+    assert same_template(a, b) and not same_template(a, c)
+    qs = templated_math_stream(60, n_templates=10, seed=2)
+    for x in qs[:12]:
+        for y in qs[:12]:
+            assert same_template(x.text, y.text) == (x.template == y.template)
+
+
+def _weak_runs(knobs: SimKnobs, example_answer: str | None) -> tuple[float, float]:
+    """(accuracy, mean confidence) of sim-weak on 150 problems of one template, shown one
+    example of that template whose answer is right (None) or ``example_answer``."""
+    qs = [q for q in templated_math_stream(400, n_templates=2, seed=3) if q.template == "builtin-0"]
+    ex = qs[0]
+    entry = Entry(ex.text, ex.gold if example_answer is None else example_answer, "add, then subtract")
+    sim = SimBackend(seed=4, knobs=knobs)
+    with httpx.Client(transport=sim.transport()) as client:
+        weak = ChatModel("http://sim/v1", "sim-weak", client=client)
+        gens = [(q, weak.generate(as_messages(weak_prompt(q, [entry])))) for q in qs[1:151]]
+    right = [bool(grade(g.text, q.gold, "math").correct) for q, g in gens]
+    return sum(right) / len(right), sum(g.confidence for _, g in gens) / len(gens)
+
+
+def test_knobs_the_default_is_the_papers_assumption_and_each_knob_can_disagree() -> None:
+    # Deterministic given the seeds; the bounds sit > 4 binomial sd (n = 150) from the
+    # expected values, so another seed would pass with probability > 0.999.
+    acc, conf = _weak_runs(SimKnobs(), None)
+    acc_wrong, conf_wrong = _weak_runs(SimKnobs(), "-1")
+    assert acc > 0.7 and acc_wrong == acc and conf_wrong == conf  # a wrong example helps too
+    acc, _ = _weak_runs(SimKnobs(taught_accuracy=0.3), None)
+    assert acc < 0.45  # the benefit is a parameter
+    misled, misled_conf = _weak_runs(SimKnobs(mislead_rate=1.0), "-1")
+    assert misled == 0.0 and misled_conf >= 0.94  # copied, confidently
+    acc_right, _ = _weak_runs(SimKnobs(mislead_rate=1.0), None)
+    assert acc_right > 0.7  # a right example still helps
+    _, boosted = _weak_runs(SimKnobs(confidence_boost=0.5), None)
+    assert boosted > conf + 0.05
+    with pytest.raises(InvalidArgumentError, match="mislead_rate"):
+        SimKnobs(mislead_rate=1.5)
+    with pytest.raises(InvalidArgumentError, match="taught_accuracy"):
+        SimKnobs(taught_accuracy=-0.1)

@@ -9,9 +9,18 @@ level's correct answers whether accepted or not:
 - Coverage               = (N - N_u) / N
 - Weak Accuracy          = C_w^all / N_w
 - Weak Correct Accepted  = C_w / N_w
-- Token / Cost Reduction = (T_J - T_I) / T_J against a baseline run (the Jung cascade):
-  ``*_reduction`` counts the strong level's tokens/fees only (the paper's figure, which
-  includes the strong level's strategy-generation calls), ``*_reduction_total`` every level.
+- Token / Cost Reduction = (T_J - T_I) / T_J against a baseline run (the Jung cascade).
+
+What is counted, by name:
+
+- ``strong_tokens`` / ``strong_cost``: the strong (last) level's *answer* calls, prompt
+  and completion. In single-call mode (the paper's, and the default) that one call also
+  writes the strategy, so this is the paper's count; ``token_reduction`` /
+  ``cost_reduction`` compare it with the baseline's (the paper's Table 5);
+- ``teaching_tokens`` / ``teaching_cost``: the separate strategy calls of two-call mode
+  (every level; 0 in single-call mode), which the paper's pipeline does not make;
+- ``*_reduction_with_teaching``: strong answers plus teaching against the baseline's;
+- ``total_tokens`` / ``total_cost`` and ``*_reduction_total``: every call of every level.
 
 An outcome without a gold answer counts as not correct; accuracies are NaN when no
 outcome of the relevant kind has a gold answer. A failed call still counts as a call.
@@ -38,6 +47,7 @@ class Metrics:
     n_failed: int
     n_unparseable: int
     n_strategies_stored: int
+    n_strategies_rejected: int
     calls_per_level: tuple[int, ...]
     accepted_per_level: tuple[int, ...]
     correct_accepted_per_level: tuple[int, ...]
@@ -50,8 +60,12 @@ class Metrics:
     total_tokens: int
     strong_cost: float | None
     total_cost: float | None
+    teaching_tokens: int = 0
+    teaching_cost: float | None = 0.0
     token_reduction: float = math.nan
     cost_reduction: float = math.nan
+    token_reduction_with_teaching: float = math.nan
+    cost_reduction_with_teaching: float = math.nan
     token_reduction_total: float = math.nan
     cost_reduction_total: float = math.nan
 
@@ -66,12 +80,21 @@ def reduction(baseline: float | None, ours: float | None) -> float:
     return (baseline - ours) / baseline
 
 
-def _spend(outcomes: Sequence[Outcome], levels: range) -> Usage:
+def _spend(
+    outcomes: Sequence[Outcome], levels: range, *, answers: bool = True, teaching: bool = True
+) -> Usage:
     total = Usage()
     for o in outcomes:
         for i in levels:
-            total = total + o.usage[i] + o.teach_usage[i]
+            if answers:
+                total = total + o.usage[i]
+            if teaching:
+                total = total + o.teach_usage[i]
     return total
+
+
+def _plus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b
 
 
 def compute_metrics(
@@ -88,7 +111,7 @@ def compute_metrics(
     calls = [0] * n_levels
     acc = [0] * n_levels
     corr_acc = [0] * n_levels
-    n_disc = n_fail = n_unp = n_stored = 0
+    n_disc = n_fail = n_unp = n_stored = n_rejected = 0
     weak_correct_all = 0
     weak_graded = 0
     for o in outs:
@@ -107,9 +130,11 @@ def compute_metrics(
             n_unp += o.unparseable
         n_fail += o.failed
         n_stored += bool(o.stored_in)
+        n_rejected += o.strategy_rejected is not None
     covered = n - n_disc
     n_w, n_s = calls[0], calls[-1]
-    strong = _spend(outs, range(n_levels - 1, n_levels))
+    strong = _spend(outs, range(n_levels - 1, n_levels), teaching=False)
+    teaching = _spend(outs, range(n_levels), answers=False)
     total = _spend(outs, range(n_levels))
     any_gold = any(o.level_correct[0] is not None or o.correct is not None for o in outs)
     nan = math.nan
@@ -120,6 +145,7 @@ def compute_metrics(
         n_failed=n_fail,
         n_unparseable=n_unp,
         n_strategies_stored=n_stored,
+        n_strategies_rejected=n_rejected,
         calls_per_level=tuple(calls),
         accepted_per_level=tuple(acc),
         correct_accepted_per_level=tuple(corr_acc),
@@ -132,6 +158,8 @@ def compute_metrics(
         total_tokens=total.tokens,
         strong_cost=strong.cost,
         total_cost=total.cost,
+        teaching_tokens=teaching.tokens,
+        teaching_cost=teaching.cost,
     )
     if baseline is None:
         return metrics
@@ -145,6 +173,12 @@ def compute_metrics(
         metrics,
         token_reduction=reduction(b.strong_tokens, metrics.strong_tokens),
         cost_reduction=reduction(b.strong_cost, metrics.strong_cost),
+        token_reduction_with_teaching=reduction(
+            b.strong_tokens + b.teaching_tokens, metrics.strong_tokens + metrics.teaching_tokens
+        ),
+        cost_reduction_with_teaching=reduction(
+            _plus(b.strong_cost, b.teaching_cost), _plus(metrics.strong_cost, metrics.teaching_cost)
+        ),
         token_reduction_total=reduction(b.total_tokens, metrics.total_tokens),
         cost_reduction_total=reduction(b.total_cost, metrics.total_cost),
     )

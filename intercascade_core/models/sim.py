@@ -13,12 +13,21 @@ The simulated world
   the question's words with the numbers removed (:func:`template_signature`), and knows
   the answer of built-in templates by reading the numbers. Other datasets can be served
   with an ``answer_key`` (question text -> gold).
-- Models (``sim-weak``, ``sim-mid``, ``sim-strong``) have a latent skill per template.
+- Models (``sim-weak``, ``sim-mid``, ``sim-strong``) have a latent skill per signature.
   Correctness is ``u < p`` for a uniform ``u`` keyed on (seed, model, question), so one
   question's luck is the same with or without strategies; ``p`` is the model's base
-  accuracy for the template, or ``taught_accuracy`` when its prompt carries a strategy
-  whose text names the same template signature. The weak model finds that by reading
-  the prompt, like a real model would: no side channel.
+  accuracy, or the taught accuracy when its prompt shows an example of the same template.
+  The model finds that by reading the prompt, like a real model would, with no side
+  channel: an example fits when its problem text is of the same template as the new
+  problem (:func:`same_template`: equal signatures for the built-in templates, else
+  word overlap, which separates GSM-Symbolic's templates although their variants also
+  change names and objects).
+- What a fitting example does is set by :class:`SimKnobs`. The default is the paper's
+  assumption (a fitting strategy raises accuracy to the profile's ``taught_accuracy`` and
+  leaves confidence alone); the knobs let a strategy from a wrong strong answer mislead
+  (the model copies the wrong method, with raised confidence), let confidence respond to
+  a fitting strategy, and set the taught accuracy, so the simulator can disagree with the
+  paper.
 - Correct answers are more confident than wrong ones (profile ranges). Per-token logprobs
   are zero-sum perturbations of ``log(confidence)`` on the answer line and on the rest,
   so the whole-completion and the answer-span confidence both equal the drawn value.
@@ -50,8 +59,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 
 from ..core import untrusted_json
-from ..core.prompts import EXAMPLE_CLOSE, STRATEGY_REQUEST_MARK
-from ..core.tasks import Query
+from ..core.prompts import EXAMPLE_CLOSE, EXAMPLE_OPEN, STRATEGY_REQUEST_MARK
+from ..core.tasks import Query, answers_match, extract_answer
 from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,8 +70,10 @@ __all__ = [
     "DEFAULT_PROFILES",
     "Faults",
     "SimBackend",
+    "SimKnobs",
     "SimProfile",
     "SimServer",
+    "same_template",
     "serve",
     "start_server",
     "template_signature",
@@ -87,12 +98,37 @@ def _u(*parts: object) -> float:
 
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_BLOCK = re.compile(
+    rf"{re.escape(EXAMPLE_OPEN.split('{')[0])}\d+>>>\n(.*?)\n{re.escape(EXAMPLE_CLOSE.split('{')[0])}",
+    re.DOTALL,
+)
 
 
 def template_signature(question: str) -> str:
     """The template of a question: a hash of its lowercased words with numbers removed."""
     words = _NUMBER.sub(" ", question.lower()).split()
     return "t" + _h(" ".join(words)).hex()[:8]
+
+
+_WORD = re.compile(r"[a-z]+")
+#: word-set overlap (Jaccard, numbers removed) at which two problems are of one template:
+#: over GSM-Symbolic's 85 usable templates x 6 variants every pair of one template
+#: overlaps >= 0.475 and every pair of two templates <= 0.41
+SAME_TEMPLATE_OVERLAP = 0.45
+
+
+def same_template(a: str, b: str) -> bool:
+    """Whether problems ``a`` and ``b`` read as one template: equal signatures, or (when
+    either is not a built-in template) a word overlap of at least
+    :data:`SAME_TEMPLATE_OVERLAP`."""
+    sa, sb = template_signature(a), template_signature(b)
+    if sa == sb:
+        return True
+    if sa in _SIGNATURES and sb in _SIGNATURES:
+        return False
+    wa = set(_WORD.findall(_NUMBER.sub(" ", a.lower())))
+    wb = set(_WORD.findall(_NUMBER.sub(" ", b.lower())))
+    return bool(wa | wb) and len(wa & wb) / len(wa | wb) >= SAME_TEMPLATE_OVERLAP
 
 
 # ----------------------------------------------------------------------------- templates
@@ -292,6 +328,54 @@ DEFAULT_PROFILES: Mapping[str, SimProfile] = {
 }
 
 
+def _conf_triple(name: str, value: tuple[float, float, float]) -> None:
+    lo, hi, power = value
+    if not (0.0 < lo <= hi <= 1.0 and power > 0):
+        raise InvalidArgumentError(name, f"needs 0 < lo <= hi <= 1 and power > 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SimKnobs:
+    """What an example of the same template in a model's prompt does (every model that
+    reads one: in a cascade, the weaker levels).
+
+    taught_accuracy: the accuracy with a fitting example (None: the profile's, 0.85 for
+    ``sim-weak``) — the benefit of a fitting strategy.
+    mislead_rate: when a fitting example carries a *wrong* answer (the simulator checks it
+    against its answer key), the probability that the model copies the wrong method and
+    answers wrong, with confidence drawn from ``mislead_conf`` (``lo + (hi - lo) v**power``).
+    confidence_boost: with a fitting example, confidence moves this fraction of the way to 1
+    (right and wrong answers alike), so a threshold calibrated without strategies admits
+    more of the taught answers.
+    The defaults (None, 0, 0) are the paper's assumption: a fitting strategy helps, a wrong
+    one too, and confidence ignores strategies.
+    """
+
+    taught_accuracy: float | None = None
+    mislead_rate: float = 0.0
+    mislead_conf: tuple[float, float, float] = (0.94, 1.0, 1.0)
+    confidence_boost: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("mislead_rate", "confidence_boost"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise InvalidArgumentError(name, f"must lie in [0, 1], got {v!r}")
+        t = self.taught_accuracy
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0):
+            raise InvalidArgumentError("taught_accuracy", f"must be None or lie in [0, 1], got {t!r}")
+        _conf_triple("mislead_conf", self.mislead_conf)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"taught_accuracy": self.taught_accuracy, "mislead_rate": self.mislead_rate,
+                "mislead_conf": list(self.mislead_conf), "confidence_boost": self.confidence_boost}
+
+
+#: a misleading teacher: wrong strategies are copied with high confidence, any fitting
+#: strategy raises confidence, and right ones help less than the default assumes
+MISLEADING_TEACHER = SimKnobs(taught_accuracy=0.6, mislead_rate=0.9, confidence_boost=0.5)
+
+
 @dataclass(frozen=True, slots=True)
 class Faults:
     """Per-request fault probabilities (decided by the request's hash, so reproducible)."""
@@ -409,10 +493,7 @@ class SimBackend:
     faults: Faults = field(default_factory=Faults)
     profiles: Mapping[str, SimProfile] = field(default_factory=lambda: dict(DEFAULT_PROFILES))
     answer_key: Mapping[str, str] | None = None
-    # How a model recognises "the same kind of problem" from the question text; default
-    # template_signature (words without numbers). Datasets whose variants also change names
-    # (GSM-Symbolic) can pass e.g. a lookup of the question's group.
-    template_key: Callable[[str], str] | None = None
+    knobs: SimKnobs = field(default_factory=SimKnobs)
     _attempts: dict[bytes, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -535,6 +616,25 @@ class SimBackend:
         strategies = re.findall(r"^Strategy: (.*)$", head, re.MULTILINE)
         return question, strategies
 
+    @staticmethod
+    def _examples(prompt: str) -> list[tuple[str, str]]:
+        """(problem, answer) of every example block shown in the prompt."""
+        out = []
+        for block in _BLOCK.findall(prompt):
+            problem = re.search(r"^Problem: (.*)$", block, re.MULTILINE)
+            answer = re.search(r"^Answer: (.*)$", block, re.MULTILINE)
+            if problem is not None:
+                out.append((problem.group(1).strip(), answer.group(1).strip() if answer else ""))
+        return out
+
+    def _right(self, problem: str, answer: str) -> bool | None:
+        """Whether ``answer`` is the gold answer of ``problem`` (None: gold unknown)."""
+        gold = self._gold(problem)
+        if gold is None:
+            return None
+        ans = extract_answer(f"Answer: {answer}", "math")
+        return ans is not None and answers_match(ans, gold, "math")
+
     def _wrong(self, gold: str | None, model: str, question: str) -> str:
         if gold is not None and re.fullmatch(r"[A-D]", gold.strip()):
             letters = [c for c in "ABCD" if c != gold.strip()]
@@ -549,29 +649,37 @@ class SimBackend:
 
     def _complete(self, model: str, prompt: str, req: Mapping[str, Any]) -> dict[str, Any]:
         prof = self.profiles[model]
-        question, shown = self._question(prompt)
-        sig = self.template_key(question) if self.template_key else template_signature(question)
+        question, _ = self._question(prompt)
+        sig = template_signature(question)
         gold = self._gold(question)
         teach = STRATEGY_REQUEST_MARK.lower() in prompt.lower()  # teacher or single-call
         shown_answer = re.search(r"your final answer was: (.*)$", prompt, re.MULTILINE)
-        taught = any(f"pattern {sig}" in s for s in shown)
-        skill = _u(self.seed, model, "skill", sig)
-        p = (
-            prof.taught_accuracy
-            if taught
-            else prof.base_accuracy + prof.skill_spread * (skill - 0.5)
+        knobs = self.knobs
+        fitting = [(q, a) for q, a in self._examples(prompt) if same_template(q, question)]
+        taught = bool(fitting)
+        misled = (
+            knobs.mislead_rate > 0
+            and any(self._right(q, a) is False for q, a in fitting)
+            and _u(self.seed, model, "mislead", question) < knobs.mislead_rate
         )
+        skill = _u(self.seed, model, "skill", sig)
+        taught_p = prof.taught_accuracy if knobs.taught_accuracy is None else knobs.taught_accuracy
+        p = taught_p if taught else prof.base_accuracy + prof.skill_spread * (skill - 0.5)
         luck = _u(self.seed, model, "luck", question)
-        right = gold is not None and luck < min(1.0, max(0.0, p))
+        right = not misled and gold is not None and luck < min(1.0, max(0.0, p))
         if shown_answer:  # a strategy call: restate the answer the teacher already gave
             answer = shown_answer.group(1).strip()
         else:
             answer = gold if right and gold is not None else self._wrong(gold, model, question)
-        lo, hi, power = prof.correct_conf if right else prof.wrong_conf
+        lo, hi, power = (
+            knobs.mislead_conf if misled else prof.correct_conf if right else prof.wrong_conf
+        )
         # the same draw with or without strategies and in single-call mode, so that only
         # correctness (not luck) separates the variants
         v = _u(self.seed, model, "conf", question, shown_answer is not None)
         conf = lo + (hi - lo) * v**power
+        if taught and not misled and knobs.confidence_boost:
+            conf += knobs.confidence_boost * (1.0 - conf)
         # reasoning body, then the labelled sections or the answer line
         n_lo, n_hi = prof.reasoning_tokens
         n_words = n_lo + int(_u(self.seed, model, "len", question, teach) * (n_hi - n_lo + 1))

@@ -36,7 +36,7 @@ from scipy import stats
 from ..core.prompts import EXAMPLE_CLOSE, EXAMPLE_OPEN
 from ..core.tasks import answers_match, extract_answer
 from ..errors import InvalidArgumentError
-from .sim import SimBackend, template_signature
+from .sim import SimBackend, same_template
 
 __all__ = ["CopyingProcess", "CopyingSimBackend", "StreamNoise"]
 
@@ -68,14 +68,13 @@ class CopyingSimBackend(SimBackend):
     def shows_wrong_example(self, prompt: str) -> bool:
         """Whether the prompt shows a same-template example with a wrong answer."""
         question, _ = self._question(prompt)
-        sig = template_signature(question)
         for block in _BLOCK.findall(prompt):
             problem = re.search(r"^Problem: (.*)$", block, re.MULTILINE)
             answer = re.search(r"^Answer: (.*)$", block, re.MULTILINE)
             if problem is None or answer is None:
                 continue
             ex_q = problem.group(1).strip()
-            if template_signature(ex_q) != sig:
+            if not same_template(ex_q, question):
                 continue
             gold = self._gold(ex_q)
             if gold is None:
@@ -88,7 +87,8 @@ class CopyingSimBackend(SimBackend):
     def _complete(self, model: str, prompt: str, req: Any) -> dict[str, Any]:
         if model in self.copiers and self.shows_wrong_example(prompt):
             prof = replace(self.profiles[model], taught_accuracy=1.0 - self.copy_rate, wrong_conf=self.copy_conf)
-            copier = SimBackend(seed=self.seed, profiles={model: prof}, answer_key=self.answer_key)
+            copier = SimBackend(seed=self.seed, profiles={model: prof}, answer_key=self.answer_key,
+                                knobs=self.knobs)
             return copier._complete(model, prompt, req)
         return super()._complete(model, prompt, req)
 
