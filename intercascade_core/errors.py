@@ -50,49 +50,45 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .core.audit import RiskAlarm
 
 __all__ = [
-    "IntercascadeError",
-    "InvalidArgumentError",
-    "ModelError",
     "AuthenticationError",
     "BadRequestError",
-    "ContextLengthExceeded",
-    "MalformedResponse",
-    "LogprobsUnavailable",
-    "RetriesExhausted",
-    "DeadlineExceeded",
-    "EndpointUnreachable",
-    "MalformedJSONError",
-    "CorruptCacheError",
-    "EmbedderUnavailable",
-    "LocalModelError",
-    "MissingPartPackage",
     "ChecksumMismatch",
-    "RuntimeMissing",
-    "ServerStartError",
-    "MalformedStrategy",
-    "RiskAlarmError",
-    "StoreError",
-    "CorruptStoreError",
-    "JournalCorruptError",
-    "IncompatibleStoreError",
-    "StoreLockedError",
-    "QueueCorruptError",
-    "PgStoreError",
-    "ServerUnavailableError",
-    "PgVectorMissingError",
-    "SchemaError",
     "ConfigError",
+    "ContextLengthExceeded",
+    "CorruptCacheError",
+    "CorruptStoreError",
     "DatasetFormatError",
+    "DeadlineExceeded",
     "DependencyMissingError",
-    "MissingAPIKeyError",
+    "EmbedderUnavailable",
     "EndpointError",
+    "EndpointUnreachable",
+    "IncompatibleStoreError",
+    "IntercascadeError",
+    "InvalidArgumentError",
+    "JournalCorruptError",
+    "LocalModelError",
+    "LogprobsUnavailable",
+    "MalformedJSONError",
+    "MalformedResponse",
+    "MalformedStrategy",
+    "MissingAPIKeyError",
+    "MissingPartPackage",
+    "ModelError",
+    "PgStoreError",
+    "PgVectorMissingError",
+    "QueueCorruptError",
+    "RetriesExhausted",
+    "RiskAlarmError",
+    "RuntimeMissing",
+    "SchemaError",
+    "ServerStartError",
+    "ServerUnavailableError",
     "ServiceClosedError",
+    "StoreError",
+    "StoreLockedError",
     "UsageError",
     "redact",
 ]
@@ -272,13 +268,12 @@ class MalformedStrategy(IntercascadeError):
 
 
 class RiskAlarmError(IntercascadeError):
-    """Raised by :func:`observe` when ``raise_on_alarm`` is set; ``event`` is the alarm."""
+    """Raised by :func:`~intercascade_core.core.audit.observe` when ``raise_on_alarm`` is set;
+    ``event`` is the :class:`~intercascade_core.core.audit.RiskAlarm` (typed loosely here so
+    the bottom layer does not import the core)."""
 
-    def __init__(self, event: RiskAlarm) -> None:
-        super().__init__(
-            f"risk alarm: {event.n_wrong}/{event.n_window} audited weak answers wrong "
-            f"(lower bound {event.lower_bound:.4f} > alpha={event.alpha}) at label {event.n_labels}"
-        )
+    def __init__(self, message: str, event: object) -> None:
+        super().__init__(message)
         self.event = event
 
 

@@ -308,7 +308,7 @@ def observe(state: AuditState, correct: bool) -> tuple[AuditState, RiskAlarm | N
     n_wrong = state.n_wrong + (not ok)
     recent = state.recent
     if c.window is not None:
-        recent = (recent + (ok,))[-int(c.window):]
+        recent = (*recent, ok)[-int(c.window):]
     new = replace(state, n=n, n_wrong=n_wrong, recent=recent,
                   n_total=state.n_total + 1, n_total_wrong=state.n_total_wrong + (not ok))
     if n < state.next_checkpoint:
@@ -329,7 +329,11 @@ def observe(state: AuditState, correct: bool) -> tuple[AuditState, RiskAlarm | N
                       p_value=p, lower_bound=lower, upper_bound=upper, action=c.action)
     new = replace(new, alarm=event)
     if c.raise_on_alarm:
-        raise RiskAlarmError(event)
+        raise RiskAlarmError(
+            f"risk alarm: {event.n_wrong}/{event.n_window} audited weak answers wrong "
+            f"(lower bound {event.lower_bound:.4f} > alpha={event.alpha}) at label {event.n_labels}",
+            event,
+        )
     return new, event
 
 

@@ -17,17 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import InvalidArgumentError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .retrieve import TopK
-
-__all__ = ["Embedder", "Generation", "SearchBackend", "TextModel", "validate_texts"]
+__all__ = ["Embedder", "Generation", "SearchBackend", "TextModel", "TopK", "validate_texts"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +99,18 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TopK:
+    """Result of a top-k search (:func:`~.retrieve.retrieve`, a :class:`SearchBackend`): row ``i`` holds query ``i``'s best rows, best first."""
+
+    indices: npt.NDArray[np.int64]
+    scores: npt.NDArray[np.float32]
+
+    def __post_init__(self) -> None:
+        self.indices.flags.writeable = False
+        self.scores.flags.writeable = False
 
 
 @runtime_checkable

@@ -54,7 +54,7 @@ import numpy.typing as npt
 
 from ..errors import InvalidArgumentError
 from . import _topk_numpy
-from .protocols import SearchBackend
+from .protocols import SearchBackend, TopK
 from .repository import Repository, unit_rows
 
 __all__ = [
@@ -104,18 +104,6 @@ _fallback_logged = False
 def extension_available() -> bool:
     """True when the C extension is built and not disabled by ``INTERCASCADE_NO_EXT=1``."""
     return _ext is not None
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class TopK:
-    """Result of :func:`retrieve`: row ``i`` holds query ``i``'s best rows, best first."""
-
-    indices: npt.NDArray[np.int64]
-    scores: npt.NDArray[np.float32]
-
-    def __post_init__(self) -> None:
-        self.indices.flags.writeable = False
-        self.scores.flags.writeable = False
 
 
 class RepositoryIndex(Protocol):
