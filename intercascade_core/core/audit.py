@@ -60,6 +60,7 @@ Everything here is pure: ``observe`` returns a new state and never mutates its i
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
@@ -76,6 +77,8 @@ from .cascade import CascadeConfig, CascadeState, Level, Outcome, initial_state,
 from .prompts import as_messages, strategy_free_prompt
 from .protocols import Embedder
 from .tasks import Query, answers_match, extract_answer
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AuditConfig",
@@ -328,12 +331,13 @@ def observe(state: AuditState, correct: bool) -> tuple[AuditState, RiskAlarm | N
     event = RiskAlarm(n_labels=n, checkpoint=j, n_window=m, n_wrong=k, alpha=c.alpha, delta_j=d_j,
                       p_value=p, lower_bound=lower, upper_bound=upper, action=c.action)
     new = replace(new, alarm=event)
+    message = (
+        f"risk alarm: {event.n_wrong}/{event.n_window} audited weak answers wrong "
+        f"(lower bound {event.lower_bound:.4f} > alpha={event.alpha}) at label {event.n_labels}"
+    )
+    log.warning("%s; action: %s", message, event.action)
     if c.raise_on_alarm:
-        raise RiskAlarmError(
-            f"risk alarm: {event.n_wrong}/{event.n_window} audited weak answers wrong "
-            f"(lower bound {event.lower_bound:.4f} > alpha={event.alpha}) at label {event.n_labels}",
-            event,
-        )
+        raise RiskAlarmError(message, event)
     return new, event
 
 

@@ -175,6 +175,7 @@ class AsyncChatModel:
                 raise c.error(
                     DeadlineExceeded, f"next retry in {delay:.2f}s would pass the "
                     f"{self.deadline}s deadline; last: {last}")
+            chat.log_retry(self.model, attempt, self.max_retries, delay, last, c.secrets)
             await self._sleep(delay)
             attempt += 1
 

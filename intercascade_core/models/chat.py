@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextvars
 import email.utils
+import logging
 import math
 import random
 import socket
@@ -64,6 +65,8 @@ from ..errors import (
     RetriesExhausted,
     redact,
 )
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -282,6 +285,16 @@ def request_body(
     body.update(params)
     body["logprobs"] = True  # never let a caller switch them off
     return body
+
+
+def log_retry(
+    model: str, attempt: int, max_retries: int, delay: float, last: str, secrets: Sequence[str | None]
+) -> None:
+    """One WARNING per retry (attempt, what failed, the wait), redacted like every error text."""
+    log.warning(
+        "%s: attempt %d of %d failed (%s); retrying in %.2fs",
+        model, attempt + 1, max_retries + 1, redact(last, secrets), delay,
+    )
 
 
 def retry_delay(
@@ -596,6 +609,7 @@ class ChatModel:
                 raise self._error(
                     DeadlineExceeded, f"next retry in {delay:.2f}s would pass the "
                     f"{self.deadline}s deadline; last: {last}")
+            log_retry(self.model, attempt, self.max_retries, delay, last, self._codec.secrets)
             self._sleep(delay)
             attempt += 1
 

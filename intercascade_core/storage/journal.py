@@ -51,6 +51,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -93,6 +94,8 @@ from .store import (
     read_regular,
     save,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DurableStore",
@@ -856,6 +859,7 @@ class DurableStore:
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
             fsync_dir(self.path)
+        log.info("checkpoint %s: %d rows at lsn %d", target, len(repository), self.lsn)
 
     def close(self) -> None:
         """Close the journal and release the writer's lock (idempotent)."""
