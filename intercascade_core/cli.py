@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrieval backend (default auto: the C extension if built, else numpy)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--insitu", action="store_true", help=INSITU_HELP + ".")
+    p.add_argument("--teacher", choices=("paper", "misleading"), default="paper",
+                   help="what a shown strategy does to the simulated weak model: 'paper' (default: a "
+                   "same-template strategy helps) or 'misleading' (strategies from wrong strong answers are "
+                   "copied with raised confidence; see models.sim.MISLEADING_TEACHER)")
     p.add_argument("--readme", type=Path, metavar="FILE",
                    help="also rewrite the results block of FILE (between the markers "
                    "<!-- intercascade-demo-results:start/end -->) with the tables and a plot")
@@ -411,7 +415,8 @@ def _levels_for(cfg: Any, queries: Sequence[Any]) -> tuple[Any, ...]:
     return make_levels(cfg.models, sim_client=client)
 
 
-def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated: bool) -> dict[str, Any]:
+def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated: bool,
+              knobs: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "models": [{"name": m.name, "model": m.model, "base_url": m.base_url} for m in cfg_models],
         "simulated": simulated,
@@ -428,8 +433,10 @@ def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated:
                 "weak_base_accuracy": weak.base_accuracy,
                 "weak_taught_accuracy": weak.taught_accuracy,
                 "strong_base_accuracy": strong.base_accuracy,
-                "template_aware": True,
             }
+            from .models.sim import SimKnobs
+
+            out["simulator"]["knobs"] = (knobs or SimKnobs()).as_dict()
     return out
 
 
@@ -564,7 +571,8 @@ def _cmd_eval(args: argparse.Namespace, con: Console) -> int:
         cal=cal, test=test, levels=levels, embedder=embedder, alpha=cfg.cascade.alpha, delta=cfg.cascade.delta,
         k=cfg.cascade.k, backend=backend, seed=cfg.cascade.seed, split_delta=cfg.cascade.split_delta,
         min_n=cfg.cascade.min_n, out=args.out, plots=not args.no_plots, dataset=info,
-        settings=_settings(cfg.models, embedder, backend, any(m.simulated for m in cfg.models)), con=con,
+        settings={**_settings(cfg.models, embedder, backend, any(m.simulated for m in cfg.models)),
+                  "preregistered": args.config.as_posix()}, con=con,
         insitu=args.insitu or cfg.cascade.insitu, insitu_rounds=cfg.cascade.insitu_rounds,
     )
 
@@ -584,7 +592,10 @@ def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
         ModelConfig("weak", "sim:weak", "sim-weak", price_input=0.50, price_output=1.50),
         ModelConfig("strong", "sim:strong", "sim-strong", price_input=2.50, price_output=10.00),
     )
-    levels = make_levels(models, sim_client=sim_client((*cal, *test), seed=args.seed))
+    from .models.sim import MISLEADING_TEACHER, SimKnobs
+
+    knobs = MISLEADING_TEACHER if args.teacher == "misleading" else SimKnobs()
+    levels = make_levels(models, sim_client=sim_client((*cal, *test), seed=args.seed, knobs=knobs))
     con.info("loading the embedder" + (" (all-MiniLM-L6-v2, ONNX)" if args.embedder == "minilm" else " (hashing)"))
     embedder = _embedder(args.embedder)
     backend = _backend(args.backend)
@@ -598,7 +609,7 @@ def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
         "order": args.order,
         "seed": args.seed,
     }
-    settings = _settings(models, embedder, backend, True)
+    settings = _settings(models, embedder, backend, True, knobs)
     rc = _evaluate_and_report(
         cal=cal, test=test, levels=levels, embedder=embedder, alpha=args.alpha, delta=args.delta, k=args.k,
         backend=backend, seed=args.seed, split_delta=True, min_n=30, out=args.out, plots=not args.no_plots,
@@ -616,6 +627,7 @@ def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
             except ValueError:
                 plot = plot_file.resolve().as_posix()
         command = "intercascade demo" + (f" --out {args.out.as_posix()}" if args.out != Path("intercascade-demo") else "")
+        command += " --teacher misleading" if args.teacher == "misleading" else ""
         changed = update_readme(args.readme, readme_section(doc, plot=plot, command=command + f" --readme {args.readme.as_posix()}"))
         con.info(f"{'updated' if changed else 'unchanged'}: the results block of {args.readme}")
     con.info(f"demo finished in {time.perf_counter() - t0:.1f} s")

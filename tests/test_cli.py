@@ -41,6 +41,8 @@ COLUMNS = {
     "Weak Corr. Accpt. (%)": "weak_correct_accepted",
     "Token Reduction (%)": "token_reduction",
     "Cost Reduction (%)": "cost_reduction",
+    "Teaching Tokens": "teaching_tokens",
+    "Cost Reduction incl. Teaching (%)": "cost_reduction_with_teaching",
 }
 PLOTS = ("weak_accuracy_vs_threshold.png", "confidence_histograms.png", "strong_calls_along_stream.png")
 

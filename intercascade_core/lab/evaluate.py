@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import httpx
@@ -53,7 +53,7 @@ from ..core.tasks import Query
 from ..errors import EndpointError, InvalidArgumentError, MissingAPIKeyError
 from ..models.chat import ChatModel, Price
 from ..models.response_cache import ResponseCache
-from ..models.sim import SimBackend, template_signature
+from ..models.sim import SimBackend, SimKnobs
 from .config import DataConfig, ModelConfig
 from .datasets import gsm_symbolic_split, load_dataset, order_stream, split_problems, to_queries
 
@@ -186,29 +186,19 @@ def make_levels(
     return tuple(levels)
 
 
-def sim_client(problems: Sequence[Query], *, seed: int = 0, by_group: bool = True) -> httpx.Client:
+def sim_client(problems: Sequence[Query], *, seed: int = 0, knobs: SimKnobs | None = None) -> httpx.Client:
     """An ``httpx.Client`` whose transport is the in-process simulator (no socket).
 
-    The simulator knows the gold answers of ``problems``. With ``by_group`` it also
-    recognises "the same kind of problem" by the problems' group (``Query.template``: the
-    GSM-Symbolic template, the GSM-Plus seed question...) instead of its default, the
-    question's words without numbers: GSM-Symbolic variants of one template also change
-    names and objects ("A father eats 9 tacos" / "An uncle eats 7 sushi rolls"). The
-    models and the cascade never see the group; only the simulator's notion of "this
-    strategy fits this problem" does.
+    The simulator knows the gold answers of ``problems`` (and nothing else about them: it
+    recognises a problem's template from the question text alone, see
+    :func:`~intercascade_core.models.sim.same_template`). ``knobs``: what a shown strategy
+    does (:class:`~intercascade_core.models.sim.SimKnobs`; default: the paper's assumption).
     """
     import httpx
 
 
     answer_key = {q.text.strip(): q.gold for q in problems if q.gold is not None}
-    template_key = None
-    if by_group:
-        groups = {q.text.strip(): f"g-{q.template}" for q in problems if q.template}
-
-        def template_key(question: str) -> str:
-            return groups.get(question.strip()) or template_signature(question)
-
-    backend = SimBackend(seed=seed, answer_key=answer_key, template_key=template_key)
+    backend = SimBackend(seed=seed, answer_key=answer_key, knobs=knobs or SimKnobs())
     return httpx.Client(transport=httpx.MockTransport(backend.handler()))
 
 
@@ -279,6 +269,12 @@ class Evaluation:
     seed: int
     split_delta: bool
     insitu: InSituCalibration | None = None
+    min_n: int = 30
+    strategy_mode: str = "single_call"
+    store_rule: str = "paper"
+    #: the teaching variants' calibration when their last level answers another prompt than
+    #: Jung's (single-call mode); None when they share ``calibration``
+    teach_calibration: CalibrationRun | None = None
 
 
 def evaluate(
@@ -299,8 +295,15 @@ def evaluate(
     insitu_max_rounds: int = 4,
     progress: bool = True,
     on_variant: Callable[[str], None] | None = None,
+    strategy_mode: str = "single_call",
+    store_rule: str = "paper",
 ) -> Evaluation:
     """Calibrate once on ``calibration``, then run each variant on ``test``.
+
+    ``strategy_mode`` / ``store_rule``: the teaching variants' (see
+    :class:`~intercascade_core.core.state.CascadeConfig`). In single-call mode their strong
+    level answers the answer-and-strategy prompt, so it is calibrated on that prompt in a
+    second calibration run (``Evaluation.teach_calibration``); Jung keeps the strategy-free one.
 
     ``variants`` must include ``"jung"`` (the baseline of the reductions). The embedder
     is wrapped in a :class:`CachedEmbedder` so the stream is embedded once.
@@ -317,9 +320,22 @@ def evaluate(
     if unknown or "jung" not in variants:
         raise InvalidArgumentError("variants", f"must include 'jung' and only {VARIANTS}; got {tuple(variants)}")
     cal_run = calibrate_levels(
-        calibration, levels, alpha=alpha, delta=delta, split_delta=split_delta, min_n=min_n, progress=progress
+        calibration, levels, alpha=alpha, delta=delta, config=CascadeConfig(policy="jung"),
+        split_delta=split_delta, min_n=min_n, progress=progress
     )
     check_calibration_run(cal_run, [lv.name for lv in levels])
+    teach_cfg = CascadeConfig(k=k, backend=backend, seed=seed, strategy_mode=strategy_mode,  # type: ignore[arg-type]
+                              store_rule=store_rule)  # type: ignore[arg-type]
+    teach_run: CalibrationRun | None = None
+    if strategy_mode == "single_call" and (insitu or any(v != "jung" for v in variants)):
+        if not calibration:
+            raise InvalidArgumentError(
+                "calibration", "single-call teaching calibrates the strong level on its own prompt: "
+                "needs the calibration split")
+        teach_run = calibrate_levels(
+            calibration, levels, alpha=alpha, delta=delta, config=teach_cfg, split_delta=split_delta,
+            min_n=min_n, progress=progress)
+        check_calibration_run(teach_run, [lv.name for lv in levels])
     cached = embedder if isinstance(embedder, CachedEmbedder) else CachedEmbedder(embedder)
     if insitu:
         cached.prime([q.text for q in calibration], progress=progress)
@@ -329,17 +345,18 @@ def evaluate(
     for v in [v for v in VARIANTS if v in variants]:
         if on_variant is not None:
             on_variant(v)
-        cfg = CascadeConfig(policy=v, k=k, backend=backend, seed=seed)
-        runs[v] = run_stream(test, levels, cached, calibrations=cal_run.calibrations, config=cfg,
+        cfg = replace(teach_cfg, policy=v)
+        run_cal = cal_run if v == "jung" or teach_run is None else teach_run
+        runs[v] = run_stream(test, levels, cached, calibrations=run_cal.calibrations, config=cfg,
                              progress=progress, desc=f"stream [{v}]")
     ins: InSituCalibration | None = None
     if insitu:
 
         if on_variant is not None:
             on_variant(INSITU_VARIANT)
-        cfg = CascadeConfig(policy="retrieval", k=k, backend=backend, seed=seed)
+        cfg = teach_cfg
         ins = insitu_calibrate(calibration, levels, cached, alpha=alpha, delta=delta, config=cfg,
-                               split_delta=split_delta, pilot=cal_run, max_rounds=insitu_max_rounds,
+                               split_delta=split_delta, pilot=teach_run or cal_run, max_rounds=insitu_max_rounds,
                                progress=progress, min_n=min_n)
         runs[INSITU_VARIANT] = run_stream(test, levels, cached, calibrations=ins.calibrations, config=cfg,
                                           progress=progress, desc="stream [retrieval, in-situ λ]")
@@ -361,6 +378,10 @@ def evaluate(
         seed=seed,
         split_delta=split_delta,
         insitu=ins,
+        min_n=min_n,
+        strategy_mode=strategy_mode,
+        store_rule=store_rule,
+        teach_calibration=teach_run,
     )
 
 
@@ -457,6 +478,8 @@ def variant_summary(metrics: Metrics, outcomes: Sequence[Outcome], *, baseline: 
             cost_reduction=_num(metrics.cost_reduction),
             token_reduction_total=_num(metrics.token_reduction_total),
             cost_reduction_total=_num(metrics.cost_reduction_total),
+            token_reduction_with_teaching=_num(metrics.token_reduction_with_teaching),
+            cost_reduction_with_teaching=_num(metrics.cost_reduction_with_teaching),
         )
     out.update(
         weak_accepted_risk=(weak_wrong / len(weak_acc)) if weak_acc else None,
@@ -469,7 +492,10 @@ def variant_summary(metrics: Metrics, outcomes: Sequence[Outcome], *, baseline: 
         failed=metrics.n_failed,
         unparseable=metrics.n_unparseable,
         repository_size=metrics.n_strategies_stored,
+        strategies_rejected=metrics.n_strategies_rejected,
         strong_tokens=metrics.strong_tokens,
+        teaching_tokens=metrics.teaching_tokens,
+        teaching_cost=_num(metrics.teaching_cost),
         total_tokens=metrics.total_tokens,
         strong_cost=_num(metrics.strong_cost),
         total_cost=_num(metrics.total_cost),
@@ -496,6 +522,9 @@ def results_document(
         "k": ev.k,
         "backend": ev.backend,
         "seed": ev.seed,
+        "min_n": ev.min_n,
+        "strategy_mode": ev.strategy_mode,
+        "store_rule": ev.store_rule,
     }
     st["insitu"] = ev.insitu is not None
     st.update(settings or {})
@@ -508,6 +537,10 @@ def results_document(
         "dataset": dict(dataset),
         "settings": st,
         "calibration": {"levels": levels, "n_calibration": len(ev.calibration.confidences[0])},
+        **({"teach_calibration": {
+            "levels": _level_records(ev.level_names, ev.teach_calibration.calibrations),
+            "prompts": list(ev.teach_calibration.prompts),
+        }} if ev.teach_calibration is not None else {}),
         "variants": variants,
     }
     ins = insitu_document(ev)
