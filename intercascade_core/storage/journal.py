@@ -433,10 +433,17 @@ class Journal:
 
     def reset(self) -> None:
         """Atomically replace the journal by an empty one (after a checkpoint)."""
-        os.close(self._fd)
+        # the new file first, then the swap: a failed write leaves the old journal open and
+        # usable, never a closed (and possibly reused) descriptor number in self._fd
         atomic_write_bytes(self.path, _header(self.dim, self.model_id))
-        self._fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.lseek(fd, 0, os.SEEK_END)
+        except BaseException:
+            self.close()  # the old file is replaced: appending to it would lose records
+            raise
+        old, self._fd = self._fd, fd
+        os.close(old)
         self.records = ()
 
     def close(self) -> None:
