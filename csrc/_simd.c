@@ -4,7 +4,7 @@
  * static, every function that allocates ends in one `cleanup:` label.
  * Each entry point validates every array (type, dtype, C-contiguity, alignment,
  * shapes) and option while holding the GIL, then releases the GIL only around
- * ic_topk(), which touches no Python object. Multi-phase init (PEP 489); the
+ * ic_topk() and ic_gather(), which touch no Python object. Multi-phase init (PEP 489); the
  * module keeps no global mutable state, so it declares Py_MOD_GIL_NOT_USED.
  * The ISA is an explicit argument (tests force each path); "auto" = best
  * supported. The Python layer (retrieve.py) raises the typed errors; these
@@ -217,6 +217,52 @@ static PyObject *ic_topk_int8_py(PyObject *self, PyObject *args, PyObject *kwarg
     return run_topk(&job, vectors, queries, k, codes, isa, threads, 1);
 }
 
+PyDoc_STRVAR(ic_gather_doc,
+             "gather(vectors, queries, rows, *, isa=None)\n--\n\n"
+             "Exact float32 scores of chosen rows: out[q, j] = vectors[rows[q, j]] . queries[q] as\n"
+             "float32 (m, c), for rows int64 (m, c) with 0 <= rows < n. The same bits on every ISA\n"
+             "(float64 products, 8 lanes summed in dimension order, fixed lane tree, one rounding).");
+
+static PyObject *ic_gather_py(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"vectors", "queries", "rows", "isa", NULL};
+    PyObject *vectors, *queries, *rows, *isa_obj = Py_None, *out = NULL;
+    PyArrayObject *v, *q, *r;
+    ic_isa isa;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$O", kwlist, &vectors, &queries, &rows, &isa_obj))
+        return NULL;
+    if (!(v = check_array(vectors, "vectors", NPY_FLOAT32, 2)) ||
+        !(q = check_array(queries, "queries", NPY_FLOAT32, 2)) || !(r = check_array(rows, "rows", NPY_INT64, 2)))
+        return NULL;
+    size_t n = (size_t)PyArray_DIM(v, 0), d = (size_t)PyArray_DIM(v, 1), m = (size_t)PyArray_DIM(q, 0);
+    size_t c = (size_t)PyArray_DIM(r, 1);
+    if ((size_t)PyArray_DIM(q, 1) != d || (size_t)PyArray_DIM(r, 0) != m) {
+        PyErr_Format(PyExc_ValueError,
+                     "queries must be (m, %zu) like vectors' columns and rows (m, c), got queries %zd x %zd, "
+                     "rows %zd x %zd",
+                     d, PyArray_DIM(q, 0), PyArray_DIM(q, 1), PyArray_DIM(r, 0), PyArray_DIM(r, 1));
+        return NULL;
+    }
+    if (parse_isa(isa_obj, &isa) < 0)
+        return NULL;
+    const int64_t *ri = (const int64_t *)PyArray_DATA(r);
+    for (size_t i = 0; i < m * c; i++)
+        if (ri[i] < 0 || (uint64_t)ri[i] >= n) { /* the kernel would read outside vectors */
+            PyErr_Format(PyExc_ValueError, "rows must be in [0, %zu), got %lld", n, (long long)ri[i]);
+            return NULL;
+        }
+    npy_intp dims[2] = {(npy_intp)m, (npy_intp)c};
+    if (!(out = PyArray_SimpleNew(2, dims, NPY_FLOAT32)))
+        return NULL;
+    const float *pv = (const float *)PyArray_DATA(v), *pq = (const float *)PyArray_DATA(q);
+    float *po = (float *)PyArray_DATA((PyArrayObject *)out);
+    if (m * c > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        ic_gather(pv, d, pq, m, ri, c, isa, po);
+        Py_END_ALLOW_THREADS
+    }
+    return out;
+}
+
 PyDoc_STRVAR(ic_capabilities_doc,
              "capabilities()\n--\n\nThe ISAs this CPU supports, best first, e.g. ('avx512', 'avx2', 'scalar').");
 
@@ -242,6 +288,7 @@ static PyObject *ic_capabilities(PyObject *self, PyObject *unused) {
 static PyMethodDef ic_methods[] = {
     {"topk", (PyCFunction)(void (*)(void))ic_topk_py, METH_VARARGS | METH_KEYWORDS, ic_topk_doc},
     {"topk_int8", (PyCFunction)(void (*)(void))ic_topk_int8_py, METH_VARARGS | METH_KEYWORDS, ic_topk_int8_doc},
+    {"gather", (PyCFunction)(void (*)(void))ic_gather_py, METH_VARARGS | METH_KEYWORDS, ic_gather_doc},
     {"capabilities", ic_capabilities, METH_NOARGS, ic_capabilities_doc},
     {NULL, NULL, 0, NULL},
 };

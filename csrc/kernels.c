@@ -652,3 +652,110 @@ cleanup:
     free(tmp);
     return rc;
 }
+
+/* ---------------------------------------------------------------- gather -- */
+/* Exact re-score of chosen rows (kernels.h, ic_gather). The double product of two
+ * floats is exact, so fma(r, q, acc) == acc + r * q in every ISA, and a lane never
+ * holds -0.0 (it starts at +0.0), so the zero-padded tail adds nothing. Rows are
+ * taken GATHER_ROWS at a time: independent accumulators hide the add latency. */
+#define GATHER_ROWS 4
+
+static inline float reduce8(const double *l) {
+    return (float)(((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])));
+}
+
+static void gather_scalar(const float *const *R, int nr, const float *q, size_t d, float *out) {
+    for (int i = 0; i < nr; i++) {
+        double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        for (size_t t = 0; t < d; t++)
+            acc[t & 7] += (double)R[i][t] * (double)q[t];
+        out[i] = reduce8(acc);
+    }
+}
+
+#ifdef IC_X86
+IC_INLINE IC_AVX512 void g512(const float *const *R, const float *q, size_t d, float *out, const int NR) {
+    __m512d acc[GATHER_ROWS];
+    _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) acc[i] = _mm512_setzero_pd();
+    size_t t = 0;
+    for (; t + 8 <= d; t += 8) {
+        __m512d qv = _mm512_cvtps_pd(_mm256_loadu_ps(q + t));
+        _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++)
+            acc[i] = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(R[i] + t)), qv, acc[i]);
+    }
+    if (t < d) {
+        __mmask8 mk = (__mmask8)((1u << (d - t)) - 1u);
+        __m512d qv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, q + t));
+        _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++)
+            acc[i] = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, R[i] + t)), qv, acc[i]);
+    }
+    _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) {
+        double l[8];
+        _mm512_storeu_pd(l, acc[i]);
+        out[i] = reduce8(l);
+    }
+}
+
+IC_INLINE IC_AVX2 void g256(const float *const *R, const float *q, size_t d, float *out, const int NR) {
+    __m256d lo[GATHER_ROWS], hi[GATHER_ROWS]; /* lanes 0-3 and 4-7 */
+    _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) lo[i] = hi[i] = _mm256_setzero_pd();
+    size_t t = 0;
+    for (; t + 8 <= d; t += 8) {
+        __m256 qf = _mm256_loadu_ps(q + t);
+        __m256d ql = _mm256_cvtps_pd(_mm256_castps256_ps128(qf)), qh = _mm256_cvtps_pd(_mm256_extractf128_ps(qf, 1));
+        _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) {
+            __m256 r = _mm256_loadu_ps(R[i] + t);
+            lo[i] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(r)), ql, lo[i]);
+            hi[i] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(r, 1)), qh, hi[i]);
+        }
+    }
+    if (t < d) {
+        __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(d - t)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 qf = _mm256_maskload_ps(q + t, mk);
+        __m256d ql = _mm256_cvtps_pd(_mm256_castps256_ps128(qf)), qh = _mm256_cvtps_pd(_mm256_extractf128_ps(qf, 1));
+        _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) {
+            __m256 r = _mm256_maskload_ps(R[i] + t, mk);
+            lo[i] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(r)), ql, lo[i]);
+            hi[i] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(r, 1)), qh, hi[i]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) {
+        double l[8];
+        _mm256_storeu_pd(l, lo[i]);
+        _mm256_storeu_pd(l + 4, hi[i]);
+        out[i] = reduce8(l);
+    }
+}
+
+#define DEFINE_GATHER(NAME, ATTR, TILE)                                                          \
+    static ATTR void NAME(const float *const *R, int nr, const float *q, size_t d, float *out) { \
+        switch (nr) {                                                                            \
+        case 1: TILE(R, q, d, out, 1); break;                                                    \
+        case 2: TILE(R, q, d, out, 2); break;                                                    \
+        case 3: TILE(R, q, d, out, 3); break;                                                    \
+        case 4: TILE(R, q, d, out, 4); break;                                                    \
+        default: break;                                                                          \
+        }                                                                                        \
+    }
+DEFINE_GATHER(gather_avx512, IC_AVX512, g512)
+DEFINE_GATHER(gather_avx2, IC_AVX2, g256)
+#endif /* IC_X86 */
+
+void ic_gather(const float *vectors, size_t d, const float *queries, size_t m, const int64_t *rows,
+               size_t c, ic_isa isa, float *out) {
+    void (*g)(const float *const *, int, const float *, size_t, float *) = gather_scalar;
+#ifdef IC_X86
+    if (isa == IC_ISA_AVX512)
+        g = gather_avx512;
+    else if (isa == IC_ISA_AVX2)
+        g = gather_avx2;
+#endif
+    for (size_t q = 0; q < m; q++)
+        for (size_t j = 0; j < c; j += GATHER_ROWS) {
+            int nr = (int)(c - j < GATHER_ROWS ? c - j : GATHER_ROWS);
+            const float *R[GATHER_ROWS];
+            for (int i = 0; i < nr; i++)
+                R[i] = vectors + (size_t)rows[q * c + j + (size_t)i] * d;
+            g(R, nr, queries + q * d, d, out + q * c + j);
+        }
+}

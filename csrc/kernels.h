@@ -44,4 +44,14 @@ typedef struct {
  * Returns 0, or -1 when memory ran out. */
 int ic_topk(const ic_job *job, ic_hit *out_hits, size_t *out_kprime, size_t *out_candidates);
 
+/* The gather: out[q * c + j] = score of row rows[q * c + j] of vectors (d columns)
+ * against queries[q], for m queries of c candidate rows each (indices already
+ * checked). One formula for every ISA, so the result does not depend on the CPU:
+ * the float32 products are taken exactly in double, lane l = t mod 8 sums its
+ * products in dimension order, the lanes are added as
+ * ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)) and the sum is rounded once to float32
+ * (_topk_numpy.gather performs the same operations). */
+void ic_gather(const float *vectors, size_t d, const float *queries, size_t m, const int64_t *rows,
+               size_t c, ic_isa isa, float *out);
+
 #endif /* IC_KERNELS_H */

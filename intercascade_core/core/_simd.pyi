@@ -30,4 +30,11 @@ def topk_int8(
     isa: Isa | None = None,
     threads: int = 0,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], int]: ...
+def gather(
+    vectors: npt.NDArray[np.float32],
+    queries: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.int64],
+    *,
+    isa: Isa | None = None,
+) -> npt.NDArray[np.float32]: ...
 def capabilities() -> tuple[Isa, ...]: ...

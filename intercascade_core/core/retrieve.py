@@ -69,6 +69,7 @@ __all__ = [
     "extension_available",
     "int8_scan_copy",
     "register_index",
+    "rescore",
     "retrieve",
 ]
 
@@ -99,6 +100,23 @@ else:
     except ImportError:
         _ext, _no_ext_reason = None, "not built"
 _fallback_logged = False
+
+
+def rescore(
+    vectors: npt.NDArray[np.float32],
+    queries: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float32]:
+    """Exact float32 scores ``(m, c)`` of candidate ``rows`` (int64 ``(m, c)``, each in
+    ``[0, len(vectors))``) against ``queries`` ``(m, d)``: the re-score step of the
+    registered approximate indexes. The extension's ``gather`` or its numpy twin (the
+    same bits on every CPU), so an index's scores do not depend on where it runs."""
+    ext = _ext
+    if ext is None:
+        return _topk_numpy.gather(vectors, queries, rows)
+    return ext.gather(  # type: ignore[no-any-return]
+        np.ascontiguousarray(vectors), np.ascontiguousarray(queries), np.ascontiguousarray(rows)
+    )
 
 
 def extension_available() -> bool:

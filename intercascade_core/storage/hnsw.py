@@ -8,10 +8,16 @@ the index is never rebuilt; capacity doubles with ``resize_index``.
 Version bound: the index may hold rows newer than the version asked about
 (``label >= n``) — they must never be returned. When it holds none and no tenant
 filter is given, a plain ``knn_query`` runs (the fast path: querying the newest
-version). Otherwise the search over-fetches ``2k' + 16`` neighbours and drops
-labels ``>= n`` / of other tenants; only queries left with fewer than ``k'`` rows
+version). Otherwise the search over-fetches ``max(c·k', 2k' + 16)`` neighbours and
+drops labels ``>= n`` / of other tenants; only queries left with fewer than ``k'`` rows
 fall back to hnswlib's ``filter=`` callable, which is exact but calls Python for
 every visited node (slow, so it is the last resort, not the default).
+
+Re-score: hnswlib proposes ``c·k'`` candidates (``HnswParams.rescore``, the over-fetch
+factor ``c``) and the C gather kernel scores them exactly in float32, the same bits as
+the exact backends' scores, ties to the lower row index; with ``ef >= n`` and
+``c·k' >= n`` the result is the exact top-k. hnswlib's own ``1 - distance`` loses the
+low bits of scores near 1, which is what mis-orders near-ties without it.
 
 The index lives in the repository's derived data (:meth:`Repository.derived`, key
 ``"hnsw"``): the arena lock is held only to find or create it; rows are added under
@@ -40,6 +46,7 @@ import numpy.typing as npt
 from ..core import _topk_numpy
 from ..core.repository import Repository
 from ..core.retrieve import register_index
+from ..core.retrieve import rescore as rescore_rows
 from ..errors import InvalidArgumentError
 
 __all__ = [
@@ -57,7 +64,9 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class HnswParams:
     """Index parameters: graph degree ``M``, build breadth ``ef_construction``,
-    default search breadth ``ef`` (raised to ``k`` when smaller), build seed."""
+    default search breadth ``ef`` (raised to ``k`` when smaller), build seed, build
+    threads, and ``rescore``: the search over-fetches ``rescore·k`` candidates and
+    re-scores them exactly in float32 (0: hnswlib's own scores, ``k`` candidates)."""
 
     M: int = 16
     ef_construction: int = 100
@@ -65,6 +74,8 @@ class HnswParams:
     ef: int = 128
     seed: int = 100
     threads: int = 2
+    # 4: the exact re-score of 4k rows costs ~µs beside the graph walk (bench_retrieve)
+    rescore: int = 4
 
 
 DEFAULT_PARAMS = HnswParams()
@@ -138,13 +149,23 @@ def search(
     *,
     tenant_code: int = -1,
     ef: int | None = None,
+    rescore: int | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Approximate top-``k`` of ``repo`` (rows ``< len(repo)``, of ``tenant_code`` when
-    >= 0) for validated unit ``queries``. Results sorted by (score desc, index asc)."""
+    >= 0) for validated unit ``queries``. Results sorted by (score desc, index asc).
+
+    ``rescore`` (default ``params.rescore``) is the over-fetch factor ``c``: hnswlib
+    proposes ``c·k'`` candidates and they are re-scored exactly in float32
+    (:func:`~intercascade_core.core.retrieve.rescore`), so scores and tie order are the
+    exact backends'; ``0`` returns hnswlib's own ``1 - distance``."""
     if ef is not None and (isinstance(ef, bool) or not isinstance(ef, int) or ef < 1):
         raise InvalidArgumentError("ef", f"must be a positive int, got {ef!r}")
+    bad_c = isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 0
+    if rescore is not None and bad_c:
+        raise InvalidArgumentError("rescore", f"must be an int >= 0, got {rescore!r}")
     n, m = len(repo), queries.shape[0]
     idx = ensure_index(repo)
+    c = idx.params.rescore if rescore is None else rescore
     codes = repo.tenant_codes if tenant_code >= 0 else None
     allowed_n = n if codes is None else int(np.count_nonzero(codes == tenant_code))
     kk = min(k, allowed_n)
@@ -160,17 +181,24 @@ def search(
             good &= codes[np.minimum(labels, n - 1)] == tenant_code
         return good
 
+    # per query: candidate labels and hnswlib's scores for them (rows < n of the tenant)
+    found: list[tuple[np.ndarray, np.ndarray]] = []
     with idx.lock:
         total = idx.count
         if codes is None and total == n:  # newest version, no tenant: plain search
-            idx.index.set_ef(ef_q)
-            labels, dist = _knn(idx, repo, queries, kk)
+            fetch = min(total, max(kk, c * kk))
+            idx.index.set_ef(max(ef_q, fetch))
+            labels, dist = _knn(idx, repo, queries, fetch)
+            labels = labels.astype(np.int64)
+            if c > 0:  # one gather for the whole batch (every query has `fetch` labels)
+                scores = rescore_rows(repo.vectors, queries, np.ascontiguousarray(labels))
+                for j in range(m):
+                    out_i[j], out_s[j] = _sorted(labels[j], scores[j], kk)
+                return out_i, out_s
             for j in range(m):
-                out_i[j], out_s[j] = _sorted(
-                    labels[j].astype(np.int64), (1 - dist[j]).astype(np.float32), kk
-                )
+                out_i[j], out_s[j] = _sorted(labels[j], (1 - dist[j]).astype(np.float32), kk)
             return out_i, out_s
-        fetch = min(total, 2 * kk + 16)
+        fetch = min(total, max(c * kk, 2 * kk + 16))
         idx.index.set_ef(max(ef_q, fetch))
         labels, dist = _knn(idx, repo, queries, fetch)
         labels = labels.astype(np.int64)
@@ -178,10 +206,9 @@ def search(
         for j in range(m):
             good = ok(labels[j])
             if np.count_nonzero(good) >= kk:
-                out_i[j], out_s[j] = _sorted(
-                    labels[j][good], (1 - dist[j][good]).astype(np.float32), kk
-                )
+                found.append((labels[j][good], (1 - dist[j][good]).astype(np.float32)))
             else:
+                found.append((labels[j][:0], dist[j][:0].astype(np.float32)))
                 short.append(j)
         if short:
             if codes is None:
@@ -197,9 +224,11 @@ def search(
                     )
                 except RuntimeError:  # the filtered graph walk found < k' rows: answer exactly
                     lab, dis = _exact(repo, queries[j : j + 1], kk, codes, tenant_code)
-                out_i[j], out_s[j] = _sorted(
-                    lab[0].astype(np.int64), (1 - dis[0]).astype(np.float32), kk
-                )
+                found[j] = (lab[0].astype(np.int64), (1 - dis[0]).astype(np.float32))
+    for j, (lab, sc) in enumerate(found):  # rows < n never change: no lock needed
+        if c > 0:
+            sc = rescore_rows(repo.vectors, queries[j : j + 1], lab[None])[0]
+        out_i[j], out_s[j] = _sorted(lab, sc, kk)
     return out_i, out_s
 
 
