@@ -120,7 +120,7 @@ from .core.cascade import (
     drive,
     initial_state,
 )
-from .core.machine import Call, Done, QueryMachine
+from .core.machine import Call, Done, Embed, QueryMachine
 from .core.protocols import Embedder
 from .core.prune import Policy, dedupe, evict, find_near_duplicate
 from .core.repository import Entry, Repository, update
@@ -461,17 +461,24 @@ class Cascade:
         tenant: str | None = None,
         perform: Callable[[Call], Awaitable[object]],
         executor: Executor | None = None,
+        retrieve_off_loop: bool = False,
     ) -> Outcome:
         """:meth:`ask` for an event loop: ``await perform(request)`` carries out each of
         the machine's requests (an embedding row, or a level's
         :class:`~.core.protocols.Generation` or :class:`~intercascade_core.errors.ModelError`);
-        the commit runs on ``executor`` (default: the loop's). Cancelled before the
-        commit, the query leaves no trace but its index; once the commit has started it
-        completes even if the awaiting task is cancelled."""
+        the commit runs on ``executor`` (default: the loop's). With ``retrieve_off_loop``
+        the embedding row is fed there too: the retrieval it triggers is a scan of the
+        repository in C with the GIL released, which the loop need not wait out. Cancelled
+        before the commit, the query leaves no trace but its index; once the commit has
+        started it completes even if the awaiting task is cancelled."""
         ticket = self.begin(query, tenant=tenant)
-        while not isinstance(request := ticket.machine.next(), Done):
-            ticket.machine.feed(await perform(request))
         loop = asyncio.get_running_loop()
+        while not isinstance(request := ticket.machine.next(), Done):
+            result = await perform(request)
+            if retrieve_off_loop and isinstance(request, Embed):
+                await loop.run_in_executor(executor, ticket.machine.feed, result)
+            else:
+                ticket.machine.feed(result)
         return await asyncio.shield(loop.run_in_executor(executor, self.finish, ticket, request))
 
     def ask_many(

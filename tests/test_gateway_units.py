@@ -87,7 +87,8 @@ def _async_perform(levels: Sequence[Level], embedder: HashingEmbedder) -> Any:
     return run
 
 
-def test_aask_makes_the_decisions_and_commits_of_ask(demo: Any) -> None:
+@pytest.mark.parametrize("off_loop", [False, True])
+def test_aask_makes_the_decisions_and_commits_of_ask(demo: Any, off_loop: bool) -> None:
     _, levels, cals = demo
     queries = demo_problems(60, seed=11)
     emb = HashingEmbedder(384)
@@ -97,7 +98,8 @@ def test_aask_makes_the_decisions_and_commits_of_ask(demo: Any) -> None:
     expected = [sync.ask(q) for q in queries]
 
     async def drive() -> list[Any]:
-        return [await async_.aask(q, perform=_async_perform(levels, emb)) for q in queries]
+        return [await async_.aask(q, perform=_async_perform(levels, emb),
+                                  retrieve_off_loop=off_loop) for q in queries]
 
     got = asyncio.run(drive())
     assert got == expected

@@ -130,7 +130,8 @@ class Gateway:
             min(1.0, 0.1 * self.deadline_s) if commit_reserve_s is None else commit_reserve_s
         )
         self.models = (CASCADE_MODEL, *names)
-        self.metrics = GatewayMetrics(names, lambda: cascade.state, lambda: audit.states)
+        self.metrics = GatewayMetrics(names, lambda: cascade.state, lambda: audit.states,
+                                      lambda: batcher.stats)
         self._executor = ThreadPoolExecutor(commit_threads, thread_name_prefix="gateway-commit")
         self._served: OrderedDict[str, _Served] = OrderedDict()
         self._remember = remember
@@ -182,7 +183,8 @@ class Gateway:
         try:
             async with asyncio.timeout(deadline_at - time.perf_counter()):
                 out = await self.cascade.aask(
-                    query, tenant=tenant, perform=perform, executor=self._executor
+                    query, tenant=tenant, perform=perform, executor=self._executor,
+                    retrieve_off_loop=True,
                 )
         except TimeoutError:
             raise RequestError(

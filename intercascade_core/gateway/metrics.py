@@ -18,6 +18,7 @@ thresholds, the strong-call rate and the audit are read from the live state at s
 ``intercascade_repository_entries``          strategies per level and tenant
 ``intercascade_threshold``                   each level's threshold in force (+Inf: abstains)
 ``intercascade_audit_*``                     labels, wrong labels, risk bounds, alarm per level
+``intercascade_embed_*``                     texts embedded, embedder calls (batches), seconds in them
 ==========================================  ===========================================
 """
 
@@ -27,11 +28,12 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..core.audit import AuditState
 from ..core.state import CascadeState, Outcome
+from .batching import BatchStats
 
 __all__ = ["CONTENT_TYPE", "GatewayMetrics", "StateCollector"]
 
@@ -49,12 +51,24 @@ class StateCollector(Collector):
         names: Sequence[str],
         state: Callable[[], CascadeState],
         audits: Callable[[], Sequence[AuditState]],
+        embedding: Callable[[], BatchStats] | None = None,
     ) -> None:
         self._names = tuple(names)
         self._state = state
         self._audits = audits
+        self._embedding = embedding
 
     def collect(self) -> Iterator[Metric]:
+        if self._embedding is not None:
+            stats = self._embedding()
+            for name, value, doc in (
+                ("texts", stats.texts, "Texts embedded"),
+                ("batches", stats.batches, "Embedder calls (a batch of texts each)"),
+                ("seconds", stats.seconds, "Seconds inside the embedder"),
+            ):
+                family = CounterMetricFamily(f"intercascade_embed_{name}", doc)
+                family.add_metric([], value)
+                yield family
         state = self._state()
         entries = GaugeMetricFamily(
             "intercascade_repository_entries", "Strategies stored, per level and tenant",
@@ -112,6 +126,7 @@ class GatewayMetrics:
         names: Sequence[str],
         state: Callable[[], CascadeState],
         audits: Callable[[], Sequence[AuditState]],
+        embedding: Callable[[], BatchStats] | None = None,
     ) -> None:
         self.names = tuple(names)
         self.registry = CollectorRegistry()
@@ -137,7 +152,7 @@ class GatewayMetrics:
                                "Time per cascade request in each phase (model calls, embedding, "
                                "retrieval and decisions, commit)",
                                ["phase"], buckets=_LATENCY_BUCKETS, registry=r)
-        r.register(StateCollector(names, state, audits))
+        r.register(StateCollector(names, state, audits, embedding))
 
     def outcome(self, out: Outcome) -> None:
         """Count a committed outcome per level."""
