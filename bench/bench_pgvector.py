@@ -15,7 +15,15 @@ instance (PostgreSQL 16 + pgvector 0.6, unix socket, same machine):
   ``retrieve(backend="hnsw")`` (hnswlib), median and p95; recall@5 of both
   approximate paths against exact.
 
-    python bench/bench_pgvector.py --sizes 100000 --out bench/results/pgvector.md
+    python bench/bench_pgvector.py --sizes 100000
+
+``--sweep``: the search curve instead, on a table kept under ``bench/data/pgvector-<N>/``
+(built on the first run, reused after): ``ef_search`` x path (plain server HNSW, or
+``overfetch·k`` rows re-scored exactly) on calibration queries, ``search(recall=r)`` for
+each row of the library's table on held-out queries, per ``--shared-buffers`` setting:
+
+    python bench/bench_pgvector.py --sweep --sizes 1000000 --queries 200 --exact-queries 3 \
+        --shared-buffers 128MB 4GB --ef 40 64 100 150 200 300 400 500 600 800 1000 --overfetch 1 2 4
 
 Runs as root too (pgserver then runs PostgreSQL as a ``pgserver`` system user).
 """
@@ -56,6 +64,16 @@ def entries(lo: int, hi: int, prefix: str = "q") -> list[Any]:
             for i in range(lo, hi)]
 
 
+def pg_server(pgdata: Path) -> Any:
+    """Start (or join) the pgserver instance on ``pgdata``; ``cleanup()`` stops it and
+    keeps the data (platformdirs warns at import when XDG_RUNTIME_DIR is unset)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pgserver.postgres_server import get_server
+
+        return get_server(pgdata, cleanup_mode="stop")
+
+
 def pct(xs: list[float], p: float) -> float:
     return float(np.percentile(np.asarray(xs), p))
 
@@ -68,17 +86,13 @@ def timed(fn: Any) -> float:
 
 def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental: int, ann_max: int,
         mwm: str = "1GB") -> dict[str, Any]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-
     from intercascade_core.core.retrieve import retrieve
     from intercascade_core.storage.pgvector import PgVectorStore
     from intercascade_core.storage.sync import PgSync
 
     base = Path(tempfile.mkdtemp(prefix="intercascade-pg-bench-"))
     base.chmod(0o755)
-    srv = pgserver.get_server(base / "data", cleanup_mode="stop")
+    srv = pg_server(base / "data")
     res: dict[str, Any] = {"n": n}
     try:
         url = srv.get_uri()
@@ -156,11 +170,11 @@ def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental:
         def recall(got: list[Any]) -> float:
             if not got:
                 return float("nan")
-            return sum(len(set(g.tolist()) & set(e.tolist())) for g, e in zip(got, loc_exact)) / (5 * len(got))
+            return sum(len(set(g.tolist()) & set(e.tolist())) for g, e in zip(got, loc_exact, strict=True)) / (5 * len(got))
 
         res["recall_srv_hnsw"] = recall(srv_hnsw)
         res["recall_loc_hnsw"] = recall(loc_hnsw)
-        agree = sum(np.array_equal(a, b) for a, b in zip(srv_exact, loc_exact))
+        agree = sum(np.array_equal(a, b) for a, b in zip(srv_exact, loc_exact, strict=False))
         res["exact_agree"] = f"{agree}/{len(srv_exact)}"
     finally:
         with warnings.catch_warnings():
@@ -168,6 +182,249 @@ def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental:
             srv.cleanup()
         shutil.rmtree(base, ignore_errors=True)
     return res
+
+
+CACHE = Path(__file__).parent / "data"
+
+
+def cached_table(n: int, cache_root: Path, mwm: str) -> tuple[Any, dict[str, Any]]:
+    """A running pgserver whose default table holds ``clustered(n, seed=n)`` (ids 1..n in
+    row order) with the library's HNSW index (m 16, ef_construction 64), kept under
+    ``cache_root/pgvector-<n>/`` so that only the first run pays the bulk load and the
+    index build (``meta.json``, written last, marks a complete cache and records both
+    times). Returns ``(server, meta)``; stop the server with ``server.cleanup()``."""
+    import json
+
+    from intercascade_core.storage.pgvector import PgVectorStore
+
+    d = cache_root / f"pgvector-{n}"
+    meta_path = d / "meta.json"
+    if meta_path.exists():
+        srv = pg_server(d / "pgdata")
+        meta = json.loads(meta_path.read_text())
+        meta["reused"] = True
+        return srv, meta
+    shutil.rmtree(d, ignore_errors=True)  # an unfinished earlier attempt
+    d.mkdir(parents=True)
+    for p in (d, d.parent):  # the pgserver system user (when run as root) must reach pgdata
+        p.chmod(0o755)
+    srv = pg_server(d / "pgdata")
+    x = clustered(n, seed=n)
+    with PgVectorStore.connect(srv.get_uri(), DIM) as store:
+        store.drop_ann_index()
+        t_load = timed(lambda: [store.push(entries(a, min(n, a + 5000)), x[a:min(n, a + 5000)])
+                                for a in range(0, n, 5000)])
+        t_build = timed(lambda: store.create_ann_index(maintenance_work_mem=mwm))
+        if not (store.count() == n == store.max_id()):
+            raise RuntimeError(f"cache build: expected ids 1..{n}, got {store.count()} rows, max id {store.max_id()}")
+    meta = {"n": n, "seed": n, "dim": DIM, "m": 16, "ef_construction": 64, "maintenance_work_mem": mwm,
+            "load_s": t_load, "index_build_s": t_build, "nproc": os.cpu_count(),
+            "load_avg_at_build": os.getloadavg(), "reused": False}
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(meta_path)
+    return srv, meta
+
+
+def query_set(x: np.ndarray, n_queries: int, seed: int) -> np.ndarray:
+    """Perturbed copies of random rows (noise 0.03), unit norm: what the earlier runs
+    used with seed 1."""
+    rng = np.random.default_rng(seed)
+    qi = rng.choice(x.shape[0], n_queries, replace=False)
+    q = x[qi] + 0.03 * rng.standard_normal((n_queries, DIM)).astype(np.float32)
+    out: np.ndarray = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def restart_with(srv: Any, shared_buffers: str) -> Any:
+    """Restart the server with ``shared_buffers`` (ALTER SYSTEM; kept in the cache)."""
+    import psycopg
+
+    with psycopg.connect(srv.get_uri(), autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM SET shared_buffers = '{shared_buffers}'")
+    pgdata = Path(srv.pgdata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        srv.cleanup()
+    return pg_server(pgdata)
+
+
+def recall_lower_bound(hits: list[int], k: int) -> float:
+    """One-sided 95% lower confidence bound of the mean recall@k over queries (normal
+    approximation over per-query recalls, which are independent across queries while
+    the k slots of one query are not)."""
+    r = np.asarray(hits, float) / k
+    return float(r.mean() - 1.645 * r.std(ddof=1) / np.sqrt(r.size)) if r.size > 1 else float("nan")
+
+
+def sweep(n: int, n_queries: int, efs: list[int], overfetches: list[int], n_exact: int, cache_root: Path,
+          mwm: str, shared_buffers: list[str], k: int = 5, n_explain: int = 20) -> dict[str, Any]:
+    """The search sweep at size ``n`` on the cached table (see :func:`cached_table`).
+
+    Ground truth: the local reference scan (``_topk_numpy``) over the rows exactly as
+    the server stores them (ids 1..n in row order, checked). For each ``shared_buffers``
+    setting (server restarted; then 200 warm-up queries of a third seed at the largest
+    breadth, untimed): on a calibration query set (seed 1) every (ef_search, path)
+    configuration answers every query, in a fresh random order per query, so load
+    drifts hit all configurations alike; paths: plain server HNSW (``rescore=False``)
+    and fetch ``c·k`` rows + exact re-score for each ``c``. Then on a held-out set
+    (seed 2) ``search(recall=r)`` for each row of the library's table, against plain
+    HNSW at the default breadth in the same loop.
+    """
+    import json
+
+    from intercascade_core.core import _topk_numpy
+    from intercascade_core.core.repository import unit_rows
+    from intercascade_core.storage.pgvector import (
+        RECALL_EF_SEARCH,
+        PgVectorStore,
+        _rounded_unit,
+        _Vec,
+    )
+
+    t0 = time.perf_counter()
+    srv, meta = cached_table(n, cache_root, mwm)
+    res: dict[str, Any] = {"n": n, "k": k, "meta": meta, "setup_s": time.perf_counter() - t0,
+                           "loadavg_start": os.getloadavg(), "runs": []}
+    try:
+        x = clustered(n, seed=n)
+        q_cal, q_val = query_set(x, n_queries, seed=1), query_set(x, n_queries, seed=2)
+        q_warm = query_set(x, 200, seed=4)
+        for a in range(0, n, 50_000):  # in place: the rows as push() stored them
+            x[a:a + 50_000] = _rounded_unit(x[a:a + 50_000])
+        # queries as retrieve() and search() score them: renormalised by unit_rows
+        ref_cal = _topk_numpy.topk(x, unit_rows(q_cal, DIM), k)
+        truth_cal, truth_val = ref_cal[0] + 1, _topk_numpy.topk(x, unit_rows(q_val, DIM), k)[0] + 1
+        rng = np.random.default_rng(3)
+        for sb in shared_buffers:
+            srv = restart_with(srv, sb)
+            run: dict[str, Any] = {"shared_buffers": sb}
+            res["runs"].append(run)
+            with PgVectorStore.connect(srv.get_uri(), DIM, max_size=1) as store:
+                with store._conn() as conn:
+                    row = conn.execute(
+                        "SELECT pg_size_pretty(pg_relation_size('intercascade_strategies_embedding_hnsw')),"
+                        " pg_size_pretty(pg_table_size('intercascade_strategies')), current_setting('shared_buffers')"
+                    ).fetchone()
+                    assert row is not None
+                    run["index_size"], run["table_size"], run["shared_buffers_shown"] = row
+                head, tail = store.pull_since(0, limit=3), store.pull_since(n - 3)
+                assert [e.id for e in head.entries + tail.entries] == [1, 2, 3, n - 2, n - 1, n]
+                assert np.array_equal(head.vectors, x[:3]) and np.array_equal(tail.vectors, x[-3:])
+                t = time.perf_counter()
+                for i in range(q_warm.shape[0]):  # untimed: graph pages into the caches
+                    store.search(q_warm[i:i + 1], k, ef_search=max(efs), rescore=False)
+                run["warmup_s"] = time.perf_counter() - t
+                # the server's exact scan, re-scored, equals the local reference bit for bit
+                t_ex, agree = [], 0
+                for i in range(n_exact):
+                    t = time.perf_counter()
+                    r = store.search(q_cal[i:i + 1], k, exact=True)
+                    t_ex.append(1e3 * (time.perf_counter() - t))
+                    agree += bool(np.array_equal(r.indices[0], truth_cal[i])
+                                  and np.array_equal(r.scores[0], ref_cal[1][i]))
+                run["exact_ms"], run["exact_agree"] = t_ex, f"{agree}/{n_exact}"
+                # inside the server: execution time and buffer traffic of the index scan
+                run["explain"] = {}
+                for ef in efs:
+                    ex_ms, hit, read = [], [], []
+                    with store._conn() as conn:
+                        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
+                        for i in range(min(n_explain, n_queries)):
+                            plan = conn.execute(
+                                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT id FROM intercascade_strategies"
+                                " ORDER BY embedding <=> %s LIMIT %s", (_Vec(_rounded_unit(q_cal[i:i + 1])[0]), k)).fetchone()
+                            assert plan is not None
+                            top_plan = plan[0][0]
+                            ex_ms.append(top_plan["Execution Time"])
+                            hit.append(top_plan["Plan"]["Shared Hit Blocks"])
+                            read.append(top_plan["Plan"]["Shared Read Blocks"])
+                            assert "hnsw" in json.dumps(top_plan)
+                    run["explain"][ef] = {"ms": ex_ms, "hit": hit, "read": read}
+                configs = [("plain", ef, 0) for ef in efs] + [
+                    ("rescore", ef, c) for ef in efs for c in overfetches if c * k <= ef]
+                ms: dict[Any, list[float]] = {cfg: [] for cfg in configs}
+                hits: dict[Any, list[int]] = {cfg: [] for cfg in configs}
+                t = time.perf_counter()
+                for i in range(n_queries):
+                    for j in rng.permutation(len(configs)):
+                        path, ef, c = cfg = configs[j]
+                        kw: dict[str, Any] = {"rescore": False} if path == "plain" else {"overfetch": c}
+                        t1 = time.perf_counter()
+                        r = store.search(q_cal[i:i + 1], k, ef_search=ef, **kw)
+                        ms[cfg].append(1e3 * (time.perf_counter() - t1))
+                        hits[cfg].append(len(set(r.indices[0].tolist()) & set(truth_cal[i].tolist())))
+                run["sweep_s"] = time.perf_counter() - t
+                run["curve"] = [{"path": p, "ef": ef, "c": c, "recall": sum(hits[(p, ef, c)]) / (k * n_queries),
+                                 "recall_lb": recall_lower_bound(hits[(p, ef, c)], k), "hits": hits[(p, ef, c)],
+                                 "ms": ms[(p, ef, c)]} for (p, ef, c) in configs]
+                # held-out queries: the recall= parameter against the default plain breadth
+                vcfg: list[Any] = [("plain, ef_search 64", None)] + [
+                    (f"recall={r} (ef_search {ef})", r) for r, ef in RECALL_EF_SEARCH]
+                vms: dict[str, list[float]] = {name: [] for name, _ in vcfg}
+                vhits: dict[str, list[int]] = {name: [] for name, _ in vcfg}
+                for i in range(n_queries):
+                    for j in rng.permutation(len(vcfg)):
+                        name, rr = vcfg[j]
+                        kw = {"rescore": False, "ef_search": 64} if rr is None else {"recall": rr}
+                        t1 = time.perf_counter()
+                        top = store.search(q_val[i:i + 1], k, **kw)
+                        vms[name].append(1e3 * (time.perf_counter() - t1))
+                        vhits[name].append(len(set(top.indices[0].tolist()) & set(truth_val[i].tolist())))
+                run["heldout"] = [{"name": name, "recall": sum(vhits[name]) / (k * n_queries),
+                                   "target": rr, "ms": vms[name]} for name, rr in vcfg]
+    finally:
+        res["loadavg_end"] = os.getloadavg()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            srv.cleanup()
+    return res
+
+
+def sweep_report(r: dict[str, Any], cmd: str, wall_s: float) -> str:
+    def mp(xs: list[float]) -> str:
+        return f"{pct(xs, 50):.3g} / {pct(xs, 95):.3g}"
+
+    meta = r["meta"]
+    lines = [
+        f"`{cmd}` — {wall_s:.0f} s wall ({r['setup_s']:.0f} s to get the table: "
+        + ("cached" if meta["reused"] else "built now")
+        + f"; load {meta['load_s']:.0f} s, HNSW build {meta['index_build_s']:.0f} s when built), "
+        f"nproc {os.cpu_count()}, load average {r['loadavg_start'][0]:.1f} at start, "
+        f"{r['loadavg_end'][0]:.1f} at end. N = {r['n']:,}, k = {r['k']}.",
+        "",
+    ]
+    for run in r["runs"]:
+        base = {c["ef"]: c for c in run["curve"] if c["path"] == "plain"}
+        cs = sorted({c["c"] for c in run["curve"] if c["path"] == "rescore"})
+        lines += [
+            f"### shared_buffers {run['shared_buffers_shown']} (index {run['index_size']}, "
+            f"table {run['table_size']}; warm-up {run['warmup_s']:.0f} s, sweep {run['sweep_s']:.0f} s, "
+            f"{len(run['curve'][0]['ms'])} queries per configuration)",
+            "",
+            f"Server exact scan + re-score: {mp(run['exact_ms'])} ms; equal to the local reference "
+            f"(ids and float32 scores, bit for bit) on {run['exact_agree']} queries.",
+            "",
+            "| ef_search | in server: execution p50 ms, buffers hit / read | plain HNSW: recall@5 (95% lower bound) "
+            "| p50 / p95 ms | "
+            + " | ".join(f"re-score c={c}: recall@5 | p50 / p95 ms | p50 vs plain" for c in cs) + " |",
+            "|---|---|---|---|" + "---|---|---|" * len(cs),
+        ]
+        for ef, b in sorted(base.items()):
+            e = run["explain"][ef] if ef in run["explain"] else run["explain"][str(ef)]
+            row = (f"| {ef} | {pct(e['ms'], 50):.3g}, {pct(e['hit'], 50):,.0f} / {pct(e['read'], 50):,.0f} "
+                   f"| {b['recall']:.3f} ({b['recall_lb']:.3f}) | {mp(b['ms'])} |")
+            for c in cs:
+                m = [x for x in run["curve"] if x["path"] == "rescore" and x["ef"] == ef and x["c"] == c]
+                row += (f" {m[0]['recall']:.3f} | {mp(m[0]['ms'])} | "
+                        f"{pct(m[0]['ms'], 50) / pct(b['ms'], 50):.2f}x |" if m else " — | — | — |")
+            lines.append(row)
+        lines += ["", "Held-out queries (another seed), `search(q, 5, recall=r)` with the library's table:", "",
+                  "| call | recall@5 | p50 / p95 ms |", "|---|---|---|"]
+        for h in run["heldout"]:
+            lines.append(f"| {h['name']} | {h['recall']:.3f} | {mp(h['ms'])} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def report(results: list[dict[str, Any]], cmd: str) -> str:
@@ -237,7 +494,33 @@ def main() -> None:
                     help="above this size skip the HNSW index builds (server and local)")
     ap.add_argument("--maintenance-work-mem", default="1GB", help="for the server's HNSW build")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--sweep", action="store_true",
+                    help="search sweep (ef_search x over-fetch, re-score vs plain) on a table cached under --cache")
+    ap.add_argument("--ef", type=int, nargs="+", default=[40, 64, 100, 150, 200, 300, 400, 600, 800, 1000])
+    ap.add_argument("--overfetch", type=int, nargs="*", default=[1, 2, 4])
+    ap.add_argument("--shared-buffers", nargs="+", default=["128MB"],
+                    help="server settings to sweep under (128MB is PostgreSQL's default)")
+    ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--json", type=Path, default=None, help="raw sweep results")
     a = ap.parse_args()
+    if a.sweep:
+        for n in a.sizes:
+            t = time.perf_counter()
+            r = sweep(n, a.queries, a.ef, a.overfetch, a.exact_queries, a.cache, a.maintenance_work_mem,
+                      a.shared_buffers)
+            wall = time.perf_counter() - t
+            cmd = (f"python bench/bench_pgvector.py --sweep --sizes {n} --queries {a.queries} "
+                   f"--exact-queries {a.exact_queries} --shared-buffers {' '.join(a.shared_buffers)} "
+                   f"--ef {' '.join(map(str, a.ef))} --overfetch {' '.join(map(str, a.overfetch))}")
+            text = sweep_report(r, cmd, wall)
+            print(text, flush=True)
+            if a.json:
+                import json
+
+                a.json.write_text(json.dumps(r))
+            if a.out:
+                a.out.write_text(text, encoding="utf-8")
+        return
     results = []
     for n in a.sizes:
         t = time.perf_counter()

@@ -7,6 +7,7 @@ for how pgserver runs as root.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -473,3 +474,125 @@ def test_retrieve_backend_pgvector(store: PgVectorStore) -> None:
     with pytest.raises(InvalidArgumentError) as info:
         retrieve(store, q, 5, backend="pgvector")
     assert info.value.argument == "backend"
+
+
+# ----------------------------------------------------------------------------- re-scored search
+def _mirror(store: PgVectorStore) -> tuple[Any, np.ndarray]:
+    """The store's rows as a local repository (row order == id order) and their ids."""
+    s = PgSync(store)
+    s.pull()
+    ids = np.array([e.id for e in s.repo.entries])
+    assert (np.diff(ids) > 0).all()
+    return s.repo, ids
+
+
+def test_rescored_search_is_the_exact_top_k_when_the_overfetch_covers_the_table(store: PgVectorStore) -> None:
+    """Candidates re-scored here: ids and float32 scores equal the local exact scan bit
+    for bit (ties to the lower id), for the index path and the exact scan alike, once
+    ``overfetch·k`` rows cover the table and ``ef_search`` >= n (the graph search then
+    visits every row)."""
+    rng = np.random.default_rng(11)
+    n, k = 300, 5
+    vs = unit_rows(rng, n)
+    vs[150:154] = vs[20]  # exact duplicates: four-way ties at score 1.0
+    store.push(entries(n, prefix="x"), vs)
+    repo, ids = _mirror(store)
+    qs = np.vstack([unit_rows(rng, 30), vs[20:21], vs[151:152]])
+    ref = retrieve(repo, qs, k, backend="numpy")  # the reference scan
+    local = retrieve(repo, qs, k, backend="exact")  # C or its twin: float32 sums, same ids
+    for kw in ({"exact": True}, {"ef_search": 1000}):
+        top = store.search(qs, k, overfetch=n // k, **kw)
+        np.testing.assert_array_equal(top.indices, ids[ref.indices], err_msg=str(kw))
+        np.testing.assert_array_equal(top.scores, ref.scores, err_msg=str(kw))
+        np.testing.assert_array_equal(top.indices, ids[local.indices], err_msg=str(kw))
+        np.testing.assert_allclose(top.scores, local.scores, atol=2e-6)
+    tie = store.search(vs[20:21], k, overfetch=n // k, ef_search=1000)
+    assert tie.indices[0, :5].tolist() == sorted([ids[20], *ids[150:154]])  # ties: lower id first
+    # the server's own scores (no vectors fetched) agree up to float rounding only
+    plain = store.search(qs, k, ef_search=1000, rescore=False)
+    np.testing.assert_allclose(plain.scores, ref.scores, atol=2e-6)
+    # the default over-fetch (2k rows of the server's order) holds the same top k here
+    default = store.search(qs, k, ef_search=1000)
+    np.testing.assert_array_equal(default.indices, ids[ref.indices])
+    np.testing.assert_array_equal(default.scores, ref.scores)
+
+
+def test_recall_sets_ef_search_and_is_validated(store: PgVectorStore, url: str) -> None:
+    table = pgs.RECALL_EF_SEARCH
+    assert all(r1 < r2 and e1 < e2 for (r1, e1), (r2, e2) in itertools.pairwise(table))
+    for reached, ef in table:
+        assert pgs.ef_search_for_recall(reached) == ef
+    assert pgs.ef_search_for_recall(table[0][0] / 2) == table[0][1]
+    assert pgs.ef_search_for_recall(1.0) is None  # only the exact scan promises recall 1
+    above = (table[-1][0] + 1.0) / 2
+    assert pgs.ef_search_for_recall(above) is None  # beyond what the index reached: exact
+    q = unit_rows(np.random.default_rng(12), 2)
+    for bad in (0, 0.0, -0.5, 1.01, float("nan"), float("inf"), True, "0.9"):
+        with pytest.raises(InvalidArgumentError) as info:
+            store.search(q, 5, recall=bad)  # type: ignore[arg-type]
+        assert info.value.argument == "recall"
+        with pytest.raises(InvalidArgumentError):
+            pgs.ef_search_for_recall(bad)  # type: ignore[arg-type]
+    for bad_of in (0, -1, 1001, True, 2.0):
+        with pytest.raises(InvalidArgumentError) as info:
+            store.search(q, 5, overfetch=bad_of)  # type: ignore[arg-type]
+        assert info.value.argument == "overfetch"
+    with pytest.raises(InvalidArgumentError) as info:
+        store.search(q, 5, overfetch=4, rescore=False)
+    assert info.value.argument == "overfetch"
+
+    # observable effects. Tenant "far" (half the rows) lies opposite the query, "near"
+    # around it; with ef_search 10 the index finds 10 "near" rows, and pgvector filters
+    # by tenant after the index scan, so a "far" search through the index finds nothing.
+    rng = np.random.default_rng(13)
+    near = unit_rows(rng, 400) * 0.2 + q[0]
+    near = (near / np.linalg.norm(near, axis=1, keepdims=True)).astype(np.float32)
+    store.push(entries(400, prefix="n", tenant="near"), near)
+    store.push(entries(400, prefix="f", tenant="far"), -near)
+    with psycopg.connect(url) as conn:
+        conn.execute(f"ANALYZE {store.table}")  # the planner then sees "far" is half the table
+        plan = "\n".join(r[0] for r in conn.execute(
+            f"EXPLAIN SELECT id FROM {store.table} WHERE tenant = 'far' ORDER BY embedding <=> %s::vector LIMIT 3",
+            ("[" + ",".join(map(str, q[0].tolist())) + "]",),
+        ).fetchall())
+    assert "hnsw" in plan, plan
+    one = q[:1]
+    # an explicit ef_search beats recall (even 1.0, which alone takes the exact scan);
+    # pgvector 0.6 returns at most ef_search rows from an index scan
+    assert store.search(one, 3, tenant="far", ef_search=10, recall=1.0, rescore=False).indices.shape == (1, 0)
+    assert store.search(one, 5, recall=0.8, ef_search=1, rescore=False).indices.shape == (1, 1)
+    assert store.search(one, 5, recall=0.8, rescore=False).indices.shape == (1, 5)
+    # recall 1.0, or above every row of the table, takes the exact scan
+    want = store.search(one, 3, tenant="far", exact=True)
+    assert want.indices.shape == (1, 3)
+    for r in (1.0, above):
+        top = store.search(one, 3, tenant="far", recall=r)
+        np.testing.assert_array_equal(top.indices, want.indices)
+        np.testing.assert_array_equal(top.scores, want.scores)
+
+
+def test_rescored_search_keeps_the_tenant_filter(store: PgVectorStore) -> None:
+    rng = np.random.default_rng(14)
+    n = 240
+    tenants = ["acme" if i % 3 else "globex" for i in range(n)]
+    vs = unit_rows(rng, n)
+    for i in range(n):  # interleaved ids
+        store.push(entries(1, prefix=f"t{i}-", tenant=tenants[i]), vs[i : i + 1])
+    repo, ids = _mirror(store)
+    qs = unit_rows(rng, 12)
+    for tenant in ("acme", "globex"):
+        mine = {int(i) for i, t in zip(ids, tenants, strict=True) if t == tenant}
+        ref = retrieve(repo, qs, 5, backend="numpy", tenant=tenant)
+        for kw in ({"exact": True}, {"ef_search": 1000}, {"recall": 0.8}):
+            top = store.search(qs, 5, tenant=tenant, overfetch=n // 5, **kw)
+            assert set(top.indices.ravel().tolist()) <= mine, kw
+            np.testing.assert_array_equal(top.indices, ids[ref.indices], err_msg=str(kw))
+            np.testing.assert_array_equal(top.scores, ref.scores, err_msg=str(kw))
+        # few rows fetched (k of them): still only this tenant's, each scored exactly
+        few = store.search(qs, 5, tenant=tenant, overfetch=1)
+        assert set(few.indices.ravel().tolist()) <= mine
+        for qi in range(qs.shape[0]):
+            sub = retrieve(repo, qs[qi : qi + 1], len(mine), backend="numpy", tenant=tenant)
+            exact_score = {int(ids[r]): float(s) for r, s in zip(sub.indices[0], sub.scores[0], strict=True)}
+            for i, s in zip(few.indices[qi], few.scores[qi], strict=True):
+                assert s == exact_score[int(i)]

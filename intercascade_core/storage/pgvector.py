@@ -36,6 +36,12 @@ strong-model acceptance), so serialising them costs nothing measurable.
 NOTHING``, so concurrent writers (or a writer re-sending a queue after a crash) never
 store the same strategy twice; :meth:`push` reports how many rows were new.
 
+**Search.** :meth:`PgVectorStore.search` lets pgvector's HNSW index (or an exact
+scan) propose ``overfetch·k`` rows, fetches them with their vectors and scores them
+here exactly as the local reference scan does, so scores and tie order match the local
+paths; ``recall=`` picks ``hnsw.ef_search`` from a table measured at 1M rows
+(:data:`RECALL_EF_SEARCH`). One pipelined round trip per call.
+
 **Errors.** A server that cannot be reached raises :class:`ServerUnavailableError`
 (also a :class:`ConnectionError`); a server without the pgvector extension raises
 :class:`PgVectorMissingError`; bad arguments raise
@@ -63,6 +69,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import numpy.typing as npt
 
+from ..core import _topk_numpy
 from ..core.repository import Entry, unit_rows
 from ..errors import (
     InvalidArgumentError,
@@ -80,11 +87,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.retrieve import TopK
 
 __all__ = [
+    "DEFAULT_OVERFETCH",
     "DEFAULT_TABLE",
+    "RECALL_EF_SEARCH",
     "SCHEMA_VERSION",
     "PgVectorStore",
     "Pulled",
     "content_hash",
+    "ef_search_for_recall",
 ]
 
 log = logging.getLogger(__name__)
@@ -185,6 +195,64 @@ def _adapters(oid: int) -> tuple[type, type]:
             return _vec_from_binary(data)
 
     return VecDumper, VecLoader
+
+
+# ----------------------------------------------------------------------------- search breadth
+_EF_MAX = 1000  # pgvector's upper bound for hnsw.ef_search
+
+#: rows fetched and re-scored per query, as a multiple of ``k`` (see :meth:`PgVectorStore.search`).
+DEFAULT_OVERFETCH = 2
+
+#: ``(recall@5, ef_search)``: with that ``hnsw.ef_search`` the library's index (m 16,
+#: ef_construction 64) reached that recall@5. Provenance: ``python bench/bench_pgvector.py
+#: --sweep --sizes 1000000`` (bench/results/pgvector.md): PostgreSQL 16.2 + pgvector 0.6.2,
+#: 1M clustered synthetic 384-d unit rows (200 clusters), 200 perturbed-row queries
+#: (seed 1), k = 5; each recall is the one-sided 95% lower confidence bound of the mean
+#: over the queries, floored to 2 decimals (the point estimates run 0.578 at 40 to 0.896
+#: at 1000; held-out queries reached 0.921 at 1000). Smaller tables reach more at the same
+#: breadth (ef_search 64: 0.948 at 100k), so the table errs on the slow side there.
+#: pgvector caps ef_search at 1000 and, before 0.8, has no iterative scan to go beyond
+#: it, so recall above the last row needs the exact scan.
+RECALL_EF_SEARCH: tuple[tuple[float, int], ...] = (
+    (0.53, 40), (0.61, 64), (0.65, 100), (0.69, 150), (0.71, 200), (0.76, 300),
+    (0.80, 400), (0.81, 500), (0.82, 600), (0.85, 800), (0.87, 1000),
+)
+
+
+def _check_recall(recall: Any) -> float:
+    if isinstance(recall, bool) or not isinstance(recall, (int, float, np.integer, np.floating)):
+        raise InvalidArgumentError("recall", f"must be a number in (0, 1], got {type(recall).__name__}")
+    if not 0.0 < float(recall) <= 1.0:  # also refuses NaN
+        raise InvalidArgumentError("recall", f"must be in (0, 1], got {recall!r}")
+    return float(recall)
+
+
+def ef_search_for_recall(recall: float) -> int | None:
+    """The ``hnsw.ef_search`` for a requested recall@k: the first row of
+    :data:`RECALL_EF_SEARCH` that reached it, or None (take the exact scan) for 1.0 and
+    for anything above the table. The table was measured at k = 5 on one data set;
+    it is a calibrated default, not a guarantee for other data (pass ``ef_search``)."""
+    r = _check_recall(recall)
+    if r < 1.0:
+        for reached, ef in RECALL_EF_SEARCH:
+            if reached >= r:
+                return ef
+    return None
+
+
+def _rescore(
+    rows: list[Any], query: npt.NDArray[np.float32], k: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Top-``k`` of the fetched ``(id, vector)`` rows for one ``query`` (1, d), scored
+    by the local reference scan: rows in id order, so its ties-to-the-lower-row rule is
+    ties-to-the-lower-id."""
+    if not rows:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    ids = np.array([int(r[0]) for r in rows], np.int64)
+    o = np.argsort(ids)
+    vecs = np.stack([rows[j][1] for j in o]).astype(np.float32, copy=False)
+    ii, ss = _topk_numpy.topk(vecs, query, k)
+    return ids[o][ii[0]], ss[0]
 
 
 # ----------------------------------------------------------------------------- results
@@ -364,8 +432,9 @@ class PgVectorStore:
         return self._insert_key
 
     @contextmanager
-    def _conn(self, *, schema: bool = True) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection, inside a transaction; server errors become typed ones."""
+    def _conn(self, *, schema: bool = True, transaction: bool = True) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection, inside a transaction (``transaction=False``: the caller
+        opens it, e.g. inside a pipeline); server errors become typed ones."""
         import psycopg
         from psycopg_pool import PoolClosed, PoolTimeout
 
@@ -379,6 +448,9 @@ class PgVectorStore:
                     dumper, loader = self._adapt
                     conn.adapters.register_dumper(_Vec, dumper)
                     conn.adapters.register_loader(self._oid, loader)  # type: ignore[arg-type]
+                if not transaction:
+                    yield conn
+                    return
                 with conn.transaction():
                     yield conn
         except PoolTimeout as e:
@@ -640,20 +712,38 @@ class PgVectorStore:
         *,
         tenant: str | None = None,
         exact: bool = False,
+        recall: float | None = None,
         ef_search: int | None = None,
+        rescore: bool = True,
+        overfetch: int | None = None,
     ) -> TopK:
         """Server-side top-``k`` by cosine similarity; ``indices`` are **server ids**
         (look them up with :meth:`fetch`), ``scores`` cosine similarities, best first,
         equal scores to the lower id.
 
-        ``exact=True`` scans the table (index scans disabled in the transaction), which
-        agrees with the local exact path up to float rounding of near-equal scores.
-        Otherwise pgvector's HNSW index answers with ``hnsw.ef_search = ef_search``
-        (default ``max(64, 2k)``, at most 1000); with a ``tenant`` filter HNSW can
-        return fewer than ``k`` rows when the tenant is a small share of the table
-        (pgvector filters after the index search) — missing slots are id ``-1``,
-        score ``-inf``. Shape ``(m, k')`` with ``k' = min(k, #rows of tenant)`` for the
-        exact path (like :func:`retrieve`), the longest answer for the HNSW path.
+        **Which rows.** ``exact=True`` scans the table (index scans disabled in the
+        transaction). Otherwise pgvector's HNSW index answers with ``hnsw.ef_search``
+        set for this query: ``ef_search`` when given (1..1000), else the breadth that
+        reached ``recall`` (recall@k in (0, 1]) on the calibration set
+        (:func:`ef_search_for_recall`; a recall above what any breadth reached there,
+        and 1.0, take the exact scan), else ``max(64, 2k)``; never below the rows
+        fetched (``overfetch·k``, at most 1000), since pgvector 0.6 returns at most
+        ``ef_search`` rows from one index scan. With a ``tenant`` filter HNSW can return
+        fewer than ``k`` rows when the tenant is a small share of the table (pgvector
+        filters after the index search) — missing slots are id ``-1``, score ``-inf``.
+
+        **Scores.** With ``rescore=True`` (default) the ``overfetch·k`` best rows by the
+        server's order (``overfetch`` default :data:`DEFAULT_OVERFETCH`) come back with
+        their vectors and are scored here exactly as the local reference scan does
+        (:func:`~intercascade_core.core._topk_numpy.topk` on the candidate rows, query
+        renormalised like :func:`retrieve`'s), so a returned score is bit-identical to
+        ``retrieve(..., backend="numpy")``'s (the C scan's float32 sums agree to rounding)
+        and ties go to the lower id; when the candidates include
+        the true top-``k`` (always once ``overfetch·k`` covers the rows), so do the ids.
+        ``rescore=False`` returns the server's ``1 - (a <=> b)`` and fetches no vectors.
+
+        Shape ``(m, k')`` with ``k' = min(k, #rows of tenant)`` for the exact path
+        (like :func:`retrieve`), the longest answer for the HNSW path.
         """
         from psycopg import sql
 
@@ -664,51 +754,83 @@ class PgVectorStore:
         if tenant is not None and not isinstance(tenant, str):
             raise InvalidArgumentError("tenant", f"must be a str or None, got {type(tenant).__name__}")
         if ef_search is not None and (
-            isinstance(ef_search, bool) or not isinstance(ef_search, int) or not 1 <= ef_search <= 1000
+            isinstance(ef_search, bool) or not isinstance(ef_search, int) or not 1 <= ef_search <= _EF_MAX
         ):
-            raise InvalidArgumentError("ef_search", f"must be an int in [1, 1000], got {ef_search!r}")
-        q = _rounded_unit(unit_rows(query_vectors, self.dim, argument="query_vectors", renormalise=False))
+            raise InvalidArgumentError("ef_search", f"must be an int in [1, {_EF_MAX}], got {ef_search!r}")
+        if recall is not None:
+            _check_recall(recall)
+        if overfetch is not None:
+            if isinstance(overfetch, bool) or not isinstance(overfetch, int) or not 1 <= overfetch <= _EF_MAX:
+                raise InvalidArgumentError("overfetch", f"must be an int in [1, {_EF_MAX}], got {overfetch!r}")
+            if not rescore:
+                raise InvalidArgumentError("overfetch", "applies only with rescore=True (it sizes the re-scored set)")
+        raw = unit_rows(query_vectors, self.dim, argument="query_vectors", renormalise=False)
+        q = _rounded_unit(raw)  # what the server compares against (its own rows are rounded so)
+        ref_q = unit_rows(raw, self.dim, argument="query_vectors")  # what retrieve() scores with
         m, k = q.shape[0], int(k)
+        if k == 0 or m == 0:
+            return TopK(np.empty((m, 0), np.int64), np.empty((m, 0), np.float32))
+        if recall is not None and ef_search is None and ef_search_for_recall(recall) is None:
+            exact = True  # no index breadth reached this recall on the calibration set
+        fetch = k * (overfetch or DEFAULT_OVERFETCH) if rescore else k  # an index scan stops at ef_search anyway
+        if ef_search is not None:
+            ef = ef_search
+        else:
+            tabled = ef_search_for_recall(recall) if recall is not None else None
+            ef = min(_EF_MAX, max(tabled or max(64, 2 * k), fetch))
         t = sql.Identifier(self.table)
         where = sql.SQL(" WHERE tenant = %s") if tenant is not None else sql.SQL("")
         order = sql.SQL("embedding <=> %s, id") if exact else sql.SQL("embedding <=> %s")
-        stmt = sql.SQL(
-            "SELECT id, 1 - (embedding <=> %s) AS score FROM {t}{where} ORDER BY {order} LIMIT %s"
-        ).format(t=t, where=where, order=order)
-        if k == 0 or m == 0:
-            return TopK(np.empty((m, 0), np.int64), np.empty((m, 0), np.float32))
-        results: list[list[tuple[int, float]]] = []
-        with self._conn() as conn:
-            if exact:
-                conn.execute("SET LOCAL enable_indexscan = off")
-                conn.execute("SET LOCAL enable_bitmapscan = off")
-            else:
-                ef = ef_search if ef_search is not None else min(1000, max(64, 2 * k))
-                conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-            cur = conn.cursor(binary=True)
-            for i in range(m):
-                v = _Vec(q[i])
-                params: list[Any] = [v] + ([tenant] if tenant is not None else []) + [v, k]
-                rows = [(int(r[0]), float(r[1])) for r in cur.execute(stmt, params).fetchall()]
-                if not exact:  # ties to the lower id, like the local paths
-                    rows.sort(key=lambda r: (-r[1], r[0]))
-                results.append(rows)
+        cols = sql.SQL("id, embedding") if rescore else sql.SQL("id, 1 - (embedding <=> %s)")
+        stmt = sql.SQL("SELECT {cols} FROM {t}{where} ORDER BY {order} LIMIT %s").format(
+            cols=cols, t=t, where=where, order=order
+        )
+        results: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]] = []
+        # One pipeline: BEGIN, the settings, every query and COMMIT reach the server in
+        # one round trip. On a busy machine each round trip costs more than a small scan
+        # (20k rows, ef_search 40, load ~8 on 2 cores: 0.6 ms inside the server, 19 ms
+        # p50 per call with a round trip per statement, 7 ms pipelined).
+        with self._conn(transaction=False) as conn:
+            with conn.pipeline(), conn.transaction():
+                if exact:
+                    conn.execute("SET LOCAL enable_indexscan = off")
+                    conn.execute("SET LOCAL enable_bitmapscan = off")
+                else:
+                    conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
+                curs = []
+                for i in range(m):
+                    v = _Vec(q[i])
+                    params: list[Any] = ([] if rescore else [v]) + ([tenant] if tenant is not None else []) + [v, fetch]
+                    curs.append(conn.cursor(binary=True))
+                    curs[-1].execute(stmt, params)
+            for i, cur in enumerate(curs):
+                rows = cur.fetchall()
+                if rescore:
+                    results.append(_rescore(rows, ref_q[i : i + 1], k))
+                else:
+                    ids = np.array([int(r[0]) for r in rows], np.int64)
+                    sc = np.array([float(r[1]) for r in rows], np.float32)
+                    o = np.lexsort((ids, -sc))  # ties to the lower id, like the local paths
+                    results.append((ids[o], sc[o]))
         # exact returns min(k, #rows) per query; HNSW may return fewer (filtered search)
-        kk = max(len(r) for r in results)
+        kk = max(len(r[0]) for r in results)
         idx = np.full((m, kk), -1, np.int64)
-        sc = np.full((m, kk), -np.inf, np.float32)
-        for i, rows in enumerate(results):
-            for j, (rid, s) in enumerate(rows):
-                idx[i, j] = rid
-                sc[i, j] = np.float32(s)
-        return TopK(idx, sc)
+        sc_out = np.full((m, kk), -np.inf, np.float32)
+        for i, (ri, rs) in enumerate(results):
+            idx[i, : len(ri)] = ri
+            sc_out[i, : len(rs)] = rs
+        return TopK(idx, sc_out)
 
     def search_entries(
         self, query_vectors: npt.NDArray[np.float32], k: int, *, tenant: str | None = None,
-        exact: bool = False, ef_search: int | None = None,
+        exact: bool = False, recall: float | None = None, ef_search: int | None = None,
+        rescore: bool = True, overfetch: int | None = None,
     ) -> list[list[tuple[Entry, float]]]:
         """:meth:`search`, with each hit resolved to its :class:`Entry` (and score)."""
-        top = self.search(query_vectors, k, tenant=tenant, exact=exact, ef_search=ef_search)
+        top = self.search(
+            query_vectors, k, tenant=tenant, exact=exact, recall=recall, ef_search=ef_search,
+            rescore=rescore, overfetch=overfetch,
+        )
         found = self.fetch(np.unique(top.indices[top.indices >= 0]).tolist())
         return [
             [(found[int(i)], float(s)) for i, s in zip(ri, rs, strict=True) if int(i) in found]
