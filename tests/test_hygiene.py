@@ -175,13 +175,14 @@ def test_hygienic_teacher_passes_answers_through_and_reduces_strategies() -> Non
         never = dataclasses.replace(cal, threshold=float("inf"))
         strong_cal = dataclasses.replace(cal, threshold=0.0)
         levels = [Level(weak), Level(teacher)]
+        # the teacher wrappers rewrite the separate strategy call, which two-call mode makes
         run = run_stream(templated_math_stream(12, n_templates=3, seed=6), levels, EMB,
-                         calibrations=[never, strong_cal], config=CascadeConfig(backend="numpy"), progress=False)
+                         calibrations=[never, strong_cal], config=CascadeConfig(backend="numpy", strategy_mode="two_call"), progress=False)
         stored = run.state.repositories[0].entries
         assert len(stored) == 12
         assert all(not re.search(r"\d\s*[-+]\s*\d", e.strategy) for e in stored)
         raw = run_stream(templated_math_stream(12, n_templates=3, seed=6), [Level(weak), Level(WorkedTeacher(strong))],
-                         EMB, calibrations=[never, strong_cal], config=CascadeConfig(backend="numpy"), progress=False)
+                         EMB, calibrations=[never, strong_cal], config=CascadeConfig(backend="numpy", strategy_mode="two_call"), progress=False)
         assert all("12 + 5" in e.strategy for e in raw.state.repositories[0].entries)
 
 
