@@ -43,11 +43,14 @@ def small_eval():  # type: ignore[no-untyped-def]
 
 
 def test_one_calibration_three_variants(small_eval) -> None:  # type: ignore[no-untyped-def]
-    ev, cal, test = small_eval
+    ev, _, test = small_eval
     assert list(ev.runs) == ["jung", "random", "retrieval"]
-    thresholds = ev.calibration.calibrations
-    for run in ev.runs.values():
-        assert run.state.calibrations == thresholds  # the same thresholds, never changed
+    assert ev.teach_calibration is not None  # single-call: the strong level's own prompt
+    assert ev.calibration.prompts == ("strategy_free", "strategy_free")
+    assert ev.teach_calibration.prompts == ("strategy_free", "answer_and_strategy")
+    for v, run in ev.runs.items():
+        cal_run = ev.calibration if v == "jung" else ev.teach_calibration
+        assert run.state.calibrations == cal_run.calibrations  # thresholds never change
         assert [o.query_id for o in run.outcomes] == [q.id for q in test]
     assert len(ev.runs["jung"].state.repositories[0]) == 0
     # every query ends in exactly one state
@@ -68,6 +71,13 @@ def test_results_document_and_records(small_eval) -> None:  # type: ignore[no-un
         assert m["strong_calls"] == round(m["strong_call_rate"] * len(test))
     assert doc["calibration"]["n_calibration"] == len(cal)
     assert doc["settings"]["embedder"] == "hash" and doc["settings"]["alpha"] == 0.2
+    st = doc["settings"]
+    assert (st["delta"], st["min_n"], st["strategy_mode"], st["store_rule"]) == (0.1, 30, "single_call", "paper")
+    assert doc["teach_calibration"]["prompts"] == ["strategy_free", "answer_and_strategy"]
+    for v in ("random", "retrieval"):
+        m = doc["variants"][v]
+        assert m["teaching_tokens"] == 0 and m["strategies_rejected"] == 0  # single-call, paper's rule
+        assert m["cost_reduction_with_teaching"] == m["cost_reduction"]
     recs = outcome_records(ev)
     assert len(recs) == 3 * len(test)
     json.dumps(recs, allow_nan=False)
