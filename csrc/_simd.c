@@ -5,7 +5,8 @@
  * Each entry point validates every array (type, dtype, C-contiguity, alignment,
  * shapes) and option while holding the GIL, then releases the GIL only around
  * ic_topk() and ic_gather(), which touch no Python object. Multi-phase init (PEP 489); the
- * module keeps no global mutable state, so it declares Py_MOD_GIL_NOT_USED.
+ * module keeps no global mutable state (only cpu.h's write-once CPUID cache), so it
+ * declares Py_MOD_GIL_NOT_USED.
  * The ISA is an explicit argument (tests force each path); "auto" = best
  * supported. The Python layer (retrieve.py) raises the typed errors; these
  * checks are the last line of defence against a crash.

@@ -24,8 +24,8 @@ static inline unsigned long long ic_xgetbv0(void) {
 }
 #endif
 
-/* 1 when this CPU (and OS) can run kernels of the given ISA. */
-static inline int ic_cpu_has(ic_isa isa) {
+/* 1 when this CPU (and OS) can run kernels of the given ISA (asks CPUID). */
+static inline int ic_cpu_detect(ic_isa isa) {
     if (isa == IC_ISA_SCALAR)
         return 1;
 #ifdef IC_X86
@@ -51,16 +51,36 @@ static inline int ic_cpu_has(ic_isa isa) {
     return 0;
 }
 
-/* 1 when AVX-512 VNNI (vpdpbusd) is usable: the int8 scan's fast path. */
-static inline int ic_cpu_has_vnni512(void) {
+/* 1 when AVX-512 VNNI (vpdpbusd) is usable: the int8 scan's fast path (asks CPUID). */
+static inline int ic_cpu_detect_vnni512(void) {
 #ifdef IC_X86
     unsigned int a, b, c, d;
-    if (!ic_cpu_has(IC_ISA_AVX512) || !__get_cpuid_count(7, 0, &a, &b, &c, &d))
+    if (!ic_cpu_detect(IC_ISA_AVX512) || !__get_cpuid_count(7, 0, &a, &b, &c, &d))
         return 0;
     return (c >> 11) & 1;
 #else
     return 0;
 #endif
 }
+
+/* CPUID traps to the hypervisor in a VM (measured ~20 us per ISA check on the bench
+ * box, more than a whole gather), so the answers are taken once and cached: bit i =
+ * ISA i, bit 8 = VNNI, bit 31 = filled. A write-once fact of the CPU; concurrent
+ * first calls store the same value (atomics: no data race). */
+static inline unsigned ic_cpu_bits(void) {
+    static unsigned cached;
+    unsigned b = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (!b) {
+        b = 1u << 31;
+        for (int i = 0; i < IC_ISA_COUNT; i++)
+            b |= (unsigned)ic_cpu_detect((ic_isa)i) << i;
+        b |= (unsigned)ic_cpu_detect_vnni512() << 8;
+        __atomic_store_n(&cached, b, __ATOMIC_RELAXED);
+    }
+    return b;
+}
+
+static inline int ic_cpu_has(ic_isa isa) { return (ic_cpu_bits() >> isa) & 1; }
+static inline int ic_cpu_has_vnni512(void) { return (ic_cpu_bits() >> 8) & 1; }
 
 #endif /* IC_CPU_H */
