@@ -275,5 +275,80 @@ def _report(path: str) -> str:
     return "\n".join(lines)
 
 
+def hnsw_curve(n: int, m: int = 500, efs: tuple[int, ...] = (16, 32, 64, 128, 256, 512)) -> str:
+    """One run, one process: the recall@5 / p50 curve of plain hnswlib (``rescore=0``)
+    and hnswlib + exact re-score (``rescore=4``: 4k candidates through the C gather),
+    faiss ``IndexHNSWFlat(M=32)`` as the peer when installed, and the median of one
+    incremental add; on ``n`` perturbed-MiniLM rows, ``m`` single queries per point
+    (each timed alone; recall from the same calls). ``python -m bench.bench_retrieve
+    --curve 200000``."""
+    s = _Set("perturbed-MiniLM", data.perturbed(n), data.perturbed_queries(2048))
+    truth = retrieve(s.repo, s.queries[:m], K, scan="f32").indices
+    params = _ann.HnswParams(M=16, ef_construction=100, ef=64, seed=100, threads=2)
+    t = time.perf_counter()
+    _ann.ensure_index(s.repo, params)
+    build = time.perf_counter() - t
+    lines = [
+        f"n={n}, d=384, k={K}, {m} single queries per point; nproc={os.cpu_count()}, "
+        f"load at start {os.getloadavg()}",
+        f"hnswlib M=16 ef_construction=100 build (2 threads): {build:.1f} s",
+        "",
+        "| index | ef | recall@5 | p50 ms | p90 ms |",
+        "|---|---|---|---|---|",
+    ]
+
+    def point(name: str, ef: int, call: Any) -> tuple[float, float]:
+        times, hits = [], 0
+        for i in range(m):
+            t0 = time.perf_counter()
+            got = call(s.queries[i : i + 1])
+            times.append(time.perf_counter() - t0)
+            hits += len(set(np.asarray(got).ravel().tolist()) & set(truth[i].tolist()))
+        p50, p90 = np.percentile(times, [50, 90]) * 1e3
+        lines.append(f"| {name} | {ef} | {hits / (m * K):.4f} | {p50:.3f} | {p90:.3f} |")
+        return hits / (m * K), float(p50)
+
+    curve: dict[tuple[str, int], tuple[float, float]] = {}
+    for ef in efs:
+        for c in (0, 4):
+            name = "hnswlib" if c == 0 else "hnswlib + re-score (c=4)"
+            curve[(name, ef)] = point(
+                name, ef, lambda q, ef=ef, c=c: _ann.search(s.repo, q, K, ef=ef, rescore=c)[0]
+            )
+    try:
+        import faiss
+    except ImportError:
+        lines.append("| faiss HNSW32 | — | not installed | | |")
+    else:
+        faiss.omp_set_num_threads(2)
+        fx = faiss.IndexHNSWFlat(384, 32, faiss.METRIC_INNER_PRODUCT)
+        t = time.perf_counter()
+        fx.add(np.ascontiguousarray(s.repo.vectors))
+        fbuild = time.perf_counter() - t
+        lines.insert(2, f"faiss IndexHNSWFlat(M=32, efConstruction=40) build (2 threads): {fbuild:.1f} s")
+        faiss.omp_set_num_threads(1)
+        for ef in efs:
+            fx.hnsw.efSearch = ef
+            curve[("faiss", ef)] = point("faiss HNSW32", ef, lambda q: fx.search(q, K)[1])
+    extra = np.asarray(data.perturbed_queries(2048))[1024:]
+    state = {"repo": s.repo}
+    adds = []
+    for i in range(200):
+        t0 = time.perf_counter()
+        state["repo"] = update(state["repo"], [Entry("q", "a", "s")], extra[i][None])
+        _ann.ensure_index(state["repo"])
+        adds.append(time.perf_counter() - t0)
+    lines += ["", f"incremental add (update + hnsw add), 200 rounds: median {np.median(adds) * 1e3:.3f} ms"]
+    lines += ["", "same-run ratios, p50 re-score / p50 plain at equal ef:"]
+    for ef in efs:
+        a, b = curve[("hnswlib", ef)], curve[("hnswlib + re-score (c=4)", ef)]
+        lines.append(f"- ef={ef}: {b[1] / a[1]:.2f}× (recall {a[0]:.4f} -> {b[0]:.4f})")
+    lines.append(f"load at end {os.getloadavg()}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(_report(sys.argv[1]))
+    if sys.argv[1] == "--curve":
+        print(hnsw_curve(int(sys.argv[2])))
+    else:
+        print(_report(sys.argv[1]))
