@@ -474,3 +474,28 @@ def test_the_strong_level_is_calibrated_on_the_prompt_it_answers_with(
     expected = "answer_and_strategy" if config.teaches and config.strategy_mode == "single_call" \
         else "strategy_free"
     assert run.prompts == ("strategy_free", expected)
+
+
+def test_a_misleading_teacher_breaks_the_strategy_free_threshold() -> None:
+    """With the simulator's misleading-teacher knobs, strategies from wrong strong answers
+    are copied confidently: the weak answers the strategy-free λ_w accepts under Retrieval
+    are wrong far more often than α, while with the paper's assumption they are not.
+    Deterministic (seeded; this seed gives 0.31 vs 0.00). On simulator seeds 0-5 with
+    their own streams the misleading risk ranged 0.25-0.55 and the paper's 0.00-0.03, so
+    the bounds below (> α, <= α/2) hold for every seed tried."""
+    from intercascade_core.models.sim import MISLEADING_TEACHER, SimKnobs
+
+    cal_q = templated_math_stream(400, n_templates=10, seed=100)
+    test_q = templated_math_stream(200, n_templates=10, seed=200)
+    risks = {}
+    for name, knobs in (("paper", SimKnobs()), ("misleading", MISLEADING_TEACHER)):
+        s = Sim(SimBackend(seed=1, knobs=knobs))
+        try:
+            run = calibrate_levels(cal_q, s.levels, alpha=ALPHA, delta=DELTA)
+            out = run_stream(test_q, s.levels, EMB, calibrations=run.calibrations, progress=False)
+        finally:
+            s.close()
+        weak = [o for o in out.outcomes if o.kind == "weak_accepted"]
+        assert len(weak) >= 20
+        risks[name] = sum(not o.correct for o in weak) / len(weak)
+    assert risks["paper"] <= ALPHA / 2 and risks["misleading"] > ALPHA
