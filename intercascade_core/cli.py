@@ -12,23 +12,33 @@ Commands::
 
 Exit codes: 0 success; 2 usage or configuration error (one line on stderr, no traceback);
 1 runtime failure (a model endpoint, a missing optional dependency, a file that cannot be
-written); 130 interrupted. Set ``INTERCASCADE_DEBUG=1`` for tracebacks.
+written; also one line); 130 interrupted. Set ``INTERCASCADE_DEBUG=1`` for tracebacks.
+
+Saved calibrations: ``calibrate --save FILE`` and ``run|eval --save-calibration FILE``
+write the thresholds with their data, model ids and prompt fingerprint
+(:mod:`~intercascade_core.storage.calibration_file`); ``run|eval --calibration FILE`` uses
+them instead of calibrating, and refuses a file made for other models or prompts unless
+``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from .errors import IntercascadeError, InvalidArgumentError, UsageError
+from .core.calibrate import MAX_GRID_POINTS
+from .errors import IntercascadeError, InvalidArgumentError, StoreError, UsageError, redact
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core.cascade import CalibrationRun, CascadeConfig
+    from .storage.calibration_file import SavedCalibration
 
 __all__ = ["main"]
 
@@ -67,8 +77,9 @@ def _example(name: str) -> Path:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line + usage hint, exit 2
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
+    def error(self, message: str) -> NoReturn:  # one line with the usage hint, exit 2
+        flat = " ".join(message.split())  # argparse quotes unrecognized arguments raw
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {flat} (see '{self.prog} --help')\n")
 
 
 def _unit(name: str) -> Any:
@@ -84,17 +95,31 @@ def _unit(name: str) -> Any:
     return parse
 
 
-def _count(low: int) -> Any:
+def _count(low: int, high: int = 10**12) -> Any:
     def parse(text: str) -> int:
         try:
-            x = int(text)
+            x = int(text) if len(text) <= 40 else None
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if x < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+            x = None
+        if x is None or not low <= x <= high:
+            shown = text if len(text) <= 40 else text[:40] + "..."
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {shown!r}")
         return x
 
     return parse
+
+
+def _path(text: str) -> Path:
+    """A file or folder argument: not empty and free of NUL (which no system call takes)."""
+    if not text or "\x00" in text:
+        raise argparse.ArgumentTypeError(f"expected a path, got {text[:80]!r}")
+    return Path(text)
+
+
+#: the demo's stream sizes: beyond these a run takes days, not a demonstration
+MAX_DEMO_TEMPLATES = 1000
+MAX_DEMO_VARIANTS = 10_000
+MAX_README_BYTES = 16 << 20
 
 
 INSITU_HELP = (
@@ -105,6 +130,19 @@ INSITU_HELP = (
     "and Theorem 2.2's view of the static threshold (the alpha it certifies without and with "
     "strategies). Costs the replays' model calls on the calibration split"
 )
+
+
+def _calibration_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--calibration", type=_path, metavar="FILE",
+                   help="use the thresholds saved in FILE (by --save-calibration or 'calibrate --save') "
+                   "instead of calibrating; refused when its model ids, prompt fingerprint, alpha or "
+                   "delta differ from the config's")
+    g.add_argument("--save-calibration", type=_path, metavar="FILE",
+                   help="calibrate, then save the thresholds with their data, the model ids and the "
+                   "prompt fingerprint to FILE (JSON) for a later --calibration FILE")
+    p.add_argument("--force", action="store_true",
+                   help="with --calibration: use the file even when it does not match (warns)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  0.93,1,0.88,1\n"
         "'correct' is 1/0 or true/false. Try: intercascade calibrate --example",
     )
-    p.add_argument("file", nargs="?", type=Path, help="labelled confidences (.csv or .jsonl)")
+    p.add_argument("file", nargs="?", type=_path, help="labelled confidences (.csv or .jsonl)")
     p.add_argument("--example", action="store_true",
                    help="use the bundled example file (weak/strong simulated models on GSM-Symbolic)")
     p.add_argument("--alpha", type=_unit("--alpha"), default=0.2, help="target risk alpha in (0, 1) (default 0.2)")
@@ -146,14 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-n", type=_count(1), default=30,
                    help="test only thresholds that accept at least this many items (default 30, Jung's)")
     p.add_argument("--grid", default="5000",
-                   help="candidate thresholds: a number of evenly spaced points in [0, 1] (default 5000) "
-                   "or 'unique' (the calibration confidences)")
+                   help="candidate thresholds: a number of evenly spaced points in [0, 1] (default 5000, "
+                   f"at most {MAX_GRID_POINTS}) or 'unique' (the calibration confidences)")
     p.add_argument("--no-split-delta", action="store_true",
                    help="test every level at the full delta (Jung's released code) instead of delta/levels")
     p.add_argument("--on-fail", choices=("abstain", "jung"), default="abstain",
                    help="when the first test fails: abstain (defer everything; keeps the guarantee) "
                    "or jung (the released code's fallback; no guarantee)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--save", type=_path, metavar="FILE",
+                   help="also write the thresholds, their data, the model ids and the prompt fingerprint "
+                   "to FILE (JSON) for 'run --calibration FILE'; the confidences are taken to come from "
+                   "this version's strategy-free prompts")
+    p.add_argument("--model", action="append", metavar="ID", dest="models",
+                   help="with --save: the model id of each level, weakest first, as the config's "
+                   "[[models]].model names it (default: the level names in FILE)")
 
     # run ------------------------------------------------------------------------------
     p = sub.add_parser(
@@ -163,13 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
         "cascade with the configured policy over the test stream. Prints Table-2 metrics; writes "
         "outcomes.jsonl and results.json with --out.",
     )
-    p.add_argument("--config", type=Path, required=True,
+    p.add_argument("--config", type=_path, required=True,
                    help="TOML config (endpoints, alpha, delta, k, policy, backend, data); "
                    "see intercascade_core/data/examples/config.toml")
     p.add_argument("--policy", choices=("jung", "random", "retrieval"),
                    help="override [cascade].policy")
     p.add_argument("--limit", type=_count(1), help="use at most this many test queries")
-    p.add_argument("--out", type=Path, help="folder for outcomes.jsonl and results.json")
+    p.add_argument("--out", type=_path, help="folder for outcomes.jsonl and results.json")
+    _calibration_options(p)
 
     # eval -----------------------------------------------------------------------------
     p = sub.add_parser(
@@ -182,12 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
         "risk on the stream against alpha, the alpha certified at the weak threshold without and with "
         "strategies (Theorem 2.2's view) and the verdict of the online risk audit replayed over the stream.",
     )
-    p.add_argument("--config", type=Path, required=True, help="TOML config (see 'run --help')")
-    p.add_argument("--out", type=Path, required=True, help="report folder (created if missing)")
+    p.add_argument("--config", type=_path, required=True, help="TOML config (see 'run --help')")
+    p.add_argument("--out", type=_path, required=True, help="report folder (created if missing)")
     p.add_argument("--limit", type=_count(1), help="use at most this many test queries")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     p.add_argument("--insitu", action="store_true",
                    help=INSITU_HELP + " (also [cascade] insitu = true in the config).")
+    _calibration_options(p)
 
     # demo -----------------------------------------------------------------------------
     p = sub.add_parser(
@@ -200,18 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
         "prints the tables and the risk of the accepted weak answers, and writes the report. "
         "Needs no key and no network.",
     )
-    p.add_argument("--out", type=Path, default=Path("intercascade-demo"),
+    p.add_argument("--out", type=_path, default=Path("intercascade-demo"),
                    help="report folder (default ./intercascade-demo)")
-    p.add_argument("--templates", type=_count(1), default=10, help="GSM-Symbolic templates in the stream (default 10)")
-    p.add_argument("--variants", type=_count(1), default=20, help="test variants per template (default 20)")
-    p.add_argument("--calibration-variants", type=_count(1), default=40,
+    p.add_argument("--templates", type=_count(1, MAX_DEMO_TEMPLATES), default=10,
+                   help="GSM-Symbolic templates in the stream (default 10)")
+    p.add_argument("--variants", type=_count(1, MAX_DEMO_VARIANTS), default=20,
+                   help="test variants per template (default 20)")
+    p.add_argument("--calibration-variants", type=_count(1, MAX_DEMO_VARIANTS), default=40,
                    help="calibration variants per template, drawn separately (default 40)")
     p.add_argument("--order", choices=("shuffled", "as-is", "grouped"), default="shuffled",
                    help="stream order (default shuffled)")
     p.add_argument("--alpha", type=_unit("--alpha"), default=0.2, help="target risk (default 0.2)")
     p.add_argument("--delta", type=_unit("--delta"), default=0.1, help="failure probability (default 0.1)")
-    p.add_argument("--k", type=_count(0), default=2, help="strategies per prompt (default 2)")
-    p.add_argument("--seed", type=_count(0), default=0, help="seed of the data and the simulator (default 0)")
+    p.add_argument("--k", type=_count(0, 1000), default=2, help="strategies per prompt (default 2)")
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0,
+                   help="seed of the data and the simulator (default 0)")
     p.add_argument("--embedder", choices=("minilm", "hashing"), default="minilm",
                    help="minilm (real all-MiniLM-L6-v2, default) or hashing (a fast test double)")
     p.add_argument("--backend", choices=("auto", "exact", "numpy", "hnsw"), default="auto",
@@ -222,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what a shown strategy does to the simulated weak model: 'paper' (default: a "
                    "same-template strategy helps) or 'misleading' (strategies from wrong strong answers are "
                    "copied with raised confidence; see models.sim.MISLEADING_TEACHER)")
-    p.add_argument("--readme", type=Path, metavar="FILE",
+    p.add_argument("--readme", type=_path, metavar="FILE",
                    help="also rewrite the results block of FILE (between the markers "
                    "<!-- intercascade-demo-results:start/end -->) with the tables and a plot")
 
@@ -230,12 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export", parents=[common],
         help="write a saved strategy repository as a chat-format JSONL fine-tuning set",
-        description="Export the strategies of a saved repository (the folder written by 'run' at "
-        "[cascade].repository) as a JSON Lines fine-tuning set in chat format — the paper's "
-        "periodic offline fine-tuning of the weak model. The file is written atomically.",
+        description="Export the strategies of a repository as a JSON Lines fine-tuning set in chat "
+        "format — the paper's periodic offline fine-tuning of the weak model. The repository is "
+        "what the library writes: a saved repository (the folder written by 'run' at "
+        "[cascade].repository), a DurableStore folder (CURRENT, snapshot and journal, read as a "
+        "reopen recovers it) or the store folder of the Cascade service (level0/, level1/, ...: "
+        "every level, or --level). Nothing there is modified. The file is written atomically; "
+        "an existing --out must be a regular file.",
     )
-    p.add_argument("--repository", type=Path, required=True, help="saved repository folder")
-    p.add_argument("--out", type=Path, required=True, help="output .jsonl file")
+    p.add_argument("--repository", type=_path, required=True,
+                   help="saved repository, DurableStore or service store folder")
+    p.add_argument("--out", type=_path, required=True, help="output .jsonl file")
+    p.add_argument("--level", type=_count(0, 10**6),
+                   help="service store: export only this level (default: every level, weakest first, "
+                   "each example's metadata naming its level)")
     p.add_argument("--tenant", help="export only this tenant's strategies (default: all tenants)")
     p.add_argument("--min-uses", type=_count(0), default=0,
                    help="keep only strategies placed in at least this many weak prompts (default 0)")
@@ -251,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
         "until interrupted. The same responses as the in-process MockTransport simulator.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_count(0), default=8000, help="port (default 8000; 0 = any free port)")
-    p.add_argument("--seed", type=_count(0), default=0, help="simulator seed (default 0)")
+    p.add_argument("--port", type=_count(0, 65535), default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0, help="simulator seed (default 0)")
 
     # serve-local ----------------------------------------------------------------------
     p = sub.add_parser(
@@ -266,9 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", choices=("weak", "strong"), required=True, help="which model to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_count(1), default=8080, help="port (default 8080)")
-    p.add_argument("--threads", type=_count(1), default=2, help="CPU threads (default 2)")
-    p.add_argument("--n-ctx", type=_count(256), default=4096, help="context window in tokens (default 4096)")
+    p.add_argument("--port", type=_count(1, 65535), default=8080, help="port (default 8080)")
+    p.add_argument("--threads", type=_count(1, 1024), default=2, help="CPU threads (default 2)")
+    p.add_argument("--n-ctx", type=_count(256, 1 << 20), default=4096,
+                   help="context window in tokens (default 4096)")
 
     # serve ----------------------------------------------------------------------------
     from .gateway.command import add_serve_parser
@@ -281,13 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_export(args: argparse.Namespace, con: Console) -> int:
-    from .storage.export import export_finetune
-    from .storage.store import open_repository
+    from .storage.export import check_output_file, export_sources, open_for_export
 
-    stored = open_repository(args.repository, verify=args.verify)
-    n = export_finetune(stored.repository, args.out, tenant=args.tenant, uses=stored.uses,
-                        min_uses=args.min_uses)
-    print(f"wrote {n} examples to {args.out}")
+    check_output_file(args.out, "--out")  # before reading a large store
+    sources = open_for_export(args.repository, level=args.level, verify=args.verify)
+    for src in sources:
+        where = f"level {src.level}: " if src.level is not None else ""
+        replay = f" + {src.replayed} journal records" if src.replayed else ""
+        con.info(f"{where}{src.path}{replay}: {len(src.repository)} entries")
+    n = export_sources(sources, args.out, tenant=args.tenant, min_uses=args.min_uses)
+    con.result(f"wrote {n} examples to {args.out}")
     return EXIT_OK
 
 
@@ -323,23 +385,40 @@ def _cmd_calibrate(args: argparse.Namespace, con: Console) -> int:
 
     if args.example == (args.file is not None):
         raise UsageError("give a FILE of labelled confidences or --example (not both)")
+    if args.models and args.save is None:
+        raise UsageError("--model names the models of a saved calibration: use it with --save FILE")
     path = _example("confidences.csv") if args.example else args.file
     grid: Any
     if args.grid == "unique":
         grid = "unique"
     else:
         try:
-            grid = int(args.grid)
+            grid = int(args.grid) if len(args.grid) <= 20 else None
         except ValueError:
-            raise UsageError(f"--grid must be a number of points or 'unique', got {args.grid!r}") from None
-        if grid < 2:
-            raise UsageError(f"--grid needs at least 2 points, got {grid}")
+            grid = None
+        if grid is None:
+            raise UsageError(f"--grid must be a number of points or 'unique', got {args.grid[:40]!r}")
+        if not 2 <= grid <= MAX_GRID_POINTS:
+            raise UsageError(f"--grid needs 2 to {MAX_GRID_POINTS} points (or 'unique'), got {grid}")
+    if args.save is not None:
+        from .storage.export import check_output_file
+
+        check_output_file(args.save, "--save")
     data = load_confidences(path)
     split = not args.no_split_delta
     cals = calibrate_cascade(
         list(data.confidences), list(data.correct), alpha=args.alpha, delta=args.delta,
         split_delta=split, grid=grid, min_n=args.min_n, on_fail=args.on_fail,
     )
+    if args.save is not None:
+        from .storage.calibration_file import save_calibration
+
+        ids = args.models if args.models else list(data.levels)
+        if len(ids) != len(cals):
+            raise UsageError(f"--model given {len(ids)} times, but {path} has {len(cals)} level(s)")
+        save_calibration(args.save, cals, model_ids=ids, level_names=data.levels,
+                         data=([c.tolist() for c in data.confidences], [y.tolist() for y in data.correct]))
+        con.info(f"saved the calibration ({len(cals)} level(s), models {', '.join(ids)}) to {args.save}")
     levels = []
     for name, cal in zip(data.levels, cals, strict=True):
         levels.append({"level": name, **cal.summary()})
@@ -397,15 +476,86 @@ def _backend(name: str) -> str:
     return "exact" if extension_available() else "numpy"
 
 
-def _load_config_streams(args: argparse.Namespace, con: Console) -> tuple[Any, Any, Any, dict[str, Any]]:
+def _load_config_streams(
+    args: argparse.Namespace, con: Console
+) -> tuple[Any, Any, Any, dict[str, Any], SavedCalibration | None]:
+    """The config, the calibration split, the test stream, their description and the
+    saved calibration of ``--calibration`` (None without it), checked against the config
+    before anything is generated, loaded or called."""
     from .lab.config import load_config
     from .lab.evaluate import load_streams
 
     cfg = load_config(args.config)
     con.info(f"config: {cfg.source}")
+    saved = _saved_calibration(args, cfg, con, _cascade_config(args, cfg))
+    if args.save_calibration is not None:
+        from .storage.export import check_output_file
+
+        check_output_file(args.save_calibration, "--save-calibration")
     cal, test, info = load_streams(cfg.data, limit=args.limit, progress=not con.quiet)
     con.info(f"data: {info['description']}: {len(test)} test, {len(cal)} calibration queries")
-    return cfg, cal, test, info
+    return cfg, cal, test, info, saved
+
+
+def _cascade_config(args: argparse.Namespace, cfg: Any) -> CascadeConfig:
+    """The configuration the levels are calibrated with: ``run``'s own, or for ``eval``
+    a Jung cascade's (every level on the strategy-free prompt), the calibration that
+    ``evaluate`` is given as ``calibration_run``."""
+    from .core.cascade import CascadeConfig
+
+    policy: Any = (args.policy or cfg.cascade.policy) if args.command == "run" else "jung"
+    return CascadeConfig(policy=policy, k=cfg.cascade.k, backend=_backend(cfg.cascade.backend),
+                         seed=cfg.cascade.seed)
+
+
+def _saved_calibration(
+    args: argparse.Namespace, cfg: Any, con: Console, config: CascadeConfig
+) -> SavedCalibration | None:
+    """``--calibration FILE`` loaded for the configured models and prompts. A damaged or
+    mismatched file is a usage error (exit 2); ``--force`` turns a mismatch into warnings."""
+    if args.force and args.calibration is None:
+        raise UsageError("--force applies to --calibration FILE")
+    if args.calibration is None:
+        return None
+    from .storage.calibration_file import load_calibration_for
+
+    try:
+        saved, overridden = load_calibration_for(
+            args.calibration, model_ids=[m.model for m in cfg.models], config=config, alpha=cfg.cascade.alpha,
+            delta=cfg.cascade.delta, split_delta=cfg.cascade.split_delta, force=args.force,
+        )
+    except StoreError as e:  # the file given on the command line is wrong: exit 2
+        raise UsageError(str(e)) from None
+    for why in overridden:
+        con.info(f"warning: {args.calibration}: {why} (used anyway: --force)")
+    con.info(f"calibration: {args.calibration} (written {saved.created_at} by intercascade "
+             f"{saved.package_version}; not recalibrating)")
+    return saved
+
+
+def _calibration_run(
+    args: argparse.Namespace, cfg: Any, saved: SavedCalibration | None, cal: Sequence[Any],
+    levels: Sequence[Any], con: Console, config: CascadeConfig,
+) -> CalibrationRun:
+    """The thresholds of a run or an eval: the saved ones, or calibrated now (and saved
+    with ``--save-calibration``) on the calibration split."""
+    from .core.cascade import calibrate_levels
+    from .lab.evaluate import check_calibration_run
+
+    if saved is not None:
+        return saved.calibration_run()
+    con.info(f"calibrating on {len(cal)} strategy-free queries (alpha = {cfg.cascade.alpha}, "
+             f"delta = {cfg.cascade.delta})")
+    run = calibrate_levels(cal, levels, alpha=cfg.cascade.alpha, delta=cfg.cascade.delta, config=config,
+                           split_delta=cfg.cascade.split_delta, min_n=cfg.cascade.min_n, progress=not con.quiet)
+    check_calibration_run(run, [lv.name for lv in levels])
+    if args.save_calibration is not None:
+        from .storage.calibration_file import save_calibration
+
+        save_calibration(args.save_calibration, run, model_ids=[m.model for m in cfg.models],
+                         level_names=[m.name for m in cfg.models], config=config)
+        con.info(f"saved the calibration to {args.save_calibration}")
+    return run
 
 
 def _levels_for(cfg: Any, queries: Sequence[Any]) -> tuple[Any, ...]:
@@ -443,26 +593,23 @@ def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated:
 def _cmd_run(args: argparse.Namespace, con: Console) -> int:
     from dataclasses import replace
 
-    from .core.cascade import CascadeConfig, calibrate_levels, init_state, run_stream
+    from .core.cascade import init_state, run_stream
     from .core.metrics import compute_metrics
-    from .lab.evaluate import CachedEmbedder, check_calibration_run, variant_summary
+    from .lab.evaluate import CachedEmbedder, variant_summary
     from .lab.report import format_percent
 
-    cfg, cal, test, info = _load_config_streams(args, con)
+    cfg, cal, test, info, saved = _load_config_streams(args, con)
     policy = args.policy or cfg.cascade.policy
     levels = _levels_for(cfg, (*cal, *test))
     backend = _backend(cfg.cascade.backend)
     embedder = CachedEmbedder(_embedder(cfg.embedder.kind, cfg.embedder.model_path, cfg.embedder.tokenizer_path))
-    con.info(f"calibrating on {len(cal)} queries (alpha = {cfg.cascade.alpha}, delta = {cfg.cascade.delta})")
-    cal_run = calibrate_levels(cal, levels, alpha=cfg.cascade.alpha, delta=cfg.cascade.delta,
-                               split_delta=cfg.cascade.split_delta, min_n=cfg.cascade.min_n, progress=not con.quiet)
-    check_calibration_run(cal_run, [lv.name for lv in levels])
+    conf = _cascade_config(args, cfg)
+    cal_run = _calibration_run(args, cfg, saved, cal, levels, con, conf)
     for lv, c in zip(levels, cal_run.calibrations, strict=True):
         con.info(f"  {lv.name}: threshold {c.threshold:.4f} ({c.n_accepted}/{c.n_calibration} accepted, "
                  f"risk bound {c.risk_bound:.4f})")
     if policy != "jung":
         embedder.prime([q.text for q in test], progress=not con.quiet)
-    conf = CascadeConfig(policy=policy, k=cfg.cascade.k, backend=backend, seed=cfg.cascade.seed)  # type: ignore[arg-type]
     state = init_state(cal_run.calibrations, embedder.dim)
     repo_path = cfg.cascade.repository if policy != "jung" else ""
     if repo_path and len(state.repositories) != 1:
@@ -521,12 +668,15 @@ def _evaluate_and_report(
     *, cal: Sequence[Any], test: Sequence[Any], levels: Sequence[Any], embedder: Any, alpha: float, delta: float,
     k: int, backend: str, seed: int, split_delta: bool, min_n: int, out: Path, plots: bool, dataset: dict[str, Any],
     settings: dict[str, Any], con: Console, insitu: bool = False, insitu_rounds: int = 4,
+    calibration_run: CalibrationRun | None = None,
 ) -> int:
     from .lab.evaluate import INSITU_VARIANT, evaluate, outcome_records, results_document
     from .lab.report import render_insitu, render_risk, render_tables, write_report
 
     t0 = time.perf_counter()
-    con.info(f"calibrating on {len(cal)} strategy-free queries; then jung, random and retrieval on "
+    first = ("with the given thresholds" if calibration_run is not None
+             else f"calibrating on {len(cal)} strategy-free queries")
+    con.info(f"{first}; then jung, random and retrieval on "
              f"{len(test)} queries each"
              + (f"; then in-situ calibration (replays of the {len(cal)} calibration queries) and "
                 f"retrieval with the in-situ thresholds" if insitu else ""))
@@ -539,7 +689,7 @@ def _evaluate_and_report(
 
     ev = evaluate(cal, test, levels, embedder, alpha=alpha, delta=delta, k=k, backend=backend, seed=seed,
                   split_delta=split_delta, min_n=min_n, insitu=insitu, insitu_max_rounds=insitu_rounds,
-                  progress=not con.quiet, on_variant=announce)
+                  progress=not con.quiet, on_variant=announce, calibration_run=calibration_run)
     doc = results_document(ev, dataset=dataset, settings=settings)
     doc["wall_time_s"] = round(time.perf_counter() - t0, 2)
     files = write_report(doc, outcome_records(ev), out, plots=plots)
@@ -563,17 +713,18 @@ def _evaluate_and_report(
 
 
 def _cmd_eval(args: argparse.Namespace, con: Console) -> int:
-    cfg, cal, test, info = _load_config_streams(args, con)
+    cfg, cal, test, info, saved = _load_config_streams(args, con)
     levels = _levels_for(cfg, (*cal, *test))
     backend = _backend(cfg.cascade.backend)
     embedder = _embedder(cfg.embedder.kind, cfg.embedder.model_path, cfg.embedder.tokenizer_path)
+    cal_run = _calibration_run(args, cfg, saved, cal, levels, con, _cascade_config(args, cfg))
     return _evaluate_and_report(
         cal=cal, test=test, levels=levels, embedder=embedder, alpha=cfg.cascade.alpha, delta=cfg.cascade.delta,
         k=cfg.cascade.k, backend=backend, seed=cfg.cascade.seed, split_delta=cfg.cascade.split_delta,
         min_n=cfg.cascade.min_n, out=args.out, plots=not args.no_plots, dataset=info,
         settings={**_settings(cfg.models, embedder, backend, any(m.simulated for m in cfg.models)),
                   "preregistered": args.config.as_posix()}, con=con,
-        insitu=args.insitu or cfg.cascade.insitu, insitu_rounds=cfg.cascade.insitu_rounds,
+        insitu=args.insitu or cfg.cascade.insitu, insitu_rounds=cfg.cascade.insitu_rounds, calibration_run=cal_run,
     )
 
 
@@ -583,6 +734,8 @@ def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
     from .lab.evaluate import make_levels, sim_client
 
     t0 = time.perf_counter()
+    if args.readme is not None:
+        _check_readme(args.readme)  # before the run, not after it
     con.info(f"generating GSM-Symbolic problems: {args.templates} templates x {args.variants} test variants "
              f"(+ {args.calibration_variants} calibration variants each), seed {args.seed}")
     split = gsm_symbolic_split(templates=args.templates, variants=args.variants,
@@ -634,6 +787,32 @@ def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
     return rc
 
 
+def _check_readme(path: Path) -> None:
+    """``demo --readme FILE`` must name a regular UTF-8 text file with the results markers,
+    in order; checked up front so a bad FILE does not cost a whole run."""
+    import stat
+
+    from .lab.report import README_END, README_START
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"--readme {path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"--readme {path}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"--readme {path}: not a regular file")
+    if st.st_size > MAX_README_BYTES:
+        raise UsageError(f"--readme {path}: {st.st_size} bytes, more than {MAX_README_BYTES}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--readme {path}: not UTF-8 text (byte {e.start})") from None
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise UsageError(f"--readme {path}: needs the markers {README_START} and {README_END} (in that order)")
+
+
 COMMANDS = {
     "calibrate": _cmd_calibrate, "run": _cmd_run, "eval": _cmd_eval, "demo": _cmd_demo,
     "export": _cmd_export, "sim-serve": _cmd_sim_serve,
@@ -680,9 +859,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         code = _classify(exc)
         kind = "error" if code == EXIT_USAGE else "failed"
-        msg = " ".join(str(exc).split()) or type(exc).__name__
+        msg = " ".join(redact(str(exc)).split()) or type(exc).__name__
         print(f"{PROG} {args.command}: {kind}: {msg}", file=sys.stderr)
         return code
+    except Exception as exc:  # RecursionError and MemoryError too: the one-line promise
+        if debug:
+            raise
+        # not an error the library raises on purpose: the message is not vetted for
+        # secrets (a header value, a server body), so only its type is shown
+        print(f"{PROG} {args.command}: failed: unexpected {type(exc).__name__} "
+              "(set INTERCASCADE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def entry() -> NoReturn:  # pragma: no cover - console-script shim

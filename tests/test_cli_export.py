@@ -43,3 +43,36 @@ def test_export_of_a_missing_repository_is_a_one_line_usage_error(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "nope" in done.stderr
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_export_takes_the_store_folder_of_the_service(tmp_path):
+    """`Cascade(store=...)` writes level<i>/ durable stores; export reads them as they are
+    (journal included) without the user digging out level0/CURRENT and its snapshot."""
+    from tests._crash_worker import make_cascade, stream
+
+    store = tmp_path / "svc"
+    cascade, client = make_cascade(str(store))
+    try:
+        for q in stream(10, seed=5):
+            cascade.ask(q)
+        taught = [e.query for e in cascade.state.repositories[0].entries]
+        cascade.close(checkpoint=False)
+    finally:
+        client.close()
+    assert taught
+    out = tmp_path / "ft.jsonl"
+    done = run_cli("export", "--repository", str(store), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {len(set(taught))} examples" in done.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["messages"][-2]["content"] for r in rows] == list(dict.fromkeys(taught))
+    assert {r["metadata"]["level"] for r in rows} == {0}
+    one = run_cli("export", "--repository", str(store), "--level", "0", "--out", str(tmp_path / "l0.jsonl"))
+    assert one.returncode == 0 and (tmp_path / "l0.jsonl").read_bytes() == out.read_bytes()
+    missing = run_cli("export", "--repository", str(store), "--level", "3", "--out", str(tmp_path / "x.jsonl"))
+    assert missing.returncode == 2 and "levels 0..0, got 3" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.jsonl").exists()
+    durable = run_cli("export", "--repository", str(store / "level0"), "--out", str(tmp_path / "d.jsonl"))
+    assert durable.returncode == 0, durable.stderr
+    assert [json.loads(x)["messages"][-2]["content"] for x in (tmp_path / "d.jsonl").read_text().splitlines()] == \
+        list(dict.fromkeys(taught))

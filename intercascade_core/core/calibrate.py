@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -49,6 +49,8 @@ except ImportError:  # pragma: no cover - older/newer SciPy layouts
     _binom_cdf = _binom.cdf
 
 __all__ = [
+    "CALIBRATION_FIELDS",
+    "MAX_GRID_POINTS",
     "Calibration",
     "alpha_gain_normal_approx",
     "alpha_gain_same_coverage_approx",
@@ -61,6 +63,10 @@ __all__ = [
 ]
 
 DEFAULT_GRID_SIZE = 5000
+#: The most points an integer grid may have. Finer grids add nothing (N calibration items
+#: give at most N + 1 distinct accepted sets; ``grid="unique"`` tests each once) and cost
+#: 24 bytes a point.
+MAX_GRID_POINTS = 1_000_000
 OnFail = Literal["abstain", "jung"]
 GridSpec = None | int | str | Sequence[float] | npt.NDArray[np.floating]
 
@@ -116,6 +122,110 @@ class Calibration:
             "risk_bound": finite(self.risk_bound),
             "note": self.note,
         }
+
+    def to_dict(self) -> dict[str, object]:
+        """Every field as plain JSON data (an infinite threshold becomes None);
+        :meth:`from_dict` gives back an equal record."""
+        out: dict[str, object] = {name: getattr(self, name) for name in CALIBRATION_FIELDS}
+        out["threshold"] = self.threshold if math.isfinite(self.threshold) else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> Calibration:
+        """The record :meth:`to_dict` wrote, checked field by field and for consistency
+        (counts, abstention, the risk bound against its Clopper–Pearson value): a
+        record read back from a file is refused rather than trusted when any of it is off.
+        Raises :class:`InvalidArgumentError` naming the field."""
+        return _calibration_from_dict(data)
+
+
+#: The keys of :meth:`Calibration.to_dict`, in field order.
+CALIBRATION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Calibration))
+_MAX_COUNT = 2**53  # exact in a float: larger counts come from no real calibration
+_MAX_TEXT = 1000
+# the bound is recomputed on load; it must agree to far below any decision that uses it
+_RISK_BOUND_TOLERANCE = 1e-9
+
+
+def _field_int(data: Mapping[str, object], name: str, low: int) -> int:
+    v = data[name]
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= _MAX_COUNT:
+        raise InvalidArgumentError(name, f"must be an integer in [{low}, 2**53], got {v!r}")
+    return v
+
+
+def _field_real(data: Mapping[str, object], name: str, low: float, high: float, *, open_: bool) -> float:
+    v = data[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise InvalidArgumentError(name, f"must be a finite number, got {v!r}")
+    x = float(v)
+    inside = low < x < high if open_ else low <= x <= high
+    if not inside:
+        interval = f"({low:g}, {high:g})" if open_ else f"[{low:g}, {high:g}]"
+        raise InvalidArgumentError(name, f"must lie in {interval}, got {v!r}")
+    return x
+
+
+def _field_bool(data: Mapping[str, object], name: str) -> bool:
+    v = data[name]
+    if not isinstance(v, bool):
+        raise InvalidArgumentError(name, f"must be true or false, got {v!r}")
+    return v
+
+
+def _field_text(data: Mapping[str, object], name: str) -> str:
+    v = data[name]
+    if not isinstance(v, str) or len(v) > _MAX_TEXT:
+        raise InvalidArgumentError(name, f"must be a string of at most {_MAX_TEXT} characters")
+    return v
+
+
+def _calibration_from_dict(data: Mapping[str, object]) -> Calibration:
+    if not isinstance(data, Mapping):
+        raise InvalidArgumentError("calibration", f"must be a mapping, got {type(data).__name__}")
+    missing = [k for k in CALIBRATION_FIELDS if k not in data]
+    if missing:
+        raise InvalidArgumentError(missing[0], "missing")
+    unknown = sorted(str(k) for k in data if k not in CALIBRATION_FIELDS)
+    if unknown:
+        raise InvalidArgumentError(unknown[0][:80], "not a field of a Calibration")
+    raw_thr = data["threshold"]
+    threshold = math.inf if raw_thr is None else _field_real(data, "threshold", 0.0, 1.0, open_=False)
+    alpha = _field_real(data, "alpha", 0.0, 1.0, open_=True)
+    delta = _field_real(data, "delta", 0.0, 1.0, open_=True)
+    n_cal = _field_int(data, "n_calibration", 0)
+    n_acc = _field_int(data, "n_accepted", 0)
+    n_err = _field_int(data, "n_errors", 0)
+    risk = _field_real(data, "risk_bound", 0.0, 1.0, open_=False)
+    min_n = _field_int(data, "min_n", 1)
+    abstained = _field_bool(data, "abstained")
+    guaranteed = _field_bool(data, "guaranteed")
+    on_fail = data["on_fail"]
+    if on_fail != "abstain" and on_fail != "jung":
+        raise InvalidArgumentError("on_fail", f'must be "abstain" or "jung", got {on_fail!r}')
+    n_tested = _field_int(data, "n_tested", 0)
+    grid_rule, note = _field_text(data, "grid_rule"), _field_text(data, "note")
+    if n_acc > n_cal:
+        raise InvalidArgumentError("n_accepted", f"{n_acc} exceeds n_calibration={n_cal}")
+    if n_err > n_acc:
+        raise InvalidArgumentError("n_errors", f"{n_err} exceeds n_accepted={n_acc}")
+    if abstained != (threshold == math.inf):
+        raise InvalidArgumentError("abstained", f"is {abstained} but the threshold is {raw_thr!r}")
+    if abstained and n_acc:
+        raise InvalidArgumentError("n_accepted", f"an abstaining level accepts nothing, got {n_acc}")
+    if on_fail == "abstain" and not guaranteed:
+        raise InvalidArgumentError("guaranteed", 'only the "jung" fallback can be unguaranteed')
+    expected = float(cp_upper(n_err, n_acc, delta))
+    if abs(risk - expected) > _RISK_BOUND_TOLERANCE:
+        raise InvalidArgumentError(
+            "risk_bound", f"{risk!r} is not the Clopper-Pearson bound {expected!r} of "
+            f"{n_err} errors in {n_acc} at delta={delta!r}"
+        )
+    return Calibration(
+        threshold=threshold, alpha=alpha, delta=delta, n_calibration=n_cal, n_accepted=n_acc,
+        n_errors=n_err, risk_bound=risk, grid_rule=grid_rule, min_n=min_n, abstained=abstained,
+        guaranteed=guaranteed, on_fail=on_fail, n_tested=n_tested, note=note,
+    )
 
 
 # --------------------------------------------------------------------------- input checks
@@ -187,6 +297,11 @@ def _make_grid(grid: GridSpec, confidences: npt.NDArray[np.float64]) -> tuple[np
     if isinstance(grid, numbers.Integral) and not isinstance(grid, bool):
         if int(grid) < 2:
             raise InvalidArgumentError("grid", f"an integer grid needs at least 2 points, got {grid!r}")
+        if int(grid) > MAX_GRID_POINTS:
+            raise InvalidArgumentError(
+                "grid", f"at most {MAX_GRID_POINTS} points, got {int(grid)} (\"unique\" tests every "
+                "distinct calibration confidence)"
+            )
         return np.linspace(0.0, 1.0, int(grid)), f"linspace(0, 1, {int(grid)})"
     arr = _check_confidences("grid", grid) if not isinstance(grid, bool) else None
     if arr is None or arr.size == 0:

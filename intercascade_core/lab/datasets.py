@@ -561,11 +561,17 @@ def load_confidences(path: str | Path) -> LabelledConfidences:
     ``<level>_correct`` pairs for a cascade, in column order weakest first (e.g.
     ``weak_confidence,weak_correct,strong_confidence,strong_correct``). ``correct`` is
     ``1/0`` or ``true/false``; confidences lie in [0, 1].
+
+    The file is untrusted input: it must be a regular file of at most
+    :data:`MAX_CONFIDENCE_FILE_BYTES` in UTF-8 (a byte-order mark is skipped), JSON is
+    read with the bounded :func:`~intercascade_core.core.untrusted_json.loads` and CSV
+    fields are limited to the ``csv`` module's 128 KiB. Every problem is a
+    :class:`DatasetFormatError` or an :class:`InvalidArgumentError` naming the path.
     """
     levels: list[str] | None = None
     conf: list[list[float]] = []
     corr: list[list[bool]] = []
-    for line, rec in _records(path):
+    for line, rec in _confidence_records(path):
         if levels is None:
             levels = _levels_of(path, line, list(rec.keys()))
             conf = [[] for _ in levels]
@@ -588,6 +594,74 @@ def load_confidences(path: str | Path) -> LabelledConfidences:
         corrs.append(ya)
     names = tuple(lvl or "model" for lvl in levels)
     return LabelledConfidences(names, tuple(confs), tuple(corrs))
+
+
+#: the largest labelled-confidence file read (about 20 million items)
+MAX_CONFIDENCE_FILE_BYTES = 1 << 30
+_MAX_CONFIDENCE_DEPTH = 8
+
+
+def _confidence_records(path: str | Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """:func:`_records` for untrusted labelled confidences: a bounded read of a regular
+    file, UTF-8 with an optional BOM, bounded JSON, and CSV errors as typed errors."""
+    import os
+    import stat
+
+    from ..core import untrusted_json
+
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise InvalidArgumentError("path", f"{p}: no such file") from None
+    except OSError as exc:
+        raise InvalidArgumentError("path", f"{p}: cannot read: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgumentError("path", f"{p}: not a regular file")
+        if st.st_size > MAX_CONFIDENCE_FILE_BYTES:
+            raise InvalidArgumentError("path", f"{p}: {st.st_size} bytes, more than {MAX_CONFIDENCE_FILE_BYTES}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(MAX_CONFIDENCE_FILE_BYTES + 1)
+    except OSError as exc:
+        raise InvalidArgumentError("path", f"{p}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIDENCE_FILE_BYTES:
+        raise InvalidArgumentError("path", f"{p}: more than {MAX_CONFIDENCE_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bad_line = raw.count(b"\n", 0, exc.start) + 1
+        raise DatasetFormatError(p, bad_line, "<record>", f"not UTF-8 (byte {exc.start})") from None
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
+        reader = csv.DictReader(text.splitlines(keepends=True))
+        try:
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as exc:
+            raise DatasetFormatError(p, reader.line_num, "<record>", f"malformed CSV: {exc}") from None
+        return
+
+    def parse(chunk: str, line: int) -> Any:
+        try:
+            return untrusted_json.loads(chunk, max_bytes=MAX_CONFIDENCE_FILE_BYTES, max_depth=_MAX_CONFIDENCE_DEPTH)
+        except ValueError as exc:  # MalformedJSONError: never quotes the document
+            raise DatasetFormatError(p, line, "<record>", f"invalid JSON: {exc}") from None
+
+    if suffix == ".json" and text.lstrip().startswith("["):
+        parse(text, 1)  # the bounds, checked on the whole array before it is read record by record
+        yield from _json_array(p, text)
+        return
+    for lineno, chunk in enumerate(text.splitlines(), start=1):
+        if not chunk.strip():
+            continue
+        rec = parse(chunk, lineno)
+        if not isinstance(rec, dict):
+            raise DatasetFormatError(p, lineno, "<record>", "expected a JSON object")
+        yield lineno, rec
 
 
 def _levels_of(path: str | Path, line: int, keys: list[str]) -> list[str]:

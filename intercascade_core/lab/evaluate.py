@@ -153,6 +153,8 @@ def make_levels(
     env = os.environ if environ is None else environ
     levels = []
     for i, m in enumerate(models):
+        if not m.simulated:
+            _check_endpoint(i, m, env)
         price = Price(m.price_input, m.price_output) if m.price_input is not None and m.price_output is not None else None
         params = {"max_tokens": m.max_tokens, "temperature": m.temperature}
         if m.simulated:
@@ -184,6 +186,29 @@ def make_levels(
             )
         levels.append(Level(model=model, name=m.name, params=params))
     return tuple(levels)
+
+
+def _check_endpoint(i: int, m: ModelConfig, env: Mapping[str, str]) -> None:
+    """What httpx would only reject at the first request (as a raw exception), refused
+    up front: a ``base_url`` that is not a well-formed http(s) URL with a host, and a key
+    that cannot be sent in a header (non-ASCII or control characters; never quoted)."""
+    try:
+        url = httpx.URL(m.base_url)
+        ok = url.scheme in ("http", "https") and bool(url.host)
+        ok = ok and (url.port is None or 0 < url.port < 65536)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise InvalidArgumentError(
+            f"models[{i}].base_url", f"{m.base_url[:200]!r} is not a well-formed http(s) URL with a host"
+        )
+    key = env.get(m.api_key_env) if m.api_key_env else None
+    if key and not (key.isascii() and key.isprintable()):
+        raise InvalidArgumentError(
+            f"models[{i}].api_key_env",
+            f"environment variable {m.api_key_env} holds a character that cannot be sent in an HTTP "
+            "header (non-ASCII or a control character)",
+        )
 
 
 def sim_client(problems: Sequence[Query], *, seed: int = 0, knobs: SimKnobs | None = None) -> httpx.Client:
@@ -295,6 +320,7 @@ def evaluate(
     insitu_max_rounds: int = 4,
     progress: bool = True,
     on_variant: Callable[[str], None] | None = None,
+    calibration_run: CalibrationRun | None = None,
     strategy_mode: str = "single_call",
     store_rule: str = "paper",
 ) -> Evaluation:
@@ -304,6 +330,11 @@ def evaluate(
     :class:`~intercascade_core.core.state.CascadeConfig`). In single-call mode their strong
     level answers the answer-and-strategy prompt, so it is calibrated on that prompt in a
     second calibration run (``Evaluation.teach_calibration``); Jung keeps the strategy-free one.
+
+    ``calibration_run``: the strategy-free calibration (a Jung cascade's, every level on
+    the strategy-free prompt) made earlier for these levels, e.g. a saved calibration's
+    ``calibration_run()``, used instead of calibrating it here. The teaching variants'
+    single-call calibration (and ``insitu``) still run on ``calibration``.
 
     ``variants`` must include ``"jung"`` (the baseline of the reductions). The embedder
     is wrapped in a :class:`CachedEmbedder` so the stream is embedded once.
@@ -319,11 +350,16 @@ def evaluate(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or "jung" not in variants:
         raise InvalidArgumentError("variants", f"must include 'jung' and only {VARIANTS}; got {tuple(variants)}")
-    cal_run = calibrate_levels(
-        calibration, levels, alpha=alpha, delta=delta, config=CascadeConfig(policy="jung"),
-        split_delta=split_delta, min_n=min_n, progress=progress
-    )
-    check_calibration_run(cal_run, [lv.name for lv in levels])
+    if calibration_run is None:
+        cal_run = calibrate_levels(
+            calibration, levels, alpha=alpha, delta=delta, config=CascadeConfig(policy="jung"),
+            split_delta=split_delta, min_n=min_n, progress=progress
+        )
+        check_calibration_run(cal_run, [lv.name for lv in levels])
+    elif not isinstance(calibration_run, CalibrationRun) or len(calibration_run.calibrations) != len(levels):
+        raise InvalidArgumentError("calibration_run", f"must be a CalibrationRun with {len(levels)} levels")
+    else:
+        cal_run = calibration_run
     teach_cfg = CascadeConfig(k=k, backend=backend, seed=seed, strategy_mode=strategy_mode,  # type: ignore[arg-type]
                               store_rule=store_rule)  # type: ignore[arg-type]
     teach_run: CalibrationRun | None = None
