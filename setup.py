@@ -73,7 +73,7 @@ def extensions() -> list[Extension]:
             include_dirs=["csrc", np.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             extra_compile_args=cflags,
-            extra_link_args=ldflags + ["-lpthread"],
+            extra_link_args=[*ldflags, "-lpthread"],
         )
     ]
 

@@ -37,7 +37,7 @@ def import_pgserver() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pgserver
-        import pgserver._commands  # noqa: F401
+        import pgserver._commands
 
     return pgserver
 

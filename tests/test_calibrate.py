@@ -54,7 +54,7 @@ def brute_force_fst(conf, correct, alpha, delta, grid, min_n):
         n = sum(accepted)
         if n < min_n:
             continue
-        k = sum(1 for a, ok in zip(accepted, correct) if a and not ok)
+        k = sum(1 for a, ok in zip(accepted, correct, strict=False) if a and not ok)
         if k < n and stats.beta.ppf(1 - delta, k + 1, n - k) <= alpha:
             lam_hat = lam
         else:

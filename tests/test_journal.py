@@ -145,7 +145,7 @@ def test_corruption_in_the_middle_is_an_error(tmp_path: Path) -> None:
     data = bytearray(j.read_bytes())
     data[len(data) // 3] ^= 0x01
     j.write_bytes(bytes(data))
-    with pytest.raises(JournalCorruptError, match="journal.log") as ei:
+    with pytest.raises(JournalCorruptError, match=r"journal\.log") as ei:
         DurableStore.open(tmp_path / "s", dim=DIM, model_id=MODEL)
     assert ei.value.path.endswith(JOURNAL)
 

@@ -38,7 +38,7 @@ def completion(tokens: list[str], lps: list[float], **extra: Any) -> dict[str, A
             {
                 "message": {"role": "assistant", "content": "".join(tokens)},
                 "logprobs": {
-                    "content": [{"token": t, "logprob": lp} for t, lp in zip(tokens, lps)]
+                    "content": [{"token": t, "logprob": lp} for t, lp in zip(tokens, lps, strict=False)]
                 },
                 "finish_reason": "stop",
             }

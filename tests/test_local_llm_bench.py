@@ -77,7 +77,7 @@ def test_summary_section_counts_calls_and_accuracy(run_mod, tmp_path, monkeypatc
         {"calibration": {"levels": levels}, "variants": {"jung": {}, "retrieval": {}}}))
     def rec(variant, weak_ok, strong_ok, calls, comp, prompt):
         return {"variant": variant, "weak_correct": weak_ok, "strong_correct": strong_ok, "calls": calls,
-                "completion_tokens": comp, "tokens": [c + p for c, p in zip(comp, prompt)]}
+                "completion_tokens": comp, "tokens": [c + p for c, p in zip(comp, prompt, strict=False)]}
 
     recs = [
         rec("jung", True, None, [1, 0], [10, 0], [100, 0]),

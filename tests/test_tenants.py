@@ -25,7 +25,7 @@ def _build(seed: int, n: int, n_tenants: int, batches: int):
     labels = [names[int(i)] for i in rng.integers(0, n_tenants, size=n)]
     vec = random_unit(rng, n, DIM)
     repo = empty_repository(DIM)
-    cuts = sorted({int(c) for c in rng.integers(0, n + 1, size=batches)}) + [n]
+    cuts = [*sorted({int(c) for c in rng.integers(0, n + 1, size=batches)}), n]
     a = 0
     for b in cuts:  # several versions of one arena (the hnsw index grows incrementally)
         if b > a:
@@ -119,11 +119,11 @@ def test_tenants_through_the_service(policy: str, backend: str) -> None:
     client.close()
     repo = cascade.state.repositories[0]
     seen = 0
-    for o, t in zip(outs, tenants):
+    for o, t in zip(outs, tenants, strict=False):
         for su in o.strategies[0]:
             assert repo.entries[su.entry_id].tenant == t
             seen += 1
     assert seen > 0
-    stored = collections.Counter(t for o, t in zip(outs, tenants) if o.stored_in)
+    stored = collections.Counter(t for o, t in zip(outs, tenants, strict=False) if o.stored_in)
     assert {t: repo.tenant_size(t) for t in "abc"} == {t: stored[t] for t in "abc"}
     assert collections.Counter(e.tenant for e in repo.entries) == stored

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     from intercascade_core.models.local_llm import LocalServer
 
     cfg = load_config(args.config)
-    rel = lambda p: os.path.relpath(p, ROOT)
+    def rel(p):
+        return os.path.relpath(p, ROOT)
     command = f"python {rel(__file__)} --config {rel(args.config)} --out {rel(args.out)}"
     if args.summary_only:
         meta = json.loads((args.out / "run.json").read_text())

@@ -139,7 +139,10 @@ def drop_strategies(repo: Repository, drop: Callable[[Entry], bool] | Iterable[i
             if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
                 raise InvalidArgumentError("drop", f"entry ids must be ints, got {i!r}")
             ids.add(int(i))
-        pred = lambda e: e.id in ids
+
+        def pred(e: Entry) -> bool:
+            return e.id in ids
+
     keep = np.asarray([i for i, e in enumerate(repo.entries) if not pred(e)], dtype=np.int64)
     if keep.size == len(repo):
         return repo

@@ -46,7 +46,6 @@ from typing import Self
 
 from ..errors import (
     ChecksumMismatch,
-    IntercascadeError,
     InvalidArgumentError,
     MissingPartPackage,
     RuntimeMissing,
