@@ -99,7 +99,14 @@ def exact_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def misleading_teacher(seed: int = 3) -> Any:
+@pytest.fixture(scope="session")
+def misleading_teacher() -> Any:
+    """The factory below, for tests (a fixture, since ``conftest`` is no importable module
+    once a second test folder, ``examples/``, has one too)."""
+    return _misleading_teacher
+
+
+def _misleading_teacher(seed: int = 3) -> Any:
     """A simulator whose strong model is confidently wrong 15 % of the time and whose weak
     model copies a shown strategy's answer 60 % of the time with raised confidence: the
     world where strategies break a strategy-free calibration (in-situ and audit tests)."""

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import misleading_teacher
 
 from intercascade_core.core.cascade import Level
 from intercascade_core.errors import InvalidArgumentError
@@ -47,7 +46,7 @@ TEST = templated_math_stream(200, n_templates=8, seed=200)
 
 
 @pytest.fixture(scope="module")
-def ev() -> Iterator[Evaluation]:
+def ev(misleading_teacher: Any) -> Iterator[Evaluation]:
     with httpx.Client(transport=misleading_teacher().transport()) as client:
         levels = [Level(ChatModel("http://sim/v1", n, client=client, sleep=lambda s: None), name=name)
                   for n, name in (("sim-weak", "weak"), ("sim-strong", "strong"))]

@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from conftest import misleading_teacher
 
 from intercascade_core.core.audit import AuditConfig
 from intercascade_core.core.calibrate import calibrate_cascade, risk_upper_bound
@@ -64,7 +64,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+def world(misleading_teacher: Any) -> Iterator[World]:
     with httpx.Client(transport=misleading_teacher().transport()) as client:
         levels = [Level(ChatModel("http://sim/v1", n, client=client, sleep=lambda s: None))
                   for n in ("sim-weak", "sim-strong")]
@@ -75,7 +75,7 @@ def world() -> Iterator[World]:
 
 
 # ---------------------------------------------------------------------- the copying model
-def test_copying_backend_raises_confidence_on_wrong_examples() -> None:
+def test_copying_backend_raises_confidence_on_wrong_examples(misleading_teacher: Any) -> None:
     be = misleading_teacher()
     queries = templated_math_stream(60, n_templates=2, seed=7)
     with httpx.Client(transport=be.transport()) as client:
@@ -101,7 +101,7 @@ def test_copying_backend_raises_confidence_on_wrong_examples() -> None:
         assert np.mean(wrong_conf["wrong"]) > np.mean(wrong_conf["none"]) + 0.2
 
 
-def test_copying_backend_ignores_other_templates_and_iv() -> None:
+def test_copying_backend_ignores_other_templates_and_iv(misleading_teacher: Any) -> None:
     be = misleading_teacher()
     a = templated_math_stream(40, n_templates=2, seed=8)[0]
     qs = templated_math_stream(40, n_templates=2, seed=8)
