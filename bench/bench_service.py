@@ -155,15 +155,14 @@ def test_commit(benchmark: Any, newest: _Newest) -> None:
 
 @pytest.mark.benchmark(group="commit one teaching")
 def test_commit_lock_held(benchmark: Any, newest: _Newest) -> None:
-    """The part of the commit that holds the lock: reserve and publish (no sanitising)."""
+    """The part of the commit that holds the lock: reserve and publish."""
     start = newest.repo
     cascade = _cascade(start)
     base, done = cascade.state, _done(cascade)
-    entries = tuple(t.entry for t in done.teachings)
 
     def locked() -> None:
         with cascade._cond:
-            res, _ = cascade._reserve(base, 0, done, entries)
+            res, _ = cascade._reserve(base, 0, done)
             cascade._publish(res)
 
     benchmark.pedantic(locked, rounds=COMMIT_ROUNDS, warmup_rounds=0)
