@@ -591,7 +591,6 @@ def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated:
 
 
 def _cmd_run(args: argparse.Namespace, con: Console) -> int:
-    from dataclasses import replace
 
     from .core.cascade import init_state, run_stream
     from .core.metrics import compute_metrics
@@ -617,16 +616,11 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
             f"[cascade].repository saves one repository, but {len(levels)} models keep "
             f"{len(state.repositories)}; leave it empty, or use the Python API (store.save per level)"
         )
-    old_uses = None
-    if repo_path and Path(repo_path).exists():
-        from .storage.store import open_repository
-
-        stored = open_repository(repo_path, model_id=embedder.model_id, dim=embedder.dim)
-        state = replace(state, repositories=(stored.repository,))
-        old_uses = stored.uses
-        con.info(f"loaded the strategy repository {repo_path} ({len(stored.repository)} entries)")
-    result = run_stream(test, levels, embedder, state=state, config=conf,
-                        progress=not con.quiet, desc=f"stream [{policy}]")
+    if repo_path:
+        result = _journalled_stream(test, levels, embedder, state, conf, repo_path, policy, con)
+    else:
+        result = run_stream(test, levels, embedder, state=state, config=conf,
+                            progress=not con.quiet, desc=f"stream [{policy}]")
     m = compute_metrics(result.outcomes)
     summary = variant_summary(m, result.outcomes, baseline=True)
     con.result(f"{policy}: {m.n} queries | pipeline accuracy {format_percent(m.pipeline_accuracy)} % | "
@@ -649,19 +643,44 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
         _atomic_write(args.out / "outcomes.jsonl",
                       "".join(json.dumps(_finite(r), allow_nan=False) + "\n" for r in outcome_records(ev)))
         con.info(f"wrote {args.out / 'results.json'} and {args.out / 'outcomes.jsonl'}")
-    if repo_path:
-        import numpy as np
-
-        from .storage.store import save
-
-        repo = result.state.repositories[0]
-        # keep the usage counters of the entries that were loaded; new entries start at 0
-        uses = np.zeros(len(repo), dtype=np.int64)
-        if old_uses is not None:
-            uses[: len(old_uses)] = old_uses
-        save(repo_path, repo, model_id=embedder.model_id, uses=uses, overwrite=True)
-        con.info(f"saved the strategy repository ({len(repo)} entries) to {repo_path}")
     return EXIT_OK
+
+
+def _journalled_stream(
+    test: Sequence[Any], levels: Sequence[Any], embedder: Any, state: Any, conf: Any,
+    repo_path: str, policy: str, con: Any,
+) -> Any:
+    """``run_stream`` over a durable store at ``repo_path``: every strategy a query stores is
+    journalled (fsync) before the next query starts, so a kill loses at most the query in
+    flight; the store is checkpointed at the end and resumed by the next run."""
+    from dataclasses import replace
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from .core.cascade import StreamResult, step
+    from .storage.journal import DurableStore
+
+    with DurableStore.open(repo_path, dim=int(embedder.dim), model_id=str(embedder.model_id)) as ds:
+        con.info(f"loaded the strategy repository {repo_path} ({len(ds.repository)} entries)")
+        state = replace(state, repositories=(ds.repository,))
+        uses = list(np.asarray(ds.uses, dtype=np.int64))  # the least-used eviction's input
+        outcomes = []
+        for q in tqdm(test, desc=f"stream [{policy}]", disable=con.quiet, unit="q", leave=False):
+            n = len(state.repositories[0])
+            state, out = step(state, q, levels, embedder, conf)
+            repo = state.repositories[0]
+            used = [su.entry_id for su in out.strategies[0]]
+            if len(repo) > n or used:
+                ds.log(list(repo.entries[n:]), np.asarray(repo.vectors[n:]), used)
+            uses.extend([0] * (len(repo) - n))
+            for row in used:
+                uses[row] += 1
+            outcomes.append(out)
+        repo = state.repositories[0]
+        ds.checkpoint(repo, np.asarray(uses, dtype=np.int64))
+        con.info(f"saved the strategy repository ({len(repo)} entries) to {repo_path}")
+    return StreamResult(tuple(outcomes), state)
 
 
 def _evaluate_and_report(

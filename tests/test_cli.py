@@ -182,14 +182,72 @@ def test_run_saves_and_resumes_the_repository(tmp_path: Path) -> None:
     cfg = _config(tmp_path, extra_cascade='repository = "strategies"\n')
     first = cli("run", "--config", str(cfg), "--limit", "10")
     assert first.returncode == 0, first.stderr
-    manifest = json.loads((tmp_path / "strategies" / "manifest.json").read_text())
-    stored = manifest["count"]
+    stored = _store_size(tmp_path / "strategies")
     assert stored >= 1 and f"saved the strategy repository ({stored} entries)" in first.stderr
     second = cli("run", "--config", str(cfg), "--limit", "10")
     assert second.returncode == 0, second.stderr
     assert f"loaded the strategy repository {tmp_path / 'strategies'} ({stored} entries)" in second.stderr
     # the same ten queries again: now the weak model is taught from the start
-    assert json.loads((tmp_path / "strategies" / "manifest.json").read_text())["count"] >= stored
+    assert _store_size(tmp_path / "strategies") >= stored
+
+
+EMBED_DIM, EMBED_ID = 384, "hashing-test-double/dim=384/seed=0"  # the config's embedder
+
+
+def _store_size(path: Path) -> int:
+    from intercascade_core.storage.journal import DurableStore
+
+    with DurableStore.open(path, dim=EMBED_DIM, model_id=EMBED_ID, readonly=True) as ds:
+        return len(ds.repository)
+
+
+def test_a_killed_run_keeps_every_strategy_it_stored(tmp_path: Path) -> None:
+    """SIGKILL mid-stream: the journalled store reopens as a prefix of the uninterrupted
+    run's repository (nothing half-written, nothing reordered), and a rerun resumes from it."""
+    import signal
+    import time
+
+    for d in ("full", "killed"):
+        (tmp_path / d).mkdir()
+    full_cfg = _long_config(tmp_path / "full")
+    done = cli("run", "--config", str(full_cfg), "--quiet")
+    assert done.returncode == 0, done.stderr
+    with _open(tmp_path / "full" / "strategies") as ds:
+        reference = [e.query for e in ds.repository.entries]
+    assert len(reference) >= 4
+
+    cfg = _long_config(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "intercascade_core", "run", "--config", str(cfg)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store = tmp_path / "killed" / "strategies"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        journal = store / "journal.log"
+        if journal.exists() and journal.stat().st_size > 4096:  # a few strategies are logged
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    with _open(store) as ds:
+        kept = [e.query for e in ds.repository.entries]
+    assert kept == reference[: len(kept)]
+    assert len(kept) >= 1
+    rerun = cli("run", "--config", str(cfg), "--quiet")
+    assert rerun.returncode == 0, rerun.stderr
+
+
+def _long_config(folder: Path) -> Path:
+    # 3 templates x 60 variants: a stream long enough to be killed in the middle
+    path = _config(folder, extra_cascade='repository = "strategies"\n')
+    path.write_text(path.read_text().replace("variants = 8 ", "variants = 60 ", 1))
+    return path
+
+
+def _open(path: Path):  # type: ignore[no-untyped-def]
+    from intercascade_core.storage.journal import DurableStore
+
+    return DurableStore.open(path, dim=EMBED_DIM, model_id=EMBED_ID, readonly=True)
 
 
 def test_eval_with_config_writes_a_consistent_report(tmp_path: Path) -> None:
