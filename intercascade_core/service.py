@@ -119,6 +119,7 @@ from .core.cascade import (
     check_levels,
     drive,
     initial_state,
+    log_outcome,
 )
 from .core.machine import Call, Done, Embed, QueryMachine
 from .core.protocols import Embedder
@@ -333,7 +334,13 @@ class Cascade:
         max_entries: int | None = None,
         eviction: Policy = "least_used",
         evict_batch: int | None = None,
+        on_outcome: Callable[[Outcome], object] | None = None,
     ) -> None:
+        if on_outcome is not None and not callable(on_outcome):
+            raise InvalidArgumentError(
+                "on_outcome", f"must be callable, got {type(on_outcome).__name__}"
+            )
+        self._on_outcome = on_outcome
         if not isinstance(config, CascadeConfig):
             raise InvalidArgumentError(
                 "config", f"expected a CascadeConfig, got {type(config).__name__}"
@@ -444,8 +451,11 @@ class Cascade:
         if not isinstance(done, Done) or ticket.machine.next() is not done:
             raise InvalidArgumentError("done", "expected the Done record of this ticket's machine")
         latency = time.perf_counter() - ticket.started
-        out = self._commit(ticket.base, ticket.epoch, done)
-        return dataclasses.replace(out, latency_s=latency)
+        out = dataclasses.replace(self._commit(ticket.base, ticket.epoch, done), latency_s=latency)
+        log_outcome(out)
+        if self._on_outcome is not None:
+            self._on_outcome(out)  # after the commit: its errors are the caller's, not ours
+        return out
 
     def ask(self, query: Query, *, tenant: str | None = None) -> Outcome:
         """Run one query through the cascade and commit its effect; thread-safe. Returns

@@ -12,7 +12,7 @@ import pytest
 
 from intercascade_core.core.audit import AuditConfig, init_audit, observe
 from intercascade_core.core.repository import Entry, empty_repository, update
-from intercascade_core.errors import RetriesExhausted
+from intercascade_core.errors import InvalidArgumentError, RetriesExhausted
 from intercascade_core.models.chat import ChatModel
 from intercascade_core.storage.journal import DurableStore
 
@@ -58,3 +58,56 @@ def test_a_checkpoint_is_logged(tmp_path, caplog: pytest.LogCaptureFixture) -> N
         with caplog.at_level(logging.INFO, logger="intercascade_core"):
             store.checkpoint(repo)
     assert any("checkpoint" in r.getMessage() and "1 rows" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- the cascade
+def _sim_levels(client: httpx.Client) -> list:  # type: ignore[type-arg]
+    from intercascade_core import Level
+
+    return [Level(ChatModel("http://sim/v1", n, client=client, sleep=lambda s: None))
+            for n in ("sim-weak", "sim-strong")]
+
+
+def test_on_outcome_sees_every_outcome_in_order_and_deferrals_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from intercascade_core import Cascade, calibrate_levels, run_stream
+    from intercascade_core.models.hashing import HashingEmbedder
+    from intercascade_core.models.sim import SimBackend, templated_math_stream
+
+    with httpx.Client(transport=SimBackend(seed=1).transport()) as client:
+        levels = _sim_levels(client)
+        cal = calibrate_levels(templated_math_stream(120, seed=3), levels, alpha=0.25, delta=0.1)
+        seen: list = []  # type: ignore[type-arg]
+        with caplog.at_level(logging.DEBUG, logger="intercascade_core.core.cascade"):
+            result = run_stream(templated_math_stream(30, seed=4), levels, HashingEmbedder(64),
+                                calibrations=cal.calibrations, progress=False, on_outcome=seen.append)
+        assert seen == list(result.outcomes)
+        deferred = [o for o in result.outcomes if o.level != 0 and o.confidences[0] is not None]
+        assert deferred, "the stream has no deferral to log"
+        assert sum("deferred at level 0" in r.getMessage() for r in caplog.records) == len(deferred)
+
+        got: list = []  # type: ignore[type-arg]
+        with Cascade(levels, HashingEmbedder(64), calibrations=cal.calibrations,
+                     on_outcome=got.append) as cascade:
+            outs = cascade.ask_many(templated_math_stream(12, seed=5), threads=4)
+        assert sorted(o.index for o in got) == sorted(o.index for o in outs) == list(range(12))
+
+    with pytest.raises(InvalidArgumentError, match="on_outcome"):
+        run_stream([], levels, HashingEmbedder(64), calibrations=cal.calibrations, on_outcome=5)
+    with pytest.raises(InvalidArgumentError, match="config"):
+        run_stream([], levels, HashingEmbedder(64), calibrations=cal.calibrations, config=None)
+
+
+def test_an_embedder_that_returns_no_row_is_a_typed_error() -> None:
+    from intercascade_core.core.cascade import perform
+    from intercascade_core.core.machine import Embed
+
+    class Empty:
+        dim, model_id = 4, "empty"
+
+        def embed(self, texts: object) -> np.ndarray:
+            return np.zeros((0, 4), np.float32)
+
+    with pytest.raises(InvalidArgumentError, match="embedder"):
+        perform(Embed("q"), [], Empty())  # type: ignore[arg-type]

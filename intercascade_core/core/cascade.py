@@ -26,8 +26,9 @@ recorded with its reason and treated as a deferral, so no query is ever lost.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,8 @@ from .tasks import Query, grade
 if TYPE_CHECKING:  # pragma: no cover
     from .protocols import Embedder
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "CalibrationRun",
     "CascadeConfig",
@@ -69,6 +72,7 @@ __all__ = [
     "drive",
     "init_state",
     "initial_state",
+    "log_outcome",
     "perform",
     "run_stream",
     "step",
@@ -92,7 +96,12 @@ def perform(
     """Carry out one request of a :class:`~.machine.QueryMachine`: the embedding row, or
     the level's reply (a model's typed failure is returned, to be fed, not raised)."""
     if isinstance(request, Embed):
-        row: np.ndarray = np.asarray(embedder.embed([request.text]), dtype=np.float32)[0]
+        rows = np.asarray(embedder.embed([request.text]), dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[0] != 1:
+            raise InvalidArgumentError(
+                "embedder", f"embed([text]) must return one row, got shape {rows.shape}"
+            )
+        row: np.ndarray = rows[0]
         return row
     lv = levels[request.level]
     try:
@@ -107,6 +116,19 @@ def drive(machine: QueryMachine, levels: Sequence[Level], embedder: Embedder) ->
     while not isinstance(request := machine.next(), Done):
         machine.feed(perform(request, levels, embedder))
     return request
+
+
+def log_outcome(outcome: Outcome) -> None:
+    """Deferrals and failures at DEBUG, a strategy that was not stored at INFO (the texts
+    are the outcome's own: model failures are redacted where they are raised)."""
+    if log.isEnabledFor(logging.DEBUG):
+        for i, (conf, failure) in enumerate(zip(outcome.confidences, outcome.failures, strict=True)):
+            if failure is not None:
+                log.debug("%s: %s", outcome.query_id, failure)
+            elif conf is not None and i != outcome.level:
+                log.debug("%s: deferred at level %d (confidence %.4g)", outcome.query_id, i, conf)
+    if outcome.strategy_rejected is not None:
+        log.info("%s: strategy not stored: %s", outcome.query_id, outcome.strategy_rejected)
 
 
 def step(
@@ -130,6 +152,7 @@ def step(
     t0 = time.perf_counter()
     machine = QueryMachine(state, query, [lv.name for lv in levels], config, index=index)
     done = drive(machine, levels, embedder)
+    log_outcome(done.outcome)
     return apply(state, done), replace(done.outcome, latency_s=time.perf_counter() - t0)
 
 
@@ -152,16 +175,22 @@ def run_stream(
     config: CascadeConfig = CascadeConfig(),
     progress: bool = True,
     desc: str | None = None,
+    on_outcome: Callable[[Outcome], object] | None = None,
 ) -> StreamResult:
     """Fold :func:`step` over *queries*; return every :class:`Outcome` and the final state.
 
     Start from ``state`` (to resume) or from fresh repositories with the given
     ``calibrations`` (one per level, e.g. from :func:`calibrate_levels` on a separate
     strategy-free calibration split). Thresholds never change during a run.
-    ``progress`` shows a tqdm bar on stderr.
+    ``progress`` shows a tqdm bar on stderr; ``on_outcome`` is called with each outcome
+    as it is decided (your own metrics, a live log).
     """
     from tqdm import tqdm
 
+    if not isinstance(config, CascadeConfig):
+        raise InvalidArgumentError("config", f"expected a CascadeConfig, got {type(config).__name__}")
+    if on_outcome is not None and not callable(on_outcome):
+        raise InvalidArgumentError("on_outcome", f"must be callable, got {type(on_outcome).__name__}")
     state = initial_state(state, calibrations, int(embedder.dim))
     items = list(queries)
     outcomes: list[Outcome] = []
@@ -170,6 +199,8 @@ def run_stream(
         for q in bar:
             state, out = step(state, q, levels, embedder, config)
             outcomes.append(out)
+            if on_outcome is not None:
+                on_outcome(out)
     return StreamResult(tuple(outcomes), state)
 
 
