@@ -562,7 +562,7 @@ def _levels_for(cfg: Any, queries: Sequence[Any]) -> tuple[Any, ...]:
     from .lab.evaluate import make_levels, sim_client
 
     client = sim_client(queries, seed=cfg.cascade.seed) if any(m.simulated for m in cfg.models) else None
-    return make_levels(cfg.models, sim_client=client)
+    return make_levels(cfg.models, sim_client=client, probe=True)
 
 
 def _settings(cfg_models: Sequence[Any], embedder: Any, backend: str, simulated: bool,

@@ -139,6 +139,7 @@ def make_levels(
     environ: Mapping[str, str] | None = None,
     client: httpx.Client | None = None,
     sim_client: httpx.Client | None = None,
+    probe: bool = False,
 ) -> tuple[Level, ...]:
     """Cascade levels for configured endpoints, weakest first.
 
@@ -148,7 +149,10 @@ def make_levels(
     the simulated profile. Other models are :class:`~intercascade_core.models.chat.ChatModel`
     clients over ``client`` (default: their own, memoising temperature-0 replies in the
     model's ``response_cache`` file when one is set); a model whose ``api_key_env`` names an
-    unset variable raises :class:`MissingAPIKeyError`.
+    unset variable raises :class:`MissingAPIKeyError`. With ``probe`` every real endpoint
+    without a response cache is asked once (:meth:`ChatModel.probe`), so a refused,
+    unresolvable or unauthorised endpoint fails here, at once, not after a calibration of
+    failed calls.
     """
     env = os.environ if environ is None else environ
     levels = []
@@ -172,9 +176,6 @@ def make_levels(
                     )
             model_client = client
             if m.response_cache and client is None:
-                import httpx
-
-
                 try:
                     model_client = httpx.Client(transport=ResponseCache(m.response_cache))
                 except InvalidArgumentError as e:
@@ -185,6 +186,10 @@ def make_levels(
                 price=price,
             )
         levels.append(Level(model=model, name=m.name, params=params))
+    if probe:  # after every level is built: a configuration error is reported first
+        for m, lv in zip(models, levels, strict=True):
+            if not m.simulated and not m.response_cache and isinstance(lv.model, ChatModel):
+                lv.model.probe()
     return tuple(levels)
 
 
