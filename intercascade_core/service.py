@@ -427,9 +427,9 @@ class Cascade:
         published state, with the next outcome index. Drive ``ticket.machine`` to
         :class:`~.core.machine.Done`, then :meth:`finish` it."""
         _check_query(query)  # before an outcome index is taken
-        if tenant is not None and not isinstance(tenant, str):
+        if tenant is not None and (not isinstance(tenant, str) or not tenant):
             raise InvalidArgumentError(
-                "tenant", f"must be a str or None, got {type(tenant).__name__}"
+                "tenant", f"must be a non-empty str or None ('default'), got {tenant!r:.40}"
             )
         cfg = self._config if tenant is None else dataclasses.replace(self._config, tenant=tenant)
         with self._cond:

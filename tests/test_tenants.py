@@ -16,7 +16,7 @@ from intercascade_core.storage.store import open_repository, save
 from tests.strategies import random_unit
 
 DIM = 12
-TENANTS = ["default", "a", "b", "tenant-ü", ""]
+TENANTS = ["default", "a", "b", "tenant-ü", "t" * 64]
 
 
 def _build(seed: int, n: int, n_tenants: int, batches: int):
@@ -127,3 +127,39 @@ def test_tenants_through_the_service(policy: str, backend: str) -> None:
     stored = collections.Counter(t for o, t in zip(outs, tenants, strict=False) if o.stored_in)
     assert {t: repo.tenant_size(t) for t in "abc"} == {t: stored[t] for t in "abc"}
     assert collections.Counter(e.tenant for e in repo.entries) == stored
+
+
+@pytest.mark.parametrize("policy", ["retrieval", "random"])
+def test_no_tenant_means_default_never_every_tenant(policy: str) -> None:
+    """One rule everywhere: a query without a tenant reads and writes "default" only; it
+    never sees another tenant's strategies (before, tenant=None read every tenant)."""
+    from intercascade_core.core.cascade import CascadeConfig
+    from tests._crash_worker import make_cascade, stream
+
+    cascade, client = make_cascade(config=CascadeConfig(policy=policy, k=2, backend="numpy"))
+    queries = stream(120, seed=22)
+    tenants = [("acme", None)[i % 2] for i in range(len(queries))]
+    outs = cascade.ask_many(queries, threads=4, tenant=tenants)
+    client.close()
+    repo = cascade.state.repositories[0]
+    assert repo.tenant_size("acme") > 0 and repo.tenant_size("default") > 0
+    for o, t in zip(outs, tenants, strict=True):
+        for su in o.strategies[0]:
+            assert repo.entries[su.entry_id].tenant == (t or "default")
+
+
+def test_an_empty_tenant_is_refused_everywhere() -> None:
+    from intercascade_core.core.cascade import CascadeConfig
+    from intercascade_core.errors import InvalidArgumentError
+    from tests._crash_worker import make_cascade, stream
+
+    with pytest.raises(InvalidArgumentError, match="tenant"):
+        CascadeConfig(tenant="")
+    repo = update(empty_repository(4), [Entry("q", "a", "s")], np.eye(4, dtype=np.float32)[:1])
+    for backend in ("exact", "numpy", "hnsw"):
+        with pytest.raises(InvalidArgumentError, match="tenant"):
+            retrieve(repo, np.eye(4, dtype=np.float32)[0], 1, backend=backend, tenant="")
+    cascade, client = make_cascade(config=CascadeConfig())
+    with pytest.raises(InvalidArgumentError, match="tenant"):
+        cascade.ask(stream(1, seed=1)[0], tenant="")
+    client.close()

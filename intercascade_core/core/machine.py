@@ -146,13 +146,14 @@ def select_strategies(
     """The strategies for one prompt: top-k by cosine, or k uniformly drawn (seeded)."""
     if config.policy == "retrieval":
 
-        top = retrieve(repo, qvec[None, :], config.k, backend=config.backend, tenant=config.tenant)
+        top = retrieve(
+            repo, qvec[None, :], config.k, backend=config.backend, tenant=config.tenant_name
+        )
         idx = [int(i) for i in top.indices[0] if i >= 0]
         sims = [float(s) for s in top.scores[0][: len(idx)]]
     else:  # random: uniform without replacement over this tenant's entries
         pool = np.arange(len(repo))
-        if config.tenant is not None:
-            pool = pool[repo.tenant_codes == repo.tenant_code(config.tenant)]
+        pool = pool[repo.tenant_codes == repo.tenant_code(config.tenant_name)]
         rng = np.random.default_rng(list(rng_key))
         take = min(config.k, len(pool))
         idx = [int(i) for i in rng.choice(pool, size=take, replace=False)] if take else []
@@ -331,7 +332,7 @@ def _taught(c: _Query, t: _Trace, reply: str) -> _Trace:
     i = t.level
     try:
         entry = teaching_entry(
-            c.query, t.levels[i].answer, reply, i, c.names[i], c.state.n_queries, c.config.tenant,
+            c.query, t.levels[i].answer, reply, i, c.names[i], c.state.n_queries, c.config.tenant_name,
             strict=c.config.store_rule == "strict",
         )
     except MalformedStrategy as e:

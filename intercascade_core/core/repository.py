@@ -423,6 +423,10 @@ def _check_update_args(repo: Any, entries: Any) -> None:
             raise InvalidArgumentError(
                 "entries", f"must contain Entry objects, got {type(e).__name__}"
             )
+        if not isinstance(e.tenant, str) or not e.tenant:
+            raise InvalidArgumentError(
+                "entries", f"an entry's tenant must be a non-empty str, got {e.tenant!r:.40}"
+            )
 
 
 def _append_rows(repo: Repository, entries: Sequence[Entry], rows: np.ndarray) -> Repository:

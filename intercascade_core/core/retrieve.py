@@ -380,8 +380,10 @@ def retrieve(
     backend = check_backend(backend)
     if scan not in _SCANS:
         raise InvalidArgumentError("scan", f"must be one of {_SCANS}, got {scan!r}")
-    if tenant is not None and not isinstance(tenant, str):
-        raise InvalidArgumentError("tenant", f"must be a str or None, got {type(tenant).__name__}")
+    if tenant is not None and (not isinstance(tenant, str) or not tenant):
+        raise InvalidArgumentError(
+            "tenant", f"must be a non-empty str, or None for every row, got {tenant!r:.40}"
+        )
     if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= 2:
         raise InvalidArgumentError("threads", f"must be 0 (auto), 1 or 2, got {threads!r}")
     if not isinstance(backend, str):

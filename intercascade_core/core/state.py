@@ -80,7 +80,8 @@ class CascadeConfig:
     also rejects strategies that are too short or too long or that quote three or more of
     the problem's multi-digit numbers (:func:`~.prompts.parse_strategy`). Rejections are
     counted (``Counters.n_rejected_strategies``, ``Outcome.strategy_rejected``).
-    seed: seeds the random policy. tenant: repository tenant for storing and retrieving.
+    seed: seeds the random policy. tenant: the repository tenant a query retrieves from and
+    stores into; None means ``"default"`` (never "every tenant"), and ``""`` is refused.
     """
 
     policy: Policy = "retrieval"
@@ -105,8 +106,10 @@ class CascadeConfig:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InvalidArgumentError("seed", f"must be an int >= 0, got {self.seed!r}")
-        if self.tenant is not None and not isinstance(self.tenant, str):
-            raise InvalidArgumentError("tenant", f"must be a str or None, got {self.tenant!r}")
+        if self.tenant is not None and (not isinstance(self.tenant, str) or not self.tenant):
+            raise InvalidArgumentError(
+                "tenant", f"must be a non-empty str or None ('default'), got {self.tenant!r}"
+            )
         if self.teach not in get_args(Teach):
             raise InvalidArgumentError(
                 "teach", f"expected one of {get_args(Teach)}, got {self.teach!r}"
@@ -120,6 +123,11 @@ class CascadeConfig:
             raise InvalidArgumentError(
                 "store_rule", f"expected one of {get_args(StoreRule)}, got {self.store_rule!r}"
             )
+
+    @property
+    def tenant_name(self) -> str:
+        """The tenant queries read and write: ``tenant``, or ``"default"``."""
+        return self.tenant or "default"
 
     @property
     def teaches(self) -> bool:

@@ -627,8 +627,8 @@ class PgVectorStore:
 
         if isinstance(watermark, bool) or not isinstance(watermark, (int, np.integer)) or watermark < 0:
             raise InvalidArgumentError("watermark", f"must be an int >= 0, got {watermark!r}")
-        if tenant is not None and not isinstance(tenant, str):
-            raise InvalidArgumentError("tenant", f"must be a str or None, got {type(tenant).__name__}")
+        if tenant is not None and (not isinstance(tenant, str) or not tenant):
+            raise InvalidArgumentError("tenant", f"must be a non-empty str or None, got {tenant!r:.40}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise InvalidArgumentError("limit", f"must be a positive int or None, got {limit!r}")
         q = sql.SQL("SELECT {cols} FROM {t} WHERE id > %s").format(
@@ -751,8 +751,8 @@ class PgVectorStore:
 
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
             raise InvalidArgumentError("k", f"must be an int >= 0, got {k!r}")
-        if tenant is not None and not isinstance(tenant, str):
-            raise InvalidArgumentError("tenant", f"must be a str or None, got {type(tenant).__name__}")
+        if tenant is not None and (not isinstance(tenant, str) or not tenant):
+            raise InvalidArgumentError("tenant", f"must be a non-empty str or None, got {tenant!r:.40}")
         if ef_search is not None and (
             isinstance(ef_search, bool) or not isinstance(ef_search, int) or not 1 <= ef_search <= _EF_MAX
         ):
