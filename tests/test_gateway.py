@@ -416,3 +416,65 @@ def test_feedback_moves_the_audit_and_an_alarm_stops_the_weak_level(start: Any, 
     again = start("--demo", "--embedder", "hashing", "--audit-every", "5", store=store)
     assert again.metrics()['intercascade_audit_alarm{level="0",model="sim-weak"}'] == 1
     assert all(ask(again.client(), q.text)[1]["level"] != 0 for q in demo_problems(5, seed=19))
+
+
+# ----------------------------------------------------------------------------- configured
+CONFIG = """
+[cascade]
+alpha = 0.2
+delta = 0.1
+backend = "numpy"
+[embedder]
+kind = "hashing"
+[[models]]
+name = "weak"
+base_url = "sim:weak"
+model = "sim-weak"
+[[models]]
+name = "strong"
+base_url = "sim:strong"
+model = "sim-strong"
+confidence_span = "answer"
+"""
+
+
+def _save_calibration(config_file: Path, out: Path, model_ids: list[str] | None = None) -> None:
+    """Calibrate the configured (simulated) levels as `run --save-calibration` does."""
+    import httpx as _httpx
+
+    from intercascade_core.core.cascade import CascadeConfig, calibrate_levels
+    from intercascade_core.lab.config import load_config
+    from intercascade_core.lab.evaluate import make_levels
+    from intercascade_core.storage.calibration_file import save_calibration
+
+    cfg = load_config(config_file)
+    config = CascadeConfig(policy=cfg.cascade.policy, k=cfg.cascade.k,  # type: ignore[arg-type]
+                           backend=cfg.cascade.backend, seed=cfg.cascade.seed)
+    with _httpx.Client(transport=SimBackend(seed=cfg.cascade.seed).transport()) as client:
+        levels = make_levels(cfg.models, sim_client=client)
+        run = calibrate_levels(demo_problems(300, seed=99), levels, alpha=cfg.cascade.alpha,
+                               delta=cfg.cascade.delta, config=config)
+    save_calibration(out, run, model_ids=model_ids or [m.model for m in cfg.models],
+                     level_names=[m.name for m in cfg.models], config=config)
+
+
+def test_config_and_saved_calibration(start: Any, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG)
+    calibration = tmp_path / "calibration.json"
+    _save_calibration(config, calibration)
+    server = start("--config", str(config), "--calibration", str(calibration))
+    assert [m.id for m in server.client().models.list()] == ["intercascade", "weak", "strong"]
+    _, ext, headers = ask(server.client(), demo_problems(1, seed=4)[0].text)
+    assert ext["model"] in ("weak", "strong") and headers["x-intercascade-model"] == ext["model"]
+
+    other = tmp_path / "other.json"
+    _save_calibration(config, other, model_ids=["gpt-4o-mini", "gpt-4o"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "intercascade_core", "serve", "--config", str(config),
+         "--calibration", str(other), "--port", "0", "--store", str(tmp_path / "s2")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "gpt-4o-mini" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -479,3 +479,46 @@ def test_gateway_refuses_levels_that_are_not_the_cascades(demo: Any) -> None:
     wrong = demo_async_levels(backend)[::-1]
     with pytest.raises(InvalidArgumentError, match="differ"):
         Gateway(cascade, wrong, EmbedBatcher(emb), AuditBook(cals))
+
+
+def test_a_failed_level_defers_and_all_failed_is_a_502(demo: Any) -> None:
+    backend, levels, cals = demo
+    sim = backend.handler()
+
+    def weak_down(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["model"] == "sim-weak":
+            return httpx.Response(503, json={"error": {"message": "weak is down"}})
+        return sim(request)
+
+    def all_down(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, json={"error": {"message": "down"}})
+
+    async def run(handler: Any) -> tuple[Any, Cascade]:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        async_levels = [AsyncLevel(AsyncChatModel("http://x.invalid/v1", lv.name, client=client,
+                                                  max_retries=1, backoff_base=0.0), lv.name)
+                        for lv in levels]
+        emb = HashingEmbedder(384)
+        cascade = Cascade(levels, emb, calibrations=cals)
+        gw = Gateway(cascade, async_levels, EmbedBatcher(emb), AuditBook(cals))
+        try:
+            result: Any = await gw.complete(parse_chat_request(_body(), MODELS), None)
+        except RequestError as e:
+            result = e
+        try:
+            direct = await gw.direct(parse_chat_request(_body(model="sim-weak"), MODELS), None)
+        except RequestError as e:
+            direct = e
+        await gw.aclose()
+        await client.aclose()
+        return (result, direct), cascade
+
+    (answer, direct), cascade = asyncio.run(run(weak_down))
+    levels_seen = answer.extension["levels"]
+    assert answer.extension["level"] == 1 and answer.extension["deferred"]
+    assert "RetriesExhausted" in levels_seen[0]["failure"] and levels_seen[1]["failure"] is None
+    assert isinstance(direct, RequestError) and direct.status == 502
+    (failed, _), cascade = asyncio.run(run(all_down))
+    assert isinstance(failed, RequestError) and failed.status == 502
+    assert failed.code == "upstream_failed" and "every level" in failed.message
+    assert cascade.state.n_queries == 1 and cascade.state.counters.n_discarded == 1  # committed

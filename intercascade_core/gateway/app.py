@@ -13,8 +13,8 @@ Every error is an OpenAI error object (``{"error": {"message", "type", "param",
 unknown key (with a keys file), 404 an unknown model, route or completion, 405 a wrong
 method, 408 a body that does not arrive within the deadline, 409 repeated feedback, 413 a
 body over 1 MiB, 502 every level failed, 503 shutting down, 504 the deadline passed, 500
-anything unforeseen. A response never carries a stack
-trace: an unforeseen error is logged on the server with an id the client is given.
+anything unforeseen. A response never carries a stack trace: an unforeseen error is logged
+on the server with an incident id the client is given.
 
 Streaming (``"stream": true``): the cascade decides before it can answer (the weak answer
 is shown only if its confidence clears the threshold), so the decided answer is streamed

@@ -85,8 +85,9 @@ def add_serve_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="API keys file: lines 'SHA256(key) TENANT'; without it no key is checked")
     p.add_argument("--deadline", type=_number(0.01, 3600), default=60.0, metavar="SECONDS",
                    help="per-request deadline (default 60): no request outlives it")
-    p.add_argument("--embedder", choices=("minilm", "hashing"), default="minilm",
-                   help="minilm (default) or hashing (a fast deterministic test double)")
+    p.add_argument("--embedder", choices=("minilm", "hashing"),
+                   help="minilm or hashing (a fast deterministic test double); default: minilm "
+                   "for --demo, the config's [embedder] for --config")
     p.add_argument("--no-batching", action="store_true",
                    help="embed each request on its own instead of micro-batching")
     p.add_argument("--batch-max", type=_int(1, 1024), default=32,

@@ -207,12 +207,9 @@ def parse_chat_request(body: bytes, models: Sequence[str]) -> ChatRequest:
                                param=f"messages[{i}]")
         role = m.get("role")
         if role not in _ROLES:
-            raise RequestError(
-                400, f"messages[{i}].role must be one of {sorted(_ROLES)}, got "
-                f"{role[:40]!r}" if isinstance(role, str) else
-                f"messages[{i}].role must be one of {sorted(_ROLES)}, got {_json_type(role)}",
-                param=f"messages[{i}].role",
-            )
+            got = repr(role[:40]) if isinstance(role, str) else _json_type(role)
+            raise RequestError(400, f"messages[{i}].role must be one of {sorted(_ROLES)}, "
+                               f"got {got}", param=f"messages[{i}].role")
         extra = sorted(set(m) - {"role", "content", "name"})
         if extra:
             raise RequestError(400, f"messages[{i}]: unsupported field {extra[0][:80]!r}",

@@ -33,6 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
+from ..core.calibrate import Calibration
 from ..core.cascade import CascadeConfig, Level
 from ..core.protocols import Embedder
 from ..errors import UsageError
@@ -59,7 +60,7 @@ class ServeOptions:
     config: Path | None = None
     calibration: Path | None = None
     store: Path | None = None
-    embedder: Literal["minilm", "hashing"] = "minilm"
+    embedder: Literal["minilm", "hashing"] | None = None  # None: minilm, or the config's
     batching: bool = True
     batch_max: int = 32
     batch_wait_ms: float = 2.0
@@ -89,19 +90,29 @@ def check_host(host: str, keys: KeyRing | None) -> None:
         )
 
 
-def _embedder(kind: str) -> Embedder:
+def _embedder(kind: str, model_path: str = "", tokenizer_path: str = "") -> Embedder:
     if kind == "hashing":
         from ..models.hashing import HashingEmbedder
 
         return HashingEmbedder(384)
     from ..models.minilm import MiniLMEmbedder
 
-    return MiniLMEmbedder()
+    return MiniLMEmbedder(model_path or None, tokenizer_path or None)
 
 
-def _demo_parts(
-    options: ServeOptions,
-) -> tuple[Sequence[Level], Sequence[AsyncLevel], Sequence[object], CascadeConfig, str]:
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """What a gateway is built from (by :func:`_demo_parts` or :func:`_config_parts`)."""
+
+    levels: Sequence[Level]
+    async_levels: Sequence[AsyncLevel]
+    calibrations: Sequence[Calibration]
+    config: CascadeConfig
+    embedder: Embedder
+    what: str
+
+
+def _demo_parts(options: ServeOptions) -> _Parts:
     from ..models.sim import SimBackend
     from .demo import demo_async_levels, demo_calibration, demo_config, demo_levels
 
@@ -109,15 +120,18 @@ def _demo_parts(
     levels = demo_levels(backend)
     config = demo_config()
     cals = demo_calibration(levels, config=config)
-    return (levels, demo_async_levels(backend), cals, config,
-            "the simulated demo cascade (calibrated at start-up)")
+    return _Parts(levels, demo_async_levels(backend), cals, config,
+                  _embedder(options.embedder or "minilm"),
+                  "the simulated demo cascade (calibrated at start-up)")
 
 
-def _config_parts(
-    options: ServeOptions,
-) -> tuple[Sequence[Level], Sequence[AsyncLevel], Sequence[object], CascadeConfig, str]:
+def _config_parts(options: ServeOptions) -> _Parts:
+    """The configured endpoints (``intercascade run``'s config) as sync and async levels,
+    with the saved calibration, refused (exit 2) if made for other models, prompts or
+    (alpha, delta)."""
     import httpx
 
+    from ..errors import StoreError
     from ..lab.config import load_config
     from ..lab.evaluate import make_levels
     from ..models.async_chat import AsyncChatModel
@@ -128,9 +142,18 @@ def _config_parts(
     if options.config is None or options.calibration is None:
         raise UsageError("serve needs --demo, or --config FILE with --calibration FILE")
     cfg = load_config(options.config)
-    backend = SimBackend(seed=cfg.cascade.seed)
-    sim_sync = httpx.Client(transport=backend.transport())
-    levels = make_levels(cfg.models, sim_client=sim_sync)
+    config = CascadeConfig(policy=cfg.cascade.policy, k=cfg.cascade.k,  # type: ignore[arg-type]
+                           backend=cfg.cascade.backend, seed=cfg.cascade.seed)
+    try:
+        saved, _ = load_calibration_for(
+            options.calibration, model_ids=[m.model for m in cfg.models], config=config,
+            alpha=cfg.cascade.alpha, delta=cfg.cascade.delta,
+            split_delta=cfg.cascade.split_delta,
+        )
+    except StoreError as e:  # the file named on the command line does not fit: exit 2
+        raise UsageError(str(e)) from None
+    backend = SimBackend(seed=cfg.cascade.seed)  # for levels whose base_url is sim:<level>
+    levels = make_levels(cfg.models, sim_client=httpx.Client(transport=backend.transport()))
     sim_async = httpx.AsyncClient(transport=httpx.MockTransport(backend.handler()))
     async_levels = []
     for m, lv in zip(cfg.models, levels, strict=True):
@@ -140,44 +163,37 @@ def _config_parts(
         if m.simulated:
             model = AsyncChatModel("http://sim.invalid/v1", m.model, client=sim_async,
                                    price=price, confidence_span=span)
-        else:
+        else:  # make_levels has checked the URL and that the key's variable is set
             key = os.environ.get(m.api_key_env) if m.api_key_env else None
             model = AsyncChatModel(m.base_url, m.model, api_key=key, timeout=m.timeout,
                                    max_retries=m.max_retries, price=price, confidence_span=span)
         async_levels.append(AsyncLevel(model, name=lv.name, params=lv.params))
-    saved, _ = load_calibration_for(
-        options.calibration, model_ids=[m.model for m in cfg.models], alpha=cfg.cascade.alpha,
-        delta=cfg.cascade.delta, split_delta=cfg.cascade.split_delta, force=False,
-    )
-    config = CascadeConfig(policy=cfg.cascade.policy, k=cfg.cascade.k,  # type: ignore[arg-type]
-                           backend=cfg.cascade.backend, seed=cfg.cascade.seed)
-    what = f"{cfg.source} with the calibration {options.calibration}"
-    return levels, async_levels, saved.calibration_run().calibrations, config, what
+    ec = cfg.embedder
+    embedder = _embedder(options.embedder or ec.kind, ec.model_path, ec.tokenizer_path)
+    return _Parts(levels, async_levels, saved.calibration_run().calibrations, config, embedder,
+                  f"{cfg.source} with the calibration {options.calibration}")
 
 
 def build_gateway(options: ServeOptions, store: Path) -> tuple[Gateway, str]:
     """The gateway of ``options`` over the durable store ``store``, and what it serves."""
-    from ..core.calibrate import Calibration
-
     parts = _demo_parts(options) if options.demo else _config_parts(options)
-    levels, async_levels, cals, config, what = parts
-    calibrations = [c for c in cals if isinstance(c, Calibration)]
-    embedder = _embedder(options.embedder)
-    cascade = Cascade(levels, embedder, calibrations=calibrations, config=config, store=store,
-                      fsync=options.fsync)
+    embedder, calibrations = parts.embedder, list(parts.calibrations)
+    cascade = Cascade(parts.levels, embedder, calibrations=calibrations, config=parts.config,
+                      store=store, fsync=options.fsync)
     try:
         batcher = EmbedBatcher(embedder, max_batch=options.batch_max,
                                max_wait_s=options.batch_wait_ms / 1000.0, enabled=options.batching)
         audit = AuditBook(calibrations, delta=options.audit_delta, every=options.audit_every,
                           path=store)
-        gateway = Gateway(cascade, async_levels, batcher, audit, deadline_s=options.deadline_s)
+        gateway = Gateway(cascade, parts.async_levels, batcher, audit,
+                          deadline_s=options.deadline_s)
     except BaseException:
         cascade.close(checkpoint=False)
         raise
     thresholds = ", ".join(
-        f"{lv.name} {c.threshold:.4f}" for lv, c in zip(levels, calibrations, strict=True)
+        f"{lv.name} {c.threshold:.4f}" for lv, c in zip(parts.levels, calibrations, strict=True)
     )
-    return gateway, f"{what}; thresholds {thresholds}; embedder {embedder.model_id}"
+    return gateway, f"{parts.what}; thresholds {thresholds}; embedder {embedder.model_id}"
 
 
 def _listen(host: str, port: int) -> socket.socket:
