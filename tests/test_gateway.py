@@ -478,3 +478,19 @@ def test_config_and_saved_calibration(start: Any, tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "gpt-4o-mini" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("args", "expect"), [
+    (["--demo", "--keys", "/nonexistent/keys"], "cannot read the keys file"),
+    (["--demo", "--port", "70000"], "expected an integer in [0, 65535]"),
+    (["--demo", "--calibration", "c.json"], "--calibration applies to --config"),
+    (["--config", "c.toml"], "--calibration"),
+])
+def test_bad_serve_arguments_are_one_line_usage_errors(
+    tmp_path: Path, args: list[str], expect: str
+) -> None:
+    proc = subprocess.run([sys.executable, "-m", "intercascade_core", "serve", *args],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert expect in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -113,6 +113,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.calibration is not None and args.demo:
         raise UsageError("--calibration applies to --config; --demo calibrates its simulated levels")
+    if args.config is not None and args.calibration is None:
+        raise UsageError("--config needs --calibration FILE: the thresholds saved by "
+                         "'calibrate --save' or 'run --save-calibration'")
     require_serve_extra()
     from .server import ServeOptions, run, setup_logging
 
