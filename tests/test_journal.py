@@ -281,3 +281,32 @@ def test_sigkill_loses_at_most_the_in_flight_query(tmp_path: Path) -> None:
     expect = ref.state.repositories[0]
     assert list(got.entries) == list(expect.entries[: len(got)])
     np.testing.assert_array_equal(got.vectors, expect.vectors[: len(got)])
+
+
+def test_a_saved_repository_is_never_opened_as_an_empty_store(tmp_path: Path) -> None:
+    # the folder 'run' used to write: opening it as a store must not start empty beside it
+    from intercascade_core.core.repository import empty_repository
+    from intercascade_core.storage.store import save
+
+    row = random_unit(np.random.default_rng(0), 1, DIM)
+    save(tmp_path / "old", update(empty_repository(DIM), [Entry("q", "a", "s")], row), model_id=MODEL)
+    with pytest.raises(IncompatibleStoreError, match=r"manifest\.json"):
+        DurableStore.open(tmp_path / "old", dim=DIM, model_id=MODEL)
+    assert not (tmp_path / "old" / "CURRENT").exists()
+
+
+def test_log_refuses_what_replay_would_refuse_and_the_store_still_opens(tmp_path: Path) -> None:
+    from intercascade_core.errors import InvalidArgumentError
+
+    good = random_unit(np.random.default_rng(1), 1, DIM)
+    with DurableStore.open(tmp_path / "s", dim=DIM, model_id=MODEL) as ds:
+        ds.log([Entry("q", "a", "s")], good)
+        for entries, rows in (
+            ([Entry("q", "a", "s", tenant="")], good),
+            ([Entry("q", "a", "s")], np.full((1, DIM), np.nan, np.float32)),
+            ([Entry("q", "a", "s")], 2 * good),
+        ):
+            with pytest.raises(InvalidArgumentError):
+                ds.log(entries, rows)
+    with DurableStore.open(tmp_path / "s", dim=DIM, model_id=MODEL) as ds:
+        assert [e.query for e in ds.repository.entries] == ["q"]

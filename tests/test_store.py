@@ -77,7 +77,7 @@ def _assert_same(r1, r2) -> None:
             texts,
             texts,
             texts,
-            st.sampled_from(["default", "a", "b\u00fc", ""]),
+            st.sampled_from(["default", "a", "b\u00fc", "t" * 40]),
             st.integers(-(2**40), 2**40),
             st.floats(allow_nan=False, allow_infinity=False),
         ),

@@ -49,6 +49,7 @@ __all__ = [
     "Entry",
     "Repository",
     "append_exact",
+    "check_entries",
     "empty_repository",
     "from_arrays",
     "unit_rows",
@@ -391,7 +392,7 @@ def update(repo: Repository, entries: Sequence[Entry], vectors: np.ndarray) -> R
     :data:`NORM_TOLERANCE`; renormalised exactly). Entries with ``id == -1`` get
     their row index as id.
     """
-    _check_update_args(repo, entries)
+    check_entries(entries, repo)
     count = len(entries)
     rows = unit_rows(vectors, repo.dim, count=count)
     if count == 0:
@@ -405,7 +406,7 @@ def append_exact(repo: Repository, entries: Sequence[Entry], vectors: np.ndarray
     tolerance) but stored **bit-exactly**, without the float32 renormalisation that
     ``update`` applies (which is not idempotent to the last ulp). Replaying a journal
     therefore reproduces the logged rows exactly."""
-    _check_update_args(repo, entries)
+    check_entries(entries, repo)
     count = len(entries)
     rows = unit_rows(vectors, repo.dim, count=count, renormalise=False)
     if count == 0:
@@ -413,8 +414,10 @@ def append_exact(repo: Repository, entries: Sequence[Entry], vectors: np.ndarray
     return _append_rows(repo, entries, rows)
 
 
-def _check_update_args(repo: Any, entries: Any) -> None:
-    if not isinstance(repo, Repository):
+def check_entries(entries: Any, repo: Any = None) -> None:
+    """What :func:`update` demands of ``entries`` (and of ``repo`` when given), so that a
+    store can refuse before it writes what a reopen would refuse to replay."""
+    if repo is not None and not isinstance(repo, Repository):
         raise InvalidArgumentError("repo", f"must be a Repository, got {type(repo).__name__}")
     if isinstance(entries, (str, bytes, Entry)) or not isinstance(entries, Sequence):
         raise InvalidArgumentError("entries", "must be a sequence of Entry")

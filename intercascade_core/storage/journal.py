@@ -72,7 +72,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ..core import untrusted_json
-from ..core.repository import Entry, Repository, append_exact, empty_repository
+from ..core.repository import (
+    Entry,
+    Repository,
+    append_exact,
+    check_entries,
+    empty_repository,
+    unit_rows,
+)
 from ..errors import (
     CorruptStoreError,
     IncompatibleStoreError,
@@ -737,6 +744,11 @@ class DurableStore:
         if not os.path.lexists(cur):
             if os.path.lexists(jpath):
                 raise CorruptStoreError(cur, f"missing while {JOURNAL} exists")
+            if os.path.lexists(root / "manifest.json"):  # never start empty beside old strategies
+                raise IncompatibleStoreError(
+                    root, "holds a saved repository (manifest.json), not a durable store; "
+                    "move it aside or open it with storage.store.open_repository"
+                )
             name = "snap-000000000000"
             if not os.path.lexists(root / name):
                 save(root / name, empty_repository(dim), model_id=model_id, lsn=0)
@@ -830,7 +842,11 @@ class DurableStore:
         journal = self._writable()
         if not entries and not uses:
             return self.lsn
-        vec = np.asarray(vectors, dtype=np.float32).reshape(len(entries), self.dim)
+        # refuse here what replay would refuse later: an acknowledged record must reopen
+        check_entries(entries)
+        vec = unit_rows(
+            np.asarray(vectors, dtype=np.float32), self.dim, count=len(entries), renormalise=False
+        )
         journal.append(self.lsn + 1, entries, vec, uses)
         self.lsn += 1
         return self.lsn
