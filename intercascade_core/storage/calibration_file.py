@@ -252,7 +252,8 @@ def _read_bounded(path: Path) -> bytes:
     """The bytes of a regular file of at most MAX_FILE_BYTES (a FIFO, a device or a
     directory is refused before any read, so nothing blocks or runs unbounded)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+        fd = os.open(path, flags)  # a symlink is refused, not followed
     except FileNotFoundError:
         raise CorruptStoreError(path, "no such file") from None
     except IsADirectoryError:
