@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from intercascade_core.core.calibrate import Calibration
 from intercascade_core.core.cascade import CascadeConfig, Level, drive, init_state
 from intercascade_core.core.machine import Done, QueryMachine
 from intercascade_core.core.protocols import Generation
@@ -44,6 +43,7 @@ from intercascade_core.core.repository import Entry, Repository, empty_repositor
 from intercascade_core.models.hashing import HashingEmbedder
 from intercascade_core.models.sim import templated_math_stream
 from intercascade_core.service import Cascade
+from tests._crash_worker import fixed_calibration
 
 N = int(os.environ.get("BENCH_SERVICE_N", "200000"))
 DIM = 384
@@ -76,23 +76,6 @@ class _Instant:
         )
 
 
-def _calibration(threshold: float) -> Calibration:
-    return Calibration(
-        threshold=threshold,
-        alpha=0.1,
-        delta=0.1,
-        n_calibration=0,
-        n_accepted=0,
-        n_errors=0,
-        risk_bound=1.0,
-        grid_rule="fixed",
-        min_n=0,
-        abstained=False,
-        guaranteed=False,
-        on_fail="jung",
-        n_tested=0,
-        note="fixed threshold for the benchmark",
-    )
 
 
 def _repository(n: int) -> Repository:
@@ -125,7 +108,7 @@ def newest() -> Iterator[_Newest]:
 
 
 def _cascade(repo: Repository) -> Cascade:
-    state = init_state([_calibration(1.01), _calibration(0.0)], DIM)
+    state = init_state([fixed_calibration(1.01), fixed_calibration(0.0)], DIM)
     return Cascade(
         LEVELS, EMBEDDER, state=dataclasses.replace(state, repositories=(repo,)), config=CONFIG
     )
