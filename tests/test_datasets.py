@@ -202,6 +202,20 @@ def test_gsm_symbolic_split_is_seeded_and_disjoint() -> None:
     assert {p.question for p in other.test} != test_q
 
 
+def test_gsm_symbolic_pool_is_disjoint_and_leaves_the_other_draws_alone() -> None:
+    kw = dict(templates=3, variants=4, calibration_variants=2, seed=5)
+    plain = gsm_symbolic_split(**kw)  # type: ignore[arg-type]
+    with_pool = gsm_symbolic_split(**kw, pool_variants=2)  # type: ignore[arg-type]
+    assert plain.pool == () and len(with_pool.pool) == 6
+    assert (with_pool.test, with_pool.calibration) == (plain.test, plain.calibration)
+    pool_q = {p.question for p in with_pool.pool}
+    assert len(pool_q) == 6
+    assert pool_q.isdisjoint(p.question for p in plain.test + plain.calibration)
+    assert {p.group for p in with_pool.pool} == {p.group for p in plain.test}
+    with pytest.raises(InvalidArgumentError, match="pool_variants"):
+        gsm_symbolic_split(**kw, pool_variants=-1)  # type: ignore[arg-type]
+
+
 def test_gsm_symbolic_explicit_templates_and_bad_arguments() -> None:
     usable = gsm_symbolic_templates()
     assert len(usable) >= 80

@@ -117,10 +117,12 @@ class Problem:
 
 @dataclass(frozen=True, slots=True)
 class Split:
-    """A calibration split and a test stream with no question in common."""
+    """A calibration split and a test stream with no question in common, and optionally a
+    third disjoint pool (for example the problems a study teaches from)."""
 
     calibration: tuple[Problem, ...]
     test: tuple[Problem, ...]
+    pool: tuple[Problem, ...] = ()
 
 
 # --------------------------------------------------------------------------- ordering
@@ -215,6 +217,7 @@ def gsm_symbolic_split(
     calibration_variants: int = 10,
     seed: int = 0,
     order: str = "shuffled",
+    pool_variants: int = 0,
 ) -> Split:
     """Draw a GSM-Symbolic test stream and a separately drawn calibration split.
 
@@ -222,9 +225,12 @@ def gsm_symbolic_split(
     The test stream has ``variants`` distinct variants of each template, put in ``order``;
     the calibration split has ``calibration_variants`` further variants of each template,
     drawn from a different seed sequence and never repeating a test question, in seeded
-    shuffled order. Everything is a deterministic function of the arguments.
+    shuffled order. ``pool_variants`` further variants per template, drawn after both and
+    repeating neither, make the ``pool`` (the test and calibration draws do not depend on
+    it). Everything is a deterministic function of the arguments.
     """
-    for name, value, low in (("variants", variants, 1), ("calibration_variants", calibration_variants, 0)):
+    for name, value, low in (("variants", variants, 1), ("calibration_variants", calibration_variants, 0),
+                             ("pool_variants", pool_variants, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidArgumentError(name, f"must be an integer >= {low}, got {value!r}")
     generators, usable = _gsm_symbolic_generators()
@@ -250,8 +256,11 @@ def gsm_symbolic_split(
         test.extend(_variants(generators[t], t, variants, "test", seed, seen))
     for t in chosen:
         cal.extend(_variants(generators[t], t, calibration_variants, "cal", seed, seen))
+    pool: list[Problem] = []
+    for t in chosen:
+        pool.extend(_variants(generators[t], t, pool_variants, "pool", seed, seen))
     cal_stream = order_stream(cal, "shuffled", seed=seed + 1)
-    return Split(cal_stream, order_stream(test, order, seed=seed))
+    return Split(cal_stream, order_stream(test, order, seed=seed), tuple(pool))
 
 
 def _variants(

@@ -1,0 +1,410 @@
+"""The pre-registered study of ``PROTOCOL.md``: do retrieved strategies help a real weak model?
+
+    python bench/local_llm/study.py [--config bench/local_llm/config.toml] [--out docs/local-llm/study]
+
+Steps 1-3 of the protocol, in order: calibrate both levels on the calibration split (the
+strong level on the answer-and-strategy prompt it deploys with), let the strong model teach
+from the separately drawn pool, then ask the weak model every test query in the five arms
+(A0 alone, A1 strategy text, A2 approach only, A3 worked example, A4 gated strategy text).
+Step 4 (the cascade) is ``intercascade eval --config`` on the same config; it replays
+every identical call from the response logs.
+
+Every call goes through the response logs of ``config.toml`` (``bench/local_llm/cache/``,
+one fsynced line per real call), so the study runs in parts: an interrupted run resumes
+where it stopped, and a finished one replays in seconds. Test queries are asked query by
+query, all five arms at a time, so a partial run holds paired results for a prefix of the
+(shuffled) stream; ``--report-partial`` writes the tables for that prefix, marked as such.
+
+Writes ``OUT/results.json`` (settings, per-call records, analysis) and ``OUT/arms.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import binomtest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+ARMS = ("A0", "A1", "A2", "A3", "A4")
+ARM_NAMES = {
+    "A0": "weak alone",
+    "A1": "strategy text (the paper's format)",
+    "A2": "approach only, numbers masked",
+    "A3": "worked example",
+    "A4": "strategy text, cosine gate",
+}
+K = 2              # PROTOCOL.md: the paper's k
+TAU = 0.70         # PROTOCOL.md: the similarity gate, fixed before any embedding was computed
+POOL_VARIANTS = 4  # PROTOCOL.md: the teaching pool, 4 variants per template
+MAX_SOLUTION_CHARS = 2000
+CALL_TIMEOUT_S = 3600.0  # the config's upper limit
+_NUMBER = re.compile(r"\d+(\.\d+)?")
+
+APPROACH_PREFACE = (
+    "Below are solution approaches from previously solved problems that may be similar to the "
+    "new problem, with every number replaced by N. Use an approach only if it fits the new problem."
+)
+WORKED_PREFACE = (
+    "Below are previously solved problems that may be similar to the new problem, each with a "
+    "worked solution and its answer. Use a method only if it fits the new problem."
+)
+
+
+def mask_numbers(text: str) -> str:
+    return _NUMBER.sub("N", text)
+
+
+@dataclass(frozen=True)
+class Taught:
+    """One pool problem the strong model answered with the answer-and-strategy prompt."""
+
+    uid: str
+    query: str
+    answer: str
+    strategy: str
+    solution: str
+    confidence: float
+    correct: bool
+    stored: bool
+
+
+def _examples(preface: str, bodies: Sequence[Sequence[str]], base: str) -> str:
+    from intercascade_core.core.prompts import EXAMPLE_CLOSE, EXAMPLE_OPEN
+
+    blocks = [preface, ""]
+    for i, lines in enumerate(bodies, start=1):
+        blocks += [EXAMPLE_OPEN.format(i=i), *lines, EXAMPLE_CLOSE.format(i=i), ""]
+    blocks += ["Now the new problem.", ""]
+    return "\n".join(blocks) + base
+
+
+def arm_prompt(arm: str, query: Any, shown: Sequence[tuple[Taught, float]]) -> str:
+    """The weak model's prompt for ``arm``; ``shown`` are the k nearest entries and cosines."""
+    from intercascade_core.core.prompts import strategy_free_prompt, weak_prompt
+    from intercascade_core.core.repository import Entry
+    from intercascade_core.core.sanitize import MAX_QUERY_CHARS, MAX_STRATEGY_CHARS, sanitize_text
+
+    def entries(items: Sequence[tuple[Taught, float]]) -> list[Entry]:
+        return [Entry(query=t.query, answer=t.answer, strategy=t.strategy) for t, _ in items]
+
+    base = strategy_free_prompt(query)
+    if arm == "A0":
+        return base
+    if arm == "A1":
+        return weak_prompt(query, entries(shown))
+    if arm == "A4":
+        return weak_prompt(query, entries([(t, c) for t, c in shown if c >= TAU]))
+    if arm == "A2":
+        return _examples(APPROACH_PREFACE, [
+            [f"Approach: {mask_numbers(sanitize_text(t.strategy, max_chars=MAX_STRATEGY_CHARS))}"]
+            for t, _ in shown], base)
+    if arm == "A3":
+        return _examples(WORKED_PREFACE, [
+            [f"Problem: {sanitize_text(t.query, max_chars=MAX_QUERY_CHARS)}",
+             f"Solution: {sanitize_text(t.solution, max_chars=MAX_SOLUTION_CHARS)}",
+             f"Answer: {sanitize_text(t.answer, max_chars=200)}"]
+            for t, _ in shown], base)
+    raise ValueError(f"unknown arm {arm!r}")
+
+
+# ----------------------------------------------------------------------------- statistics
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """The 95 % Wilson score interval of k successes in n trials."""
+    if n == 0:
+        return (math.nan, math.nan)
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return (float(ci.low), float(ci.high))
+
+
+def mcnemar_exact(base: Sequence[bool], arm: Sequence[bool]) -> tuple[int, int, float]:
+    """Discordant pairs (arm right where base wrong, and the reverse) and the exact two-sided
+    p-value (binomial test of the discordant pairs at 1/2)."""
+    b = sum(1 for x, y in zip(base, arm, strict=True) if not x and y)
+    c = sum(1 for x, y in zip(base, arm, strict=True) if x and not y)
+    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+    return b, c, p
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values (step-down, monotone, capped at 1)."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+# ----------------------------------------------------------------------------- the steps
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def calibrate(cal: Sequence[Any], levels: Sequence[Any], cfg: Any) -> Any:
+    from intercascade_core.core.cascade import calibrate_levels
+    from intercascade_core.core.state import CascadeConfig
+
+    _log(f"step 1: calibrating {len(levels)} levels on {len(cal)} queries (single-call prompts)")
+    run = calibrate_levels(
+        cal, levels, alpha=cfg.cascade.alpha, delta=cfg.cascade.delta,
+        config=CascadeConfig(k=K, strategy_mode="single_call"), split_delta=cfg.cascade.split_delta,
+        min_n=cfg.cascade.min_n, progress=True)
+    failed = [(lv.name, f) for lv, fs in zip(levels, run.failures, strict=True) for f in fs if f]
+    if failed:  # a failed call would count as a wrong answer: stop, and let a rerun retry it
+        raise SystemExit(f"{len(failed)} calibration calls failed (first: {failed[0]}); rerun to retry them")
+    for lv, c in zip(levels, run.calibrations, strict=True):
+        _log(f"  {lv.name}: threshold {c.threshold:.4f}, {c.n_accepted} accepted with {c.n_errors} errors, "
+             f"risk bound {c.risk_bound:.3f}{' (abstains)' if c.abstained else ''}")
+    return run
+
+
+def teach(pool: Sequence[Any], strong: Any, threshold: float) -> tuple[list[Taught], bool]:
+    """Step 2. Returns the taught records and whether the threshold abstained (then every
+    parseable reply is stored, as the protocol says)."""
+    from tqdm import tqdm
+
+    from intercascade_core.core.prompts import (
+        answer_and_strategy_prompt,
+        as_messages,
+        parse_strategy,
+    )
+    from intercascade_core.core.tasks import grade
+    from intercascade_core.errors import MalformedStrategy, ModelError
+
+    abstained = not math.isfinite(threshold)
+    out: list[Taught] = []
+    _log(f"step 2: the strong model teaches from {len(pool)} pool queries (threshold {threshold})")
+    for q in tqdm(pool, desc="teach", unit="q"):
+        try:
+            gen = strong.model.generate(as_messages(answer_and_strategy_prompt(q)), **strong.params)
+        except ModelError as e:
+            raise SystemExit(f"teaching call for {q.id} failed: {e.reason}; rerun to retry it") from None
+        g = grade(gen.text, q.gold, q.family)
+        try:
+            parsed = parse_strategy(gen.text, problem=q.text, strict=False)
+        except MalformedStrategy:
+            parsed = None
+        clears = abstained or gen.confidence >= threshold
+        out.append(Taught(
+            uid=q.id, query=q.text, answer=g.answer if g.answer is not None else "",
+            strategy=parsed.strategy if parsed else "", solution=parsed.solution if parsed else "",
+            confidence=float(gen.confidence), correct=bool(g.correct),
+            stored=parsed is not None and clears))
+    return out, abstained
+
+
+def nearest(test: Sequence[Any], stored: Sequence[Taught], embedder: Any) -> list[list[tuple[int, float]]]:
+    """The k nearest stored entries (index, cosine) of every test query, exact."""
+    if not stored:
+        return [[] for _ in test]
+    qv = np.asarray(embedder.embed([q.text for q in test]), dtype=np.float32)
+    pv = np.asarray(embedder.embed([t.query for t in stored]), dtype=np.float32)
+    sims = qv @ pv.T
+    out = []
+    for row in sims:
+        idx = np.argsort(-row, kind="stable")[:K]
+        out.append([(int(i), float(row[i])) for i in idx])
+    return out
+
+
+def ask_arms(test: Sequence[Any], stored: Sequence[Taught], near: Sequence[Sequence[tuple[int, float]]],
+             weak: Any, deadline: float = math.inf) -> list[dict[str, Any]]:
+    """Step 3: one weak call per (query, arm), query by query (identical prompts are replayed
+    from the response log, so A4 costs nothing where it equals A1 or A0). No new query is
+    started after ``deadline`` (``time.monotonic()``): a part of the run."""
+    from tqdm import tqdm
+
+    from intercascade_core.core.prompts import as_messages
+    from intercascade_core.core.tasks import answers_match, grade
+    from intercascade_core.errors import ModelError
+
+    records = []
+    _log(f"step 3: {len(test)} test queries x {len(ARMS)} arms")
+    for qi, q in enumerate(tqdm(test, desc="arms", unit="q")):
+        if time.monotonic() > deadline:
+            _log(f"  time budget spent: stopping after {qi} of {len(test)} queries (rerun to resume)")
+            break
+        shown = [(stored[i], c) for i, c in near[qi]]
+        for arm in ARMS:
+            prompt = arm_prompt(arm, q, shown)
+            rec: dict[str, Any] = {"query": q.id, "position": qi, "arm": arm,
+                                   "shown": [t.uid for t, _ in shown] if arm != "A0" else [],
+                                   "cosines": [round(c, 6) for _, c in shown] if arm != "A0" else []}
+            if arm == "A4":
+                rec["shown"] = [t.uid for t, c in shown if c >= TAU]
+            try:
+                gen = weak.model.generate(as_messages(prompt), **weak.params)
+            except ModelError as e:
+                raise SystemExit(f"weak call for {q.id} ({arm}) failed: {e.reason}; rerun to retry it") from None
+            g = grade(gen.text, q.gold, q.family)
+            shown_here = [t for t, _ in shown if t.uid in rec["shown"]]
+            copied = (not g.correct and g.answer is not None
+                      and any(t.answer and answers_match(g.answer, t.answer, q.family) for t in shown_here))
+            rec.update(correct=bool(g.correct), answer=g.answer, confidence=float(gen.confidence),
+                       prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                       copied_a_shown_answer=copied,
+                       shown_from_wrong_strong_answers=sum(1 for t in shown_here if not t.correct))
+            records.append(rec)
+    return records
+
+
+def analyse(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy with Wilson intervals per arm, and exact McNemar (Holm over A1-A4) against A0,
+    over the queries every arm answered."""
+    by: dict[str, dict[str, dict[str, Any]]] = {a: {} for a in ARMS}
+    for r in records:
+        by[r["arm"]][r["query"]] = r
+    queries = [q for q in by["A0"] if all(q in by[a] for a in ARMS)]
+    if not queries:
+        return {"n_queries": 0}
+    base = [bool(by["A0"][q]["correct"]) for q in queries]
+    out: dict[str, Any] = {"n_queries": len(queries), "arms": {}}
+    raw_p = []
+    for arm in ARMS:
+        rows = [by[arm][q] for q in queries]
+        correct = [bool(r["correct"]) for r in rows]
+        k = sum(correct)
+        lo, hi = wilson(k, len(rows))
+        conf_right = [r["confidence"] for r in rows if r["correct"] and r.get("confidence") is not None]
+        conf_wrong = [r["confidence"] for r in rows if not r["correct"] and r.get("confidence") is not None]
+        entry: dict[str, Any] = {
+            "name": ARM_NAMES[arm], "correct": k, "n": len(rows),
+            "accuracy": k / len(rows) if rows else math.nan, "wilson95": [lo, hi],
+            "wrong_copying_a_shown_answer": sum(1 for r in rows if r.get("copied_a_shown_answer")),
+            "shown_entries": sum(len(r["shown"]) for r in rows),
+            "shown_from_wrong_strong_answers": sum(r.get("shown_from_wrong_strong_answers", 0) for r in rows),
+            "mean_confidence_right": float(np.mean(conf_right)) if conf_right else None,
+            "mean_confidence_wrong": float(np.mean(conf_wrong)) if conf_wrong else None,
+        }
+        if arm != "A0":
+            b, c, p = mcnemar_exact(base, correct)
+            entry.update(gained=b, lost=c, mcnemar_p=p)
+            raw_p.append(p)
+        out["arms"][arm] = entry
+    for arm, p_adj in zip(ARMS[1:], holm(raw_p), strict=True):
+        out["arms"][arm]["mcnemar_p_holm"] = p_adj
+    gains = [a for a in ARMS[1:] if out["arms"][a]["mcnemar_p_holm"] < 0.05
+             and out["arms"][a]["accuracy"] > out["arms"]["A0"]["accuracy"]]
+    losses = [a for a in ARMS[1:] if out["arms"][a]["mcnemar_p_holm"] < 0.05
+              and out["arms"][a]["accuracy"] < out["arms"]["A0"]["accuracy"]]
+    diffs = {a: out["arms"][a]["accuracy"] - out["arms"]["A0"]["accuracy"] for a in ARMS[1:]}
+    best = max(diffs, key=lambda a: (diffs[a], -ARMS.index(a)))
+    out.update(significant_gains=gains, significant_losses=losses,
+               best_arm=best if diffs[best] > 0 else "A1")  # PROTOCOL.md step 4's rule
+    return out
+
+
+def arms_table(analysis: dict[str, Any]) -> str:
+    lines = ["| arm | format | correct | accuracy (95 % Wilson) | gained / lost vs A0 | McNemar p | Holm p |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        a = analysis["arms"][arm]
+        lo, hi = a["wilson95"]
+        tests = ("—", "—", "—") if arm == "A0" else (
+            f"{a['gained']} / {a['lost']}", f"{a['mcnemar_p']:.3g}", f"{a['mcnemar_p_holm']:.3g}")
+        lines.append(f"| {arm} | {a['name']} | {a['correct']}/{a['n']} | {a['accuracy']:.1%} "
+                     f"({lo:.1%}–{hi:.1%}) | {tests[0]} | {tests[1]} | {tests[2]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=HERE / "config.toml")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "local-llm" / "study")
+    ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                    help="MiniLM precision for retrieval (default: fp32, the reference model)")
+    ap.add_argument("--budget-min", type=float, default=math.inf,
+                    help="start no new test query after this many minutes (a part of the run: "
+                         "results.json then covers the queries done so far and says so)")
+    ap.add_argument("--no-servers", action="store_true", help="the model servers are already running")
+    args = ap.parse_args(argv)
+
+    from run import _port, call_times  # the eval runner's helpers
+
+    from intercascade_core.lab.config import load_config
+    from intercascade_core.lab.datasets import gsm_symbolic_split, to_queries
+    from intercascade_core.lab.evaluate import make_levels
+    from intercascade_core.models.local_llm import LocalServer
+    from intercascade_core.models.minilm import MiniLMEmbedder
+
+    cfg = load_config(args.config)
+    # the study runs at idle priority beside other work: a slow call is waited for, never cut
+    # off and counted as a failure (an operational setting; no protocol value changes)
+    cfg = replace(cfg, models=tuple(replace(m, timeout=CALL_TIMEOUT_S, max_retries=0) for m in cfg.models))
+    d = cfg.data
+    split = gsm_symbolic_split(templates=d.templates, variants=d.variants,
+                               calibration_variants=d.calibration_variants, seed=d.seed, order=d.order,
+                               pool_variants=POOL_VARIANTS)
+    cal, test, pool = to_queries(split.calibration), to_queries(split.test), to_queries(split.pool)
+    _log(f"data: {len(test)} test, {len(cal)} calibration, {len(pool)} pool queries")
+    t0, t_start = time.perf_counter(), time.monotonic()
+    weak_cfg, strong_cfg = cfg.models[0], cfg.models[-1]
+    servers = [] if args.no_servers else [LocalServer("weak", port=_port(weak_cfg.base_url)),
+                                          LocalServer("strong", port=_port(strong_cfg.base_url))]
+    for s in servers:
+        s.start()
+    try:
+        levels = make_levels(cfg.models)
+        weak, strong = levels[0], levels[-1]
+        run = calibrate(cal, levels, cfg)
+        lam_w, lam_s = (float(c.threshold) for c in run.calibrations)
+        taught, abstained = teach(pool, strong, lam_s)
+        stored = [t for t in taught if t.stored]
+        _log(f"  stored {len(stored)} of {len(taught)} strategies "
+             f"({sum(t.correct for t in stored)} from correct strong answers)")
+        embedder = MiniLMEmbedder(precision=args.precision)
+        near = nearest(test, stored, embedder)
+        records = ask_arms(test, stored, near, weak, deadline=t_start + args.budget_min * 60)
+    finally:
+        for s in servers:
+            s.stop()
+    wall = time.perf_counter() - t0
+    analysis = analyse(records)
+    times = {m.name: call_times(Path(m.response_cache)) for m in cfg.models}
+    doc = {
+        "protocol": "bench/local_llm/PROTOCOL.md",
+        "complete": analysis["n_queries"] == len(test),
+        "settings": {"alpha": cfg.cascade.alpha, "delta": cfg.cascade.delta, "min_n": cfg.cascade.min_n,
+                     "split_delta": cfg.cascade.split_delta, "k": K, "tau": TAU, "pool_variants": POOL_VARIANTS,
+                     "templates": list(d.templates) if not isinstance(d.templates, int) else d.templates,
+                     "variants": d.variants, "calibration_variants": d.calibration_variants, "seed": d.seed,
+                     "embedder": f"all-MiniLM-L6-v2 ({args.precision})",
+                     "models": {m.name: m.model for m in cfg.models}},
+        "calibration": {"weak_threshold": lam_w, "strong_threshold": lam_s, "strong_abstained": abstained,
+                        "weak_accuracy": float(np.mean(run.correct[0])),
+                        "strong_accuracy": float(np.mean(run.correct[-1]))},
+        "teaching": {"pool": len(taught), "stored": len(stored),
+                     "stored_from_correct_answers": sum(t.correct for t in stored),
+                     "records": [t.__dict__ for t in taught]},
+        "analysis": analysis,
+        "model_time": times,
+        "wall_s_this_invocation": wall,
+        "records": records,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / "results.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    os.replace(tmp, args.out / "results.json")
+    if analysis["n_queries"]:
+        _log(f"analysis over {analysis['n_queries']} of {len(test)} queries:\n" + arms_table(analysis))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
