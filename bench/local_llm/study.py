@@ -323,6 +323,60 @@ def arms_table(analysis: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_report(doc: dict[str, Any], path: Path) -> None:
+    """``arms.md``: the settings, calibration, teaching, the arms table and the secondary
+    measures, from ``results.json`` alone."""
+    st, cal, te, an = doc["settings"], doc["calibration"], doc["teaching"], doc["analysis"]
+    n = an["n_queries"]
+    lines = ["# The pre-registered study: retrieved strategies and a real weak model", ""]
+    if not doc["complete"]:
+        lines += [f"**PARTIAL RUN: {n} of {doc['n_test']} test queries so far. Not a result; the "
+                  "protocol's analysis is over all test queries.**", ""]
+    lines += [
+        f"Protocol: `{doc['protocol']}` (committed before the first call). Runner: "
+        "`python bench/local_llm/study.py` (steps 1–3); every number below comes from "
+        "`results.json` beside this file.", "",
+        f"- Models: weak `{st['models']['weak']}`, strong `{st['models']['strong']}` (llama.cpp, "
+        "greedy). Retrieval: " + st["embedder"] + f", exact cosine, k = {st['k']}, gate τ = {st['tau']}.",
+        f"- Settings fixed in advance: α = {st['alpha']}, δ = {st['delta']} (split over the levels: "
+        f"{st['split_delta']}), min_n = {st['min_n']}; GSM-Symbolic templates {st['templates']}, "
+        f"{st['variants']} test / {st['calibration_variants']} calibration / {st['pool_variants']} pool "
+        f"variants each, seed {st['seed']}.",
+        f"- Calibration ({doc['n_calibration']} queries): weak accuracy {cal['weak_accuracy']:.1%}, "
+        f"λ_w = {cal['weak_threshold']:.4f}; strong accuracy on the answer-and-strategy prompt "
+        f"{cal['strong_accuracy']:.1%}, λ_s = {cal['strong_threshold']:.4f}"
+        + (" (abstained: every parseable reply was stored)" if cal["strong_abstained"] else "") + ".",
+        f"- Teaching pool: {te['pool']} problems, {te['stored']} strategies stored, "
+        f"{te['stored_from_correct_answers']} of them from correct strong answers.",
+    ]
+    times = doc["model_time"]
+    total = sum(t.get("total_s", 0.0) for t in times.values())
+    lines.append("- Model time, every real call summed over all parts of the run: "
+                 + ", ".join(f"{k} {t['calls']} calls, {t.get('total_s', 0.0) / 60:.0f} min" for k, t in times.items())
+                 + f"; {total / 3600:.1f} h in all.")
+    if n:
+        lines += ["", f"## Weak accuracy per arm ({n} test queries, paired)", "", arms_table(an), "",
+                  "McNemar: exact two-sided binomial test of the discordant pairs against A0; Holm over "
+                  "the four comparisons.", "",
+                  "## Secondary measures", "",
+                  "| arm | entries shown | from wrong strong answers | wrong answers equal to a shown answer "
+                  "| mean confidence right / wrong |", "|---|---|---|---|---|"]
+        for arm in ARMS:
+            a = an["arms"][arm]
+            cr, cw = a["mean_confidence_right"], a["mean_confidence_wrong"]
+            conf = f"{cr:.3f} / {cw:.3f}" if cr is not None and cw is not None else "—"
+            lines.append(f"| {arm} | {a['shown_entries']} | {a['shown_from_wrong_strong_answers']} | "
+                         f"{a['wrong_copying_a_shown_answer']} | {conf} |")
+        if doc["complete"]:
+            verdict = (f"significant gain: {', '.join(an['significant_gains'])}" if an["significant_gains"]
+                       else "no arm gains significantly over A0")
+            if an["significant_losses"]:
+                verdict += f"; significant loss: {', '.join(an['significant_losses'])}"
+            lines += ["", f"**Outcome:** {verdict} (Holm-adjusted p < 0.05). Best arm by the "
+                      f"protocol's rule: {an['best_arm']}."]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=HERE / "config.toml")
@@ -333,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="start no new test query after this many minutes (a part of the run: "
                          "results.json then covers the queries done so far and says so)")
     ap.add_argument("--no-servers", action="store_true", help="the model servers are already running")
+    ap.add_argument("--report-only", action="store_true", help="rewrite arms.md from results.json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        write_report(json.loads((args.out / "results.json").read_text()), args.out / "arms.md")
+        return 0
 
     from run import _port, call_times  # the eval runner's helpers
 
@@ -380,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "protocol": "bench/local_llm/PROTOCOL.md",
         "complete": analysis["n_queries"] == len(test),
+        "n_test": len(test),
+        "n_calibration": len(cal),
         "settings": {"alpha": cfg.cascade.alpha, "delta": cfg.cascade.delta, "min_n": cfg.cascade.min_n,
                      "split_delta": cfg.cascade.split_delta, "k": K, "tau": TAU, "pool_variants": POOL_VARIANTS,
                      "templates": list(d.templates) if not isinstance(d.templates, int) else d.templates,
@@ -401,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out / "results.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1, default=float) + "\n")
     os.replace(tmp, args.out / "results.json")
+    write_report(doc, args.out / "arms.md")
     if analysis["n_queries"]:
         _log(f"analysis over {analysis['n_queries']} of {len(test)} queries:\n" + arms_table(analysis))
     return 0
