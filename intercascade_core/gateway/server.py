@@ -90,14 +90,15 @@ def check_host(host: str, keys: KeyRing | None) -> None:
         )
 
 
-def _embedder(kind: str, model_path: str = "", tokenizer_path: str = "") -> Embedder:
+def _embedder(kind: str, model_path: str = "", tokenizer_path: str = "", precision: str = "") -> Embedder:
+    """``precision`` "" leaves MiniLM's default (fp32, or $INTERCASCADE_MINILM_PRECISION)."""
     if kind == "hashing":
         from ..models.hashing import HashingEmbedder
 
         return HashingEmbedder(384)
     from ..models.minilm import MiniLMEmbedder
 
-    return MiniLMEmbedder(model_path or None, tokenizer_path or None)
+    return MiniLMEmbedder(model_path or None, tokenizer_path or None, precision=precision or None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +170,7 @@ def _config_parts(options: ServeOptions) -> _Parts:
                                    max_retries=m.max_retries, price=price, confidence_span=span)
         async_levels.append(AsyncLevel(model, name=lv.name, params=lv.params))
     ec = cfg.embedder
-    embedder = _embedder(options.embedder or ec.kind, ec.model_path, ec.tokenizer_path)
+    embedder = _embedder(options.embedder or ec.kind, ec.model_path, ec.tokenizer_path, ec.precision)
     return _Parts(levels, async_levels, saved.calibration_run().calibrations, config, embedder,
                   f"{cfg.source} with the calibration {options.calibration}")
 

@@ -12,7 +12,8 @@ Layout::
                          insitu
     [data]               dataset, path, calibration_path, n_calibration, limit, order,
                          templates, variants, calibration_variants, seed
-    [embedder]           kind ("minilm" | "hashing"), model_path, tokenizer_path
+    [embedder]           kind ("minilm" | "hashing"), precision ("fp32" | "int8"; default
+                         fp32), model_path, tokenizer_path
     [[models]]           weakest first, at least two: name, base_url, model, api_key_env,
                          price_input, price_output (USD per 1M tokens), max_tokens,
                          temperature, timeout, max_retries, confidence_span
@@ -72,6 +73,8 @@ BACKENDS: Final = ("exact", "numpy", "hnsw")
 DATASET_NAMES: Final = ("gsm_symbolic", "gsm8k", "gsm_plus", "metamath", "nasa_history")
 ORDERS: Final = ("shuffled", "as-is", "grouped")
 EMBEDDERS: Final = ("minilm", "hashing")
+#: ``[embedder] precision``: the packaged MiniLM models (models.minilm)
+PRECISIONS: Final = ("fp32", "int8")
 
 #: the largest config file read (the shipped, commented example is under 4 KiB)
 MAX_CONFIG_BYTES: Final = 256 * 1024
@@ -179,12 +182,15 @@ class DataConfig:
 
 @dataclass(frozen=True, slots=True)
 class EmbedderConfig:
-    """``model_path`` / ``tokenizer_path``: an ONNX MiniLM file and its tokenizer.json
-    (empty: the bundled defaults)."""
+    """``precision``: the packaged MiniLM model, ``"fp32"`` or ``"int8"`` (empty: the
+    embedder's default, fp32; a repository written with int8 vectors needs ``"int8"``).
+    ``model_path`` / ``tokenizer_path``: an ONNX MiniLM file instead, and its tokenizer.json
+    (empty: the packaged model and the shipped tokenizer)."""
 
     kind: str = "minilm"
     model_path: str = ""
     tokenizer_path: str = ""
+    precision: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +418,10 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "<config>", base_dir: 
         kind=e.choice("kind", EMBEDDERS, "minilm"),
         model_path=_path(e.string("model_path", "", max_chars=MAX_PATH_CHARS), base_dir),
         tokenizer_path=_path(e.string("tokenizer_path", "", max_chars=MAX_PATH_CHARS), base_dir),
+        precision=e.choice("precision", ("", *PRECISIONS), ""),
     )
+    if embedder.precision and embedder.model_path:
+        raise e.error("precision", "selects a packaged model; it cannot be combined with model_path")
     e.finish()
 
     models_t = top.get("models", list, None, required=True)

