@@ -58,6 +58,14 @@ def test_embedder_precision(tmp_path: Path) -> None:
         assert load_config(_write(tmp_path, text)).embedder.precision == value
 
 
+def test_embedder_precisions_are_the_embedders() -> None:
+    """The config's choices (kept free of the embedder's imports) are MiniLMEmbedder's."""
+    from intercascade_core.lab.config import PRECISIONS
+    from intercascade_core.models import minilm
+
+    assert PRECISIONS == minilm._PRECISIONS
+
+
 def test_insitu_key(tmp_path: Path) -> None:
     assert load_config(_write(tmp_path, "[cascade]\ninsitu = true\n" + _MODELS)).cascade.insitu is True
     assert load_config(_write(tmp_path, _MODELS)).cascade.insitu is False
