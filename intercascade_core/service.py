@@ -472,21 +472,25 @@ class Cascade:
         perform: Callable[[Call], Awaitable[object]],
         executor: Executor | None = None,
         retrieve_off_loop: bool = False,
+        retrieve_executor: Executor | None = None,
     ) -> Outcome:
         """:meth:`ask` for an event loop: ``await perform(request)`` carries out each of
         the machine's requests (an embedding row, or a level's
         :class:`~.core.protocols.Generation` or :class:`~intercascade_core.errors.ModelError`);
         the commit runs on ``executor`` (default: the loop's). With ``retrieve_off_loop``
-        the embedding row is fed there too: the retrieval it triggers is a scan of the
-        repository in C with the GIL released, which the loop need not wait out. Cancelled
-        before the commit, the query leaves no trace but its index; once the commit has
-        started it completes even if the awaiting task is cancelled."""
+        the embedding row is fed on ``retrieve_executor`` (default: ``executor``): the
+        retrieval it triggers is a scan of the repository in C with the GIL released,
+        which the loop need not wait out. (A pool of its own keeps retrievals from queueing
+        behind commits that wait for their turn to write.) Cancelled before the commit,
+        the query leaves no trace but its index; once the commit has started it completes
+        even if the awaiting task is cancelled."""
         ticket = self.begin(query, tenant=tenant)
         loop = asyncio.get_running_loop()
+        feed_on = executor if retrieve_executor is None else retrieve_executor
         while not isinstance(request := ticket.machine.next(), Done):
             result = await perform(request)
             if retrieve_off_loop and isinstance(request, Embed):
-                await loop.run_in_executor(executor, ticket.machine.feed, result)
+                await loop.run_in_executor(feed_on, ticket.machine.feed, result)
             else:
                 ticket.machine.feed(result)
         return await asyncio.shield(loop.run_in_executor(executor, self.finish, ticket, request))

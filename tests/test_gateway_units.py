@@ -21,7 +21,7 @@ import pytest
 from intercascade_core.core.audit import apply_alarm
 from intercascade_core.core.calibrate import Calibration
 from intercascade_core.core.cascade import Level, perform, run_stream
-from intercascade_core.core.machine import Call
+from intercascade_core.core.machine import Ask, Call
 from intercascade_core.core.protocols import Generation
 from intercascade_core.errors import (
     AuthenticationError,
@@ -110,6 +110,48 @@ def test_aask_makes_the_decisions_and_commits_of_ask(demo: Any, off_loop: bool) 
     # and both equal the pure fold over the same stream
     ref = run_stream(queries, levels, emb, calibrations=cals, config=config, progress=False)
     assert list(ref.outcomes) == got
+
+
+def test_aask_retrieves_on_its_own_pool_while_the_commit_pool_is_busy(demo: Any) -> None:
+    """A retrieval never queues behind commits (here: a commit pool whose one thread is
+    taken); the commit itself then waits for that pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, levels, cals = demo
+    emb = HashingEmbedder(384)
+    cascade = Cascade(levels, emb, calibrations=cals, config=demo_config())
+    for p in demo_problems(40, seed=6):  # strategies to retrieve: the row is fed
+        cascade.ask(p)
+    assert len(cascade.state.repositories[0]) > 0
+    commits = ThreadPoolExecutor(1, thread_name_prefix="commit")
+    retrievals = ThreadPoolExecutor(1, thread_name_prefix="retrieve")
+    release = threading.Event()
+    commits.submit(release.wait, 30)  # the commit pool's only thread is busy
+    (q,) = demo_problems(1, seed=5)
+    called = asyncio.Event()
+    base = _async_perform(levels, emb)
+
+    async def perform_(call: Call) -> object:
+        if isinstance(call, Ask):  # a model call: the row was fed, retrieval is done
+            called.set()
+        return await base(call)
+
+    async def scenario() -> Any:
+        task = asyncio.create_task(cascade.aask(
+            q, perform=perform_, executor=commits, retrieve_off_loop=True,
+            retrieve_executor=retrievals))
+        await asyncio.wait_for(called.wait(), 30)  # not behind the busy commit pool
+        assert not task.done()  # its commit waits for the pool
+        release.set()
+        return await task
+
+    try:
+        out = asyncio.run(scenario())
+    finally:
+        release.set()
+        commits.shutdown()
+        retrievals.shutdown()
+    assert out.query_id == q.id and cascade.state.n_queries == 41 and out.strategies[0]
 
 
 def test_aask_cancelled_before_its_commit_leaves_no_trace(demo: Any) -> None:

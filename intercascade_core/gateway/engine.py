@@ -109,6 +109,7 @@ class Gateway:
         deadline_s: float = 60.0,
         commit_reserve_s: float | None = None,
         commit_threads: int = 8,
+        retrieve_threads: int = 4,
         remember: int = 100_000,
     ) -> None:
         names = tuple(lv.name for lv in levels)
@@ -133,6 +134,9 @@ class Gateway:
         self.metrics = GatewayMetrics(names, lambda: cascade.state, lambda: audit.states,
                                       lambda: batcher.stats)
         self._executor = ThreadPoolExecutor(commit_threads, thread_name_prefix="gateway-commit")
+        # retrievals on their own threads: never queued behind commits waiting for their turn
+        self._retrievals = ThreadPoolExecutor(retrieve_threads,
+                                              thread_name_prefix="gateway-retrieve")
         self._served: OrderedDict[str, _Served] = OrderedDict()
         self._remember = remember
         for level, alarm in audit.alarms():  # a restart under the same calibration
@@ -184,7 +188,7 @@ class Gateway:
             async with asyncio.timeout(deadline_at - time.perf_counter()):
                 out = await self.cascade.aask(
                     query, tenant=tenant, perform=perform, executor=self._executor,
-                    retrieve_off_loop=True,
+                    retrieve_off_loop=True, retrieve_executor=self._retrievals,
                 )
         except TimeoutError:
             raise RequestError(
@@ -315,3 +319,4 @@ class Gateway:
             if aclose is not None:
                 await aclose()
         self._executor.shutdown(wait=True)
+        self._retrievals.shutdown(wait=True)

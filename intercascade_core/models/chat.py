@@ -381,15 +381,20 @@ class ReplyCodec:
             raise bad("choices[0].logprobs.content is not a list")
         tokens: list[str] = []
         logprobs: list[float] = []
+        # one pass of exact type checks (the reader makes plain dict, str, int and float;
+        # bool is not a number): hundreds of items per reply
         for n, it in enumerate(items):
-            token = it.get("token") if isinstance(it, dict) else None
-            lp = it.get("logprob") if isinstance(it, dict) else None
-            if not isinstance(token, str) or not _is_number(lp):
+            if type(it) is dict:
+                token, lp = it.get("token"), it.get("logprob")
+            else:
+                token = lp = None
+            value = float(lp) if type(lp) is float or type(lp) is int else None
+            if type(token) is not str or value is None:
                 raise bad(f"logprobs.content[{n}] lacks a string token and a numeric logprob")
-            if lp > 1e-6:
+            if value > 1e-6:
                 raise bad(f"logprobs.content[{n}]: a token logprob is positive")
             tokens.append(token)
-            logprobs.append(max(float(lp), _MIN_LOGPROB))  # -inf/-1e308 would overflow sums
+            logprobs.append(value if value > _MIN_LOGPROB else _MIN_LOGPROB)  # -1e308: sums overflow
         usage = data.get("usage")
         usage = {} if usage is None else usage
         if not isinstance(usage, dict):

@@ -43,6 +43,7 @@ later ones succeed); malformed JSON and missing logprobs are *persistent*.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -82,19 +83,37 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- hashing
-def _h(*parts: object) -> bytes:
-    """Stable hash of the parts (never Python's salted ``hash``)."""
+def _hasher(*parts: object) -> hashlib.blake2b:
+    """The hash state after the parts (each length-prefixed)."""
     m = hashlib.blake2b(digest_size=16)
     for p in parts:
         b = p if isinstance(p, bytes) else str(p).encode()
         m.update(len(b).to_bytes(8, "little"))
         m.update(b)
-    return m.digest()
+    return m
+
+
+def _h(*parts: object) -> bytes:
+    """Stable hash of the parts (never Python's salted ``hash``)."""
+    return _hasher(*parts).digest()
 
 
 def _u(*parts: object) -> float:
     """A uniform in [0, 1) keyed on the parts."""
     return int.from_bytes(_h(*parts)[:8], "little") / 2**64
+
+
+def _uniforms(n: int, *parts: object) -> list[float]:
+    """``[_u(*parts, i) for i in range(n)]``, hashing the shared parts once."""
+    prefix = _hasher(*parts)
+    out = []
+    for i in range(n):
+        m = prefix.copy()
+        b = str(i).encode()
+        m.update(len(b).to_bytes(8, "little"))
+        m.update(b)
+        out.append(int.from_bytes(m.digest()[:8], "little") / 2**64)
+    return out
 
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
@@ -400,6 +419,12 @@ class Faults:
         if any(not 0.0 <= r <= 1.0 for r in rates) or sum(rates) > 1.0 + 1e-12:
             raise InvalidArgumentError("rates", f"must be in [0,1] with sum <= 1, got {rates}")
 
+    @property
+    def any(self) -> bool:
+        """Whether any fault can happen (a draw below a rate of 0 never does)."""
+        return any((self.rate_429, self.rate_500, self.rate_timeout, self.rate_malformed,
+                    self.rate_missing_logprobs))
+
 
 # ----------------------------------------------------------------------------- backend
 #: the largest request body served (a weak prompt with k strategies is ~30 kB)
@@ -439,6 +464,12 @@ def _tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
+def _count_tokens(text: str) -> int:
+    """``len(_tokenize(text))``: one token per run of non-space (with the space before
+    it), and one for trailing space (``\\s`` and ``str.isspace`` agree)."""
+    return len(text.split()) + (1 if text[-1:].isspace() else 0)
+
+
 _FILLER = (
     "First,",
     "read",
@@ -474,6 +505,70 @@ _FILLER = (
     "previous",
     "step.",
 )
+
+
+@functools.lru_cache(maxsize=8192)
+def _token_json(token: str) -> tuple[str, str]:
+    """The JSON of a token and of its UTF-8 bytes, as ``json.dumps`` writes them."""
+    return json.dumps(token), json.dumps(list(token.encode()))
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """One simulated completion: what :meth:`SimBackend._complete` returns as a dict and
+    :meth:`encode` writes as its JSON body directly (a reply holds hundreds of token
+    records, which ``json.dumps`` of the dict spends most of a reply's time on)."""
+
+    id: str
+    model: str
+    tokens: tuple[str, ...]
+    logprobs: tuple[float, ...]
+    prompt_tokens: int
+
+    def as_dict(self) -> dict[str, Any]:
+        n = len(self.tokens)
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": 0,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(self.tokens)},
+                    "logprobs": {"content": [
+                        {"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+                         "top_logprobs": []}
+                        for tok, lp in zip(self.tokens, self.logprobs, strict=True)
+                    ]},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": n,
+                "total_tokens": self.prompt_tokens + n,
+            },
+        }
+
+    def encode(self) -> bytes:
+        """``json.dumps(self.as_dict()).encode()``, byte for byte, without the dict."""
+        if not all(map(math.isfinite, self.logprobs)):  # json writes NaN, repr nan
+            return json.dumps(self.as_dict()).encode()
+        items = []
+        for tok, lp in zip(self.tokens, self.logprobs, strict=True):
+            tok_json, bytes_json = _token_json(tok)
+            items.append(f'{{"token": {tok_json}, "logprob": {lp!r}, "bytes": {bytes_json}, '
+                         '"top_logprobs": []}')
+        n = len(self.tokens)
+        return (
+            f'{{"id": {json.dumps(self.id)}, "object": "chat.completion", "created": 0, '
+            f'"model": {json.dumps(self.model)}, "choices": [{{"index": 0, "message": '
+            f'{{"role": "assistant", "content": {json.dumps("".join(self.tokens))}}}, '
+            f'"logprobs": {{"content": [{", ".join(items)}]}}, "finish_reason": "stop"}}], '
+            f'"usage": {{"prompt_tokens": {self.prompt_tokens!r}, "completion_tokens": {n!r}, '
+            f'"total_tokens": {self.prompt_tokens + n!r}}}}}'
+        ).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,8 +630,10 @@ class SimBackend:
         if model not in self.profiles:
             shown = model if len(model) <= 100 else model[:100] + "..."
             return self._error(404, f"The model {shown!r} does not exist", "model_not_found")
-        key = _h(self.seed, json.dumps(req, sort_keys=True))
-        fault = self._fault(key)
+        # the fault draw is keyed on the whole request; with no faults there is none to draw
+        faulty = self.faults.any
+        key = _h(self.seed, json.dumps(req, sort_keys=True)) if faulty else b""
+        fault = self._fault(key) if faulty else None
         if fault in ("429", "500", "timeout"):
             with self._lock:
                 seen = self._attempts.get(key, 0)
@@ -558,6 +655,10 @@ class SimBackend:
                 b'{"id": "x", "choices": [{"message": ',
                 (("content-type", "application/json"),),
             )
+        if fault is None and type(self)._complete is SimBackend._complete:
+            # not overridden: the body written directly, the same bytes as the dict's
+            body = self._reply(model, prompt, req).encode()
+            return SimResponse(200, body, (("content-type", "application/json"),))
         completion = self._complete(model, prompt, req)
         if fault == "missing_logprobs":
             completion["choices"][0]["logprobs"] = None
@@ -648,6 +749,10 @@ class SimBackend:
         return _solve_number(g + sign * off if g + sign * off != g else g + 1)
 
     def _complete(self, model: str, prompt: str, req: Mapping[str, Any]) -> dict[str, Any]:
+        """The completion of ``prompt`` by ``model``, as the JSON object it is sent as."""
+        return self._reply(model, prompt, req).as_dict()
+
+    def _reply(self, model: str, prompt: str, req: Mapping[str, Any]) -> _Reply:
         prof = self.profiles[model]
         question, _ = self._question(prompt)
         sig = template_signature(question)
@@ -711,43 +816,25 @@ class SimBackend:
         answer_tokens = _tokenize(answer_line)
         tail_tokens = _tokenize(tail)
         log_c = math.log(conf)
-        content: list[dict[str, Any]] = []
+        drawn: list[tuple[list[str], list[float]]] = []
         for part, tag in ((body_tokens + tail_tokens, "body"), (answer_tokens, "answer")):
-            noise = [_u(self.seed, model, "lp", question, tag, i) for i in range(len(part))]
+            noise = _uniforms(len(part), self.seed, model, "lp", question, tag)
             mean = math.fsum(noise) / len(noise) if noise else 0.0
-            for tok, e in zip(part, noise, strict=True):
-                lp = log_c + abs(log_c) * 0.5 * (e - mean)  # zero-sum, never above 0
-                content.append(
-                    {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
-                )
+            spread = abs(log_c) * 0.5
+            drawn.append((part, [log_c + spread * (e - mean) for e in noise]))  # zero-sum, <= 0
         # order tokens as in the text: body, answer line, then tail
+        (first, first_lp), (answer_part, answer_lp) = drawn
         nb = len(body_tokens)
-        na = len(answer_tokens)
-        body_items = content[:nb]
-        tail_items = content[nb : nb + len(tail_tokens)]
-        answer_items = content[nb + len(tail_tokens) : nb + len(tail_tokens) + na]
-        ordered = body_items + answer_items + tail_items
-        text = "".join(it["token"] for it in ordered)
-        prompt_tokens = sum(len(_tokenize(str(m.get("content", "")))) + 4 for m in req["messages"])
-        return {
-            "id": "chatcmpl-" + _h(self.seed, model, prompt).hex()[:24],
-            "object": "chat.completion",
-            "created": 0,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": {"content": ordered},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(ordered),
-                "total_tokens": prompt_tokens + len(ordered),
-            },
-        }
+        tokens = (*first[:nb], *answer_part, *first[nb:])
+        logprobs = (*first_lp[:nb], *answer_lp, *first_lp[nb:])
+        prompt_tokens = sum(_count_tokens(str(m.get("content", ""))) + 4 for m in req["messages"])
+        return _Reply(
+            id="chatcmpl-" + _h(self.seed, model, prompt).hex()[:24],
+            model=model,
+            tokens=tokens,
+            logprobs=logprobs,
+            prompt_tokens=prompt_tokens,
+        )
 
 
 # ----------------------------------------------------------------------------- server
