@@ -472,6 +472,23 @@ def test_fetch_model_with_the_graph_cached_needs_no_weights(
         minilm_fp32.prepare()
 
 
+def test_a_user_without_a_home_is_told_to_set_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container user with no passwd entry and no $HOME, where pathlib raises RuntimeError
+    (raised here as pathlib does: this machine's users all have homes): a typed error naming
+    XDG_CACHE_HOME and the int8 way round."""
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.raises(EmbedderUnavailable) as ei:
+        MiniLMEmbedder()
+    assert "this user has no home directory. Set XDG_CACHE_HOME" in str(ei.value)
+    assert "precision='int8'" in str(ei.value)
+    assert MiniLMEmbedder(precision="int8", cache_size=0).precision == "int8"  # needs no cache
+
+
 def test_a_linked_lock_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lock holder writes its pid into the lock file: a link there (planted in a shared
     cache) would make it overwrite the file linked to, so it is refused."""

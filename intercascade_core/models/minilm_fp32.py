@@ -126,8 +126,17 @@ _EPS = 1e-12
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/intercascade``, else ``~/.cache/intercascade``."""
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "intercascade"
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "intercascade"
+    try:
+        home = Path.home()
+    except RuntimeError as e:  # no $HOME and no passwd entry (a bare container user)
+        raise EmbedderUnavailable(
+            "the fp32 MiniLM graph is cached under $XDG_CACHE_HOME/intercascade or "
+            "~/.cache/intercascade, but XDG_CACHE_HOME is not set and this user has no home "
+            f"directory. Set XDG_CACHE_HOME to a writable directory; {INT8_ALTERNATIVE}."
+        ) from e
+    return home / ".cache" / "intercascade"
 
 
 def wheel_path(cache: Path | None = None) -> Path:
