@@ -383,6 +383,12 @@ def sanitize_text(text: str, *, max_chars: int = MAX_STRATEGY_CHARS) -> str:
         raise InvalidArgumentError("text", f"must be a str, got {type(text).__name__}")
     if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 0:
         raise InvalidArgumentError("max_chars", f"must be an int >= 0, got {max_chars!r}")
+    if len(text) <= _REMEMBERED_CHARS:  # bounded memory: at most 4096 short texts
+        return _remembered(str(text), max_chars)
+    return _sanitize(text, max_chars)
+
+
+def _sanitize(text: str, max_chars: int) -> str:
     prev = None
     out = text
     # neutralising can expose new patterns (e.g. a removed control char joins '<' '<'):
@@ -395,6 +401,12 @@ def sanitize_text(text: str, *, max_chars: int = MAX_STRATEGY_CHARS) -> str:
     # cutting a neutral text leaves it neutral (a prefix of a line cannot complete a
     # label, a run or a tag); the second pass is a guard, not a step that changes text
     return _tidy(_neutralise(_bound(out, max_chars))) if len(out) > max_chars else out
+
+
+# A prompt shows the same stored strategies again and again, and checking one costs tens
+# of microseconds: short texts are remembered (the function is pure).
+_REMEMBERED_CHARS = 4096
+_remembered = functools.lru_cache(maxsize=4096)(_sanitize)
 
 
 def sanitize_strategy(text: str, *, max_chars: int = MAX_STRATEGY_CHARS) -> str:
