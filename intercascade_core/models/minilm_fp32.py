@@ -480,8 +480,7 @@ def _cache_lock(cache: Path | None) -> Iterator[None]:
     Without it two first uses would both download 83 MB and both build. The lock dies with
     its holder, so a killed process leaves a lock file but no lock; a live holder is waited
     for up to :data:`LOCK_TIMEOUT_S`, then the error names its pid. The holder sweeps the
-    temporary files a killed one left. Where ``fcntl`` does not exist the atomic renames
-    are the only protection.
+    temporary files a killed one left (see :func:`_acquire` for where there is no lock).
     """
     root = cache if cache is not None else cache_dir()
     lock = root / _LOCK_NAME
@@ -495,31 +494,41 @@ def _cache_lock(cache: Path | None) -> Iterator[None]:
             f"Set XDG_CACHE_HOME to a writable directory; {INT8_ALTERNATIVE}."
         ) from e
     try:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX
-            yield
-            return
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-                    raise EmbedderUnavailable(
-                        f"gave up after {LOCK_TIMEOUT_S:g} s waiting for {str(lock)!r}, held "
-                        f"by process {holder}, which is downloading or building the fp32 "
-                        "MiniLM graph; once it has ended, try again"
-                    ) from None
-                time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        _sweep(root)
+        if _acquire(fd, lock):
+            with contextlib.suppress(OSError):  # only for the timeout message
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            _sweep(root)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _acquire(fd: int, lock: Path) -> bool:
+    """Wait for the lock on ``fd``; False where there is none to take: no ``fcntl`` (not
+    POSIX) or a filesystem without ``flock`` (some NFS). Unlocked, two first uses may both
+    download and build, but every file is still written whole by a rename, and a graph
+    that does not match its stamp is rebuilt, never loaded."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                raise EmbedderUnavailable(
+                    f"gave up after {LOCK_TIMEOUT_S:g} s waiting for {str(lock)!r}, held "
+                    f"by process {holder}, which is downloading or building the fp32 "
+                    "MiniLM graph; once it has ended, try again"
+                ) from None
+            time.sleep(0.1)
+        except OSError:  # ENOLCK, EOPNOTSUPP: no lock to wait for
+            return False
 
 
 def _sweep(root: Path) -> None:
