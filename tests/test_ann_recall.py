@@ -23,7 +23,7 @@ import pytest
 
 from intercascade_core import Entry, empty_repository, retrieve, update
 from intercascade_core.core._topk_numpy import gather
-from intercascade_core.storage.hnsw import HnswParams, ensure_index, index_stats, search
+from intercascade_core.storage.hnsw import HnswParams, ensure_index, index_stats, search, tune_ef
 from tests.strategies import clustered_unit
 
 pytest.importorskip("hnswlib")
@@ -175,3 +175,32 @@ def test_rescore_recall_at_least_plain(clustered: tuple[np.ndarray, np.ndarray])
         np.testing.assert_array_equal(scores, gather(repo.vectors, q, rescored))
     with pytest.raises(ValueError, match="rescore"):
         search(repo, q, 5, rescore=-1)
+
+
+def test_tune_ef_picks_the_smallest_ef_that_meets_the_target(
+    clustered: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """The choice is re-measured: searching at the chosen ef gives the recall it
+    reported (>= target), every smaller ef tried fell short, and a target of 1.0 with
+    ef >= n is met with the exact top-k. The index is the seeded single-threaded
+    one, so the walk and these numbers are fixed: no random failure."""
+    v, q = clustered
+    repo = _repo(v)
+    ensure_index(repo, PARAMS)
+    exact = retrieve(repo, q, 10, scan="f32").indices
+    efs = (10, 20, 40, 80, 160, 6000)
+    choice = tune_ef(repo, q, 10, 0.99, efs=efs)
+    assert choice.met and choice.recall >= 0.99
+    assert [e for e, _ in choice.curve] == list(efs[: efs.index(choice.ef) + 1])
+    assert all(r < 0.99 for _, r in choice.curve[:-1])
+    assert recall(search(repo, q, 10, ef=choice.ef)[0], exact) == choice.recall
+    full = tune_ef(repo, q, 10, 1.0, efs=(6000,), rescore=600)
+    assert full.met and full.recall == 1.0
+    np.testing.assert_array_equal(search(repo, q, 10, ef=6000, rescore=600)[0], exact)
+    # an unreachable target: the largest ef, reported as not met
+    low = tune_ef(repo, q, 10, 1.0, efs=(10,), rescore=1)
+    assert not low.met and low.ef == 10 and low.recall < 1.0
+    for bad in ({"target": 0.0}, {"target": 1.5}, {"target": 0.9, "efs": (64, 32)},
+                {"target": 0.9, "efs": ()}):
+        with pytest.raises(ValueError):
+            tune_ef(repo, q, 10, **bad)

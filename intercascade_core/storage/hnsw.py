@@ -27,6 +27,11 @@ A store saves the index with a snapshot and loads it back (:func:`save_index`,
 :func:`load_index`: the header, labels, parameters and sampled rows are checked before
 it is trusted; :mod:`.store` checksums the file first).
 
+Picking ``ef``: recall depends on the data (1M perturbed-MiniLM rows need a far larger
+``ef`` for 0.99 than 200k do), so :func:`tune_ef` measures it instead of guessing:
+the smallest ``ef`` whose recall@k against the exact float32 top-k of sample queries
+reaches a target.
+
 Importing this module registers the name ``"hnsw"`` with
 :func:`~intercascade_core.core.retrieve.register_index` (the package root imports it,
 so the name always works); hnswlib itself is imported lazily, on the first search
@@ -44,13 +49,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ..core import _topk_numpy
-from ..core.repository import Repository
-from ..core.retrieve import register_index
+from ..core.repository import Repository, unit_rows
+from ..core.retrieve import register_index, retrieve
 from ..core.retrieve import rescore as rescore_rows
 from ..errors import InvalidArgumentError
 
 __all__ = [
     "DEFAULT_PARAMS",
+    "EfChoice",
     "HnswParams",
     "ensure_index",
     "has_index",
@@ -58,6 +64,7 @@ __all__ = [
     "load_index",
     "save_index",
     "search",
+    "tune_ef",
 ]
 
 
@@ -230,6 +237,56 @@ def search(
             sc = rescore_rows(repo.vectors, queries[j : j + 1], lab[None])[0]
         out_i[j], out_s[j] = _sorted(lab, sc, kk)
     return out_i, out_s
+
+
+@dataclass(frozen=True, slots=True)
+class EfChoice:
+    """What :func:`tune_ef` measured: ``ef`` to search with, its ``recall`` on the
+    sample, whether it ``met`` the target, and the recall of every ``ef`` tried."""
+
+    ef: int
+    recall: float
+    met: bool
+    curve: tuple[tuple[int, float], ...]
+
+
+def tune_ef(
+    repo: Repository,
+    queries: npt.NDArray[np.float32],
+    k: int,
+    target: float,
+    *,
+    efs: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048),
+    rescore: int | None = None,
+) -> EfChoice:
+    """The smallest ``ef`` of ``efs`` (tried in increasing order, stopping at the first
+    that meets it) whose recall@``k`` on ``queries`` reaches ``target``, measured against
+    the exact float32 top-``k`` of the same queries, searching as :func:`search` does
+    with ``rescore``. When none reaches it: the largest ``ef``, ``met=False``.
+    ``queries`` should look like the traffic (recall is a property of the data, not of
+    the index alone); the exact scan costs one pass over ``repo`` per 64-query batch."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise InvalidArgumentError("target", f"must be a recall in (0, 1], got {target!r}")
+    if (
+        not efs
+        or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in efs)
+        or list(efs) != sorted(set(efs))
+    ):
+        raise InvalidArgumentError("efs", f"must be increasing positive ints, got {efs!r}")
+    q = unit_rows(queries, repo.dim, argument="queries")
+    if q.shape[0] == 0:
+        raise InvalidArgumentError("queries", "need at least one sample query")
+    truth = retrieve(repo, q, k, scan="f32").indices
+    want = [set(row.tolist()) for row in truth]
+    slots = max(1, truth.size)
+    curve: list[tuple[int, float]] = []
+    for ef in efs:
+        got, _ = search(repo, q, k, ef=ef, rescore=rescore)
+        hits = sum(len(w.intersection(g.tolist())) for w, g in zip(want, got, strict=True))
+        curve.append((ef, hits / slots))
+        if hits / slots >= target:
+            return EfChoice(ef, hits / slots, True, tuple(curve))
+    return EfChoice(efs[-1], curve[-1][1], False, tuple(curve))
 
 
 def _knn(
