@@ -615,6 +615,23 @@ def test_store_of_int8_vectors_refuses_the_fp32_default(
         open_repository(tmp_path / "fp32", model_id=emb.model_id)
 
 
+def test_store_mismatch_names_a_precision_only_when_it_would_open_the_store(
+    emb: MiniLMEmbedder, emb_fp32: MiniLMEmbedder
+) -> None:
+    """An fp32 store of another graph version (or tokenizer), opened with fp32: naming
+    precision='fp32' would send the user round in a circle, so only the ids are named."""
+    from intercascade_core.storage.store import embedding_model_mismatch
+
+    other_graph = emb_fp32.model_id.replace("/graph:1/", "/graph:2/")
+    assert other_graph != emb_fp32.model_id
+    msg = embedding_model_mismatch(other_graph, emb_fp32.model_id)
+    assert repr(other_graph) in msg and repr(emb_fp32.model_id) in msg
+    assert "precision=" not in msg
+    other_tok = emb.model_id.replace("/tok-sha256:", "/tok-sha256:0")
+    assert "precision=" not in embedding_model_mismatch(other_tok, emb.model_id)
+    assert "precision='int8'" in embedding_model_mismatch(emb.model_id, emb_fp32.model_id)
+
+
 def test_user_model_with_pooled_output_and_int32_inputs() -> None:
     """A user ONNX file may output pooled (batch, dim) vectors and take int32 inputs; the
     dim is probed when the model declares it symbolically. The tiny stand-in model outputs

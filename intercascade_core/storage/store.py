@@ -839,7 +839,8 @@ def embedding_model_mismatch(found: str, expected: str) -> str:
         "embedder and cannot be searched with this one's; open it with the embedder that wrote it"
     )
     for prefix, precision in _MINILM_HINTS:
-        if found.startswith(prefix):
+        # not when it is already that precision (another graph version or tokenizer)
+        if found.startswith(prefix) and not expected.startswith(prefix):
             msg += (
                 f" (MiniLMEmbedder(precision={precision!r}), precision = \"{precision}\" under "
                 f"[embedder] in a config, or INTERCASCADE_MINILM_PRECISION={precision})"
