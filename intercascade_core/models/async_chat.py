@@ -96,6 +96,8 @@ class AsyncChatModel:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        # parsed once: httpx parses a str URL on every request
+        self._url = httpx.URL(f"{self.base_url}/chat/completions")
         self._owns_client = client is None
         self._client = client if client is not None else httpx.AsyncClient()
         self._sleep = sleep
@@ -135,7 +137,7 @@ class AsyncChatModel:
             cut_by_deadline = budget < self.timeout
             retry_after: float | None = None
             try:
-                status, content, retry_header, latency = await self._exchange(url, body, budget)
+                status, content, retry_header, latency = await self._exchange(body, budget)
             except TimeoutError:
                 if cut_by_deadline:
                     raise c.error(
@@ -180,7 +182,7 @@ class AsyncChatModel:
             attempt += 1
 
     async def _exchange(
-        self, url: str, payload: dict[str, Any], budget: float
+        self, payload: dict[str, Any], budget: float
     ) -> tuple[int, bytes, str | None, float]:
         """One request and its reply within ``budget`` seconds (``TimeoutError``): status,
         body (a 200 body up to ``max_response_bytes``, else :class:`_TooLarge`; any other
@@ -188,7 +190,7 @@ class AsyncChatModel:
         t0 = time.perf_counter()
         async with asyncio.timeout(budget):
             async with self._client.stream(
-                "POST", url, json=payload, headers=self._headers, timeout=budget
+                "POST", self._url, json=payload, headers=self._headers, timeout=budget
             ) as resp:
                 ok = resp.status_code == 200
                 cap = self.max_response_bytes if ok else chat._ERROR_BODY_BYTES
