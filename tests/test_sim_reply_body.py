@@ -61,3 +61,9 @@ def test_fast_and_dict_paths_send_the_same_bytes():
         doc = json.loads(a.body)
         assert doc["choices"][0]["message"]["content"] == "".join(
             t["token"] for t in doc["choices"][0]["logprobs"]["content"])
+
+
+def test_token_noise_is_each_tokens_own_hash():
+    # past the precomputed indices too
+    got = sim._uniforms(1100, 7, "sim-weak", "lp", "What is 2 + 3?", "body")
+    assert got == [sim._u(7, "sim-weak", "lp", "What is 2 + 3?", "body", i) for i in range(1100)]

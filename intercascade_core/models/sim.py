@@ -103,15 +103,22 @@ def _u(*parts: object) -> float:
     return int.from_bytes(_h(*parts)[:8], "little") / 2**64
 
 
+def _index_part(i: int) -> bytes:
+    """What :func:`_hasher` feeds for the part ``i``: its length, then its digits."""
+    b = str(i).encode()
+    return len(b).to_bytes(8, "little") + b
+
+
+_INDEX_PARTS = tuple(_index_part(i) for i in range(1024))  # a reply's token indices
+
+
 def _uniforms(n: int, *parts: object) -> list[float]:
     """``[_u(*parts, i) for i in range(n)]``, hashing the shared parts once."""
     prefix = _hasher(*parts)
     out = []
     for i in range(n):
         m = prefix.copy()
-        b = str(i).encode()
-        m.update(len(b).to_bytes(8, "little"))
-        m.update(b)
+        m.update(_INDEX_PARTS[i] if i < len(_INDEX_PARTS) else _index_part(i))
         out.append(int.from_bytes(m.digest()[:8], "little") / 2**64)
     return out
 
