@@ -157,7 +157,10 @@ class _Uses:
         self.n = n
 
     def add(self, rows: Sequence[int]) -> None:
-        if rows:
+        if len(rows) <= 8:  # a request's k strategies: np.add.at costs more to set up
+            for r in rows:
+                self.buf[r] += 1
+        else:
             np.add.at(self.buf, np.asarray(rows, dtype=np.int64), 1)
 
     def view(self) -> npt.NDArray[np.int64]:

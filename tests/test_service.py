@@ -894,3 +894,13 @@ def test_sigkill_during_concurrent_asks_loses_nothing_acknowledged(tmp_path: Pat
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "serve":
     _serve(sys.argv[2], int(sys.argv[3]))
+
+
+def test_usage_counters_add_repeated_rows_on_both_paths():
+    from intercascade_core.service import _Uses
+
+    few, many = _Uses(np.zeros(40, np.int64)), _Uses(np.zeros(40, np.int64))
+    few.add((3, 3, 5))  # a request's few rows: counted one by one
+    many.add((*range(20), 3, 3))  # many: np.add.at
+    assert few.view().tolist()[:6] == [0, 0, 0, 2, 0, 1]
+    assert many.view()[3] == 3 and many.view()[19] == 1 and many.view().sum() == 22

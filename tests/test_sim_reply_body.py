@@ -67,3 +67,12 @@ def test_token_noise_is_each_tokens_own_hash():
     # past the precomputed indices too
     got = sim._uniforms(1100, 7, "sim-weak", "lp", "What is 2 + 3?", "body")
     assert got == [sim._u(7, "sim-weak", "lp", "What is 2 + 3?", "body", i) for i in range(1100)]
+
+
+def test_template_signature_is_the_same_remembered_or_not():
+    short = "Mia has 3 apples and buys 4 more. How many apples does she have?"
+    long = short + " Then she counts them again." * 100
+    assert len(long) > 2048
+    for q in (short, long):
+        assert sim.template_signature(q) == sim._signature(q) == sim.template_signature(q)
+    assert sim.template_signature(short) == sim.template_signature(short.replace("3", "17"))

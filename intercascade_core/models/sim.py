@@ -132,8 +132,17 @@ _BLOCK = re.compile(
 
 def template_signature(question: str) -> str:
     """The template of a question: a hash of its lowercased words with numbers removed."""
+    if len(question) <= 2048:  # each reply asks it of its question and examples: remembered
+        return _remembered_signature(question)
+    return _signature(question)
+
+
+def _signature(question: str) -> str:
     words = _NUMBER.sub(" ", question.lower()).split()
     return "t" + _h(" ".join(words)).hex()[:8]
+
+
+_remembered_signature = functools.lru_cache(maxsize=8192)(_signature)
 
 
 _WORD = re.compile(r"[a-z]+")
