@@ -581,7 +581,7 @@ def _damage_hnsw(path: Path, how: str) -> None:
         f.write_bytes(f.read_bytes()[:-100])
         return
     if how == "params":
-        rec["M"] = 32
+        rec["M"] += 1  # any M but the one search builds with
     elif how == "rows":
         rec["rows"] = 299
     elif how == "dim-in-file":  # a consistent record of a file whose header says otherwise

@@ -75,9 +75,12 @@ class HnswParams:
     threads, and ``rescore``: the search over-fetches ``rescore·k`` candidates and
     re-scores them exactly in float32 (0: hnswlib's own scores, ``k`` candidates)."""
 
-    M: int = 16
-    ef_construction: int = 100
-    # 128: recall@5 0.95 at 0.25 ms p50 on the 1M mixed-MiniLM bench set (ef=64: 0.94)
+    # 32 / 200: on the 1M perturbed-MiniLM bench set, recall@5 0.99 at ef=96 (0.18-0.22 ms p50)
+    # where 16 / 100 stalls at 0.984 (ef=1024); the build costs ~400 CPU-s on 2 threads
+    # (~3.5 min idle), the index file 1728 MiB vs 1607 (bench/results/retrieval.md)
+    M: int = 32
+    ef_construction: int = 200
+    # 128: recall@5 0.992 at 0.19-0.25 ms p50 there (with M / ef_construction above)
     ef: int = 128
     seed: int = 100
     threads: int = 2
