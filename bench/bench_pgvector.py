@@ -85,7 +85,7 @@ def timed(fn: Any) -> float:
 
 
 def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental: int, ann_max: int,
-        mwm: str = "1GB") -> dict[str, Any]:
+        mwm: str = "1GB", m: int = 16, efc: int = 64) -> dict[str, Any]:
     from intercascade_core.core.retrieve import retrieve
     from intercascade_core.storage.pgvector import PgVectorStore
     from intercascade_core.storage.sync import PgSync
@@ -101,7 +101,7 @@ def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental:
         qi = rng.choice(n, n_queries, replace=False)
         q = x[qi] + 0.03 * rng.standard_normal((n_queries, DIM)).astype(np.float32)
         q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-        with PgVectorStore.connect(url, DIM) as store:
+        with PgVectorStore.connect(url, DIM, index_m=m, index_ef_construction=efc) as store:
             # insert throughput, HNSW index maintained row by row (what steady-state writes pay)
             n_inc = min(n, n_incremental)
             t_inc = timed(lambda: [store.push(entries(a, min(n_inc, a + 500)), x[a:min(n_inc, a + 500)])
@@ -187,17 +187,23 @@ def run(n: int, batch: int, n_queries: int, n_exact_queries: int, n_incremental:
 CACHE = Path(__file__).parent / "data"
 
 
-def cached_table(n: int, cache_root: Path, mwm: str) -> tuple[Any, dict[str, Any]]:
+def cache_dir(cache_root: Path, n: int, m: int, efc: int) -> Path:
+    """``pgvector-<n>`` for the library's default index (m 16, ef_construction 64: the
+    name the earlier runs used), ``pgvector-<n>-m<m>-efc<efc>`` for any other."""
+    return cache_root / (f"pgvector-{n}" if (m, efc) == (16, 64) else f"pgvector-{n}-m{m}-efc{efc}")
+
+
+def cached_table(n: int, cache_root: Path, mwm: str, m: int = 16, efc: int = 64) -> tuple[Any, dict[str, Any]]:
     """A running pgserver whose default table holds ``clustered(n, seed=n)`` (ids 1..n in
-    row order) with the library's HNSW index (m 16, ef_construction 64), kept under
-    ``cache_root/pgvector-<n>/`` so that only the first run pays the bulk load and the
-    index build (``meta.json``, written last, marks a complete cache and records both
-    times). Returns ``(server, meta)``; stop the server with ``server.cleanup()``."""
+    row order) with an HNSW index built with ``m`` / ``ef_construction`` ``efc``, kept
+    under :func:`cache_dir` so that only the first run pays the bulk load and the index
+    build (``meta.json``, written last, marks a complete cache and records both times).
+    Returns ``(server, meta)``; stop the server with ``server.cleanup()``."""
     import json
 
     from intercascade_core.storage.pgvector import PgVectorStore
 
-    d = cache_root / f"pgvector-{n}"
+    d = cache_dir(cache_root, n, m, efc)
     meta_path = d / "meta.json"
     if meta_path.exists():
         srv = pg_server(d / "pgdata")
@@ -210,14 +216,14 @@ def cached_table(n: int, cache_root: Path, mwm: str) -> tuple[Any, dict[str, Any
         p.chmod(0o755)
     srv = pg_server(d / "pgdata")
     x = clustered(n, seed=n)
-    with PgVectorStore.connect(srv.get_uri(), DIM) as store:
+    with PgVectorStore.connect(srv.get_uri(), DIM, index_m=m, index_ef_construction=efc) as store:
         store.drop_ann_index()
         t_load = timed(lambda: [store.push(entries(a, min(n, a + 5000)), x[a:min(n, a + 5000)])
                                 for a in range(0, n, 5000)])
         t_build = timed(lambda: store.create_ann_index(maintenance_work_mem=mwm))
         if not (store.count() == n == store.max_id()):
             raise RuntimeError(f"cache build: expected ids 1..{n}, got {store.count()} rows, max id {store.max_id()}")
-    meta = {"n": n, "seed": n, "dim": DIM, "m": 16, "ef_construction": 64, "maintenance_work_mem": mwm,
+    meta = {"n": n, "seed": n, "dim": DIM, "m": m, "ef_construction": efc, "maintenance_work_mem": mwm,
             "load_s": t_load, "index_build_s": t_build, "nproc": os.cpu_count(),
             "load_avg_at_build": os.getloadavg(), "reused": False}
     tmp = meta_path.with_suffix(".tmp")
@@ -258,7 +264,8 @@ def recall_lower_bound(hits: list[int], k: int) -> float:
 
 
 def sweep(n: int, n_queries: int, efs: list[int], overfetches: list[int], n_exact: int, cache_root: Path,
-          mwm: str, shared_buffers: list[str], k: int = 5, n_explain: int = 20) -> dict[str, Any]:
+          mwm: str, shared_buffers: list[str], k: int = 5, n_explain: int = 20, m: int = 16,
+          efc: int = 64) -> dict[str, Any]:
     """The search sweep at size ``n`` on the cached table (see :func:`cached_table`).
 
     Ground truth: the local reference scan (``_topk_numpy``) over the rows exactly as
@@ -283,7 +290,7 @@ def sweep(n: int, n_queries: int, efs: list[int], overfetches: list[int], n_exac
     )
 
     t0 = time.perf_counter()
-    srv, meta = cached_table(n, cache_root, mwm)
+    srv, meta = cached_table(n, cache_root, mwm, m, efc)
     res: dict[str, Any] = {"n": n, "k": k, "meta": meta, "setup_s": time.perf_counter() - t0,
                            "loadavg_start": os.getloadavg(), "runs": []}
     try:
@@ -300,7 +307,8 @@ def sweep(n: int, n_queries: int, efs: list[int], overfetches: list[int], n_exac
             srv = restart_with(srv, sb)
             run: dict[str, Any] = {"shared_buffers": sb}
             res["runs"].append(run)
-            with PgVectorStore.connect(srv.get_uri(), DIM, max_size=1) as store:
+            with PgVectorStore.connect(srv.get_uri(), DIM, max_size=1, index_m=m,
+                                       index_ef_construction=efc) as store:
                 with store._conn() as conn:
                     row = conn.execute(
                         "SELECT pg_size_pretty(pg_relation_size('intercascade_strategies_embedding_hnsw')),"
@@ -391,7 +399,8 @@ def sweep_report(r: dict[str, Any], cmd: str, wall_s: float) -> str:
         + ("cached" if meta["reused"] else "built now")
         + f"; load {meta['load_s']:.0f} s, HNSW build {meta['index_build_s']:.0f} s when built), "
         f"nproc {os.cpu_count()}, load average {r['loadavg_start'][0]:.1f} at start, "
-        f"{r['loadavg_end'][0]:.1f} at end. N = {r['n']:,}, k = {r['k']}.",
+        f"{r['loadavg_end'][0]:.1f} at end. N = {r['n']:,}, k = {r['k']}; HNSW m {meta['m']}, "
+        f"ef_construction {meta['ef_construction']} (maintenance_work_mem {meta['maintenance_work_mem']}).",
         "",
     ]
     for run in r["runs"]:
@@ -501,17 +510,22 @@ def main() -> None:
     ap.add_argument("--shared-buffers", nargs="+", default=["128MB"],
                     help="server settings to sweep under (128MB is PostgreSQL's default)")
     ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--index-m", type=int, default=16, help="HNSW m of the server index (pgvector: 2..100)")
+    ap.add_argument("--index-ef-construction", type=int, default=64,
+                    help="HNSW ef_construction of the server index (pgvector: 2*m..1000)")
     ap.add_argument("--json", type=Path, default=None, help="raw sweep results")
     a = ap.parse_args()
     if a.sweep:
         for n in a.sizes:
             t = time.perf_counter()
             r = sweep(n, a.queries, a.ef, a.overfetch, a.exact_queries, a.cache, a.maintenance_work_mem,
-                      a.shared_buffers)
+                      a.shared_buffers, m=a.index_m, efc=a.index_ef_construction)
             wall = time.perf_counter() - t
             cmd = (f"python bench/bench_pgvector.py --sweep --sizes {n} --queries {a.queries} "
                    f"--exact-queries {a.exact_queries} --shared-buffers {' '.join(a.shared_buffers)} "
-                   f"--ef {' '.join(map(str, a.ef))} --overfetch {' '.join(map(str, a.overfetch))}")
+                   f"--ef {' '.join(map(str, a.ef))} --overfetch {' '.join(map(str, a.overfetch))} "
+                   f"--index-m {a.index_m} --index-ef-construction {a.index_ef_construction} "
+                   f"--maintenance-work-mem {a.maintenance_work_mem}")
             text = sweep_report(r, cmd, wall)
             print(text, flush=True)
             if a.json:
@@ -524,7 +538,8 @@ def main() -> None:
     results = []
     for n in a.sizes:
         t = time.perf_counter()
-        results.append(run(n, a.batch, a.queries, a.exact_queries, a.incremental, a.ann_max, a.maintenance_work_mem))
+        results.append(run(n, a.batch, a.queries, a.exact_queries, a.incremental, a.ann_max, a.maintenance_work_mem,
+                           a.index_m, a.index_ef_construction))
         print(f"N={n}: done in {time.perf_counter() - t:.0f} s", flush=True)
     cmd = "python bench/bench_pgvector.py --sizes " + " ".join(map(str, a.sizes))
     text = report(results, cmd)

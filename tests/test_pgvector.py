@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -141,6 +142,77 @@ def test_schema_migrations_and_dimension(url: str, table: str) -> None:
         conn.execute(f"DELETE FROM {table}_migrations WHERE version = 99")
     with pytest.raises(SchemaError, match=r"vector\(384\).*dim=8"):
         PgVectorStore.connect(url, 8, table=table)
+
+
+def test_index_build_options_are_validated_as_the_server_does(url: str, table: str) -> None:
+    """The ranges refused here are the ones pgvector refuses (checked on the server)."""
+    bad = [
+        ({"index_m": 1}, "index_m"), ({"index_m": 101, "index_ef_construction": 202}, "index_m"),
+        ({"index_m": True}, "index_m"), ({"index_m": 16.0}, "index_m"), ({"index_m": "16"}, "index_m"),
+        ({"index_m": 16, "index_ef_construction": 31}, "index_ef_construction"),
+        ({"index_m": 2, "index_ef_construction": 3}, "index_ef_construction"),
+        ({"index_ef_construction": 1001}, "index_ef_construction"),
+        ({"index_ef_construction": 64.0}, "index_ef_construction"),
+    ]
+    for kwargs, argument in bad:
+        with pytest.raises(InvalidArgumentError) as info:
+            PgVectorStore(url, DIM, table=table, ensure=False, **kwargs)  # type: ignore[arg-type]
+        assert info.value.argument == argument, kwargs
+    for m, efc in ((2, 4), (100, 1000)):  # the extremes build (and the extension exists)
+        with PgVectorStore.connect(url, DIM, table=f"{table}_{m}", index_m=m, index_ef_construction=efc) as s:
+            assert s.ann_index() == (m, efc)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table}_raw (embedding vector(3))")
+        for m, efc in ((1, 64), (101, 1000), (16, 31), (2, 3), (16, 1001)):
+            with pytest.raises(psycopg.DatabaseError, match=r"out of bounds for option|ef_construction must be"):
+                conn.execute(f"CREATE INDEX ON {table}_raw USING hnsw (embedding vector_cosine_ops)"
+                             f" WITH (m = {m}, ef_construction = {efc})")
+        conn.execute(f"DROP TABLE {table}_raw")
+
+
+def test_index_build_options_reach_the_server_and_an_existing_index_is_left(
+    url: str, table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def index_oid() -> int | None:
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT to_regclass(%s)::oid", (f"{table}_embedding_hnsw",)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    vs = unit_rows(np.random.default_rng(21), 50)
+    with PgVectorStore.connect(url, DIM, table=table, index_m=8, index_ef_construction=40) as dense:
+        assert dense.ann_index() == (8, 40)  # migration 2 used the options
+        with psycopg.connect(url) as conn:
+            (indexdef,) = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s",
+                                       (f"{table}_embedding_hnsw",)).fetchone() or ("",)
+        assert "m='8'" in indexdef and "ef_construction='40'" in indexdef, indexdef
+        dense.push(entries(50), vs)
+        built = index_oid()
+        # a store asking for the defaults reports the index it finds and leaves it
+        with caplog.at_level(logging.WARNING, logger="intercascade_core.storage.pgvector"):
+            plain = PgVectorStore.connect(url, DIM, table=table)
+        with plain:
+            warned = [r.getMessage() for r in caplog.records if r.name == "intercascade_core.storage.pgvector"]
+            assert len(warned) == 1 and "m=8, ef_construction=40" in warned[0], warned
+            assert plain.ann_index() == (8, 40) and index_oid() == built
+            with pytest.raises(SchemaError, match="m=8, ef_construction=40"):
+                plain.create_ann_index()
+            assert index_oid() == built
+            assert plain.search(vs[:1], 1).indices[0].tolist() == [1]  # and searches through it
+            dense.create_ann_index()  # the matching store: nothing to do
+            assert index_oid() == built
+            # rebuilding is explicit
+            plain.drop_ann_index()
+            assert plain.ann_index() is None
+            plain.create_ann_index()
+            assert plain.ann_index() == (16, 64) and index_oid() != built
+            with pytest.raises(SchemaError, match="m=16, ef_construction=64"):
+                dense.create_ann_index()
+            # an index built without options has pgvector's defaults, which are the library's
+            plain.drop_ann_index()
+            with psycopg.connect(url) as conn:
+                conn.execute(f"CREATE INDEX {table}_embedding_hnsw ON {table} USING hnsw (embedding vector_cosine_ops)")
+            assert plain.ann_index() == (16, 64)
+            plain.create_ann_index()
 
 
 def test_concurrent_schema_creation(url: str, table: str) -> None:

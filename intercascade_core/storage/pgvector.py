@@ -89,6 +89,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DEFAULT_OVERFETCH",
     "DEFAULT_TABLE",
+    "INDEX_EF_CONSTRUCTION_MAX",
+    "INDEX_M_RANGE",
     "RECALL_EF_SEARCH",
     "SCHEMA_VERSION",
     "PgVectorStore",
@@ -197,6 +199,30 @@ def _adapters(oid: int) -> tuple[type, type]:
     return VecDumper, VecLoader
 
 
+# ----------------------------------------------------------------------------- index build
+#: pgvector's limits for the HNSW build options: ``m`` in [2, 100] and ``ef_construction``
+#: in [4, 1000] and at least ``2·m`` (the server refuses anything else at CREATE INDEX).
+INDEX_M_RANGE = (2, 100)
+INDEX_EF_CONSTRUCTION_MAX = 1000
+
+
+def _check_index_params(m: Any, ef_construction: Any) -> None:
+    """Refuse build options the server would refuse, before any DDL runs."""
+    lo, hi = INDEX_M_RANGE
+    if isinstance(m, bool) or not isinstance(m, int) or not lo <= m <= hi:
+        raise InvalidArgumentError("index_m", f"must be an int in [{lo}, {hi}], got {m!r}")
+    if (
+        isinstance(ef_construction, bool)
+        or not isinstance(ef_construction, int)
+        or not max(4, 2 * m) <= ef_construction <= INDEX_EF_CONSTRUCTION_MAX
+    ):
+        raise InvalidArgumentError(
+            "index_ef_construction",
+            f"must be an int in [max(4, 2*index_m) = {max(4, 2 * m)}, {INDEX_EF_CONSTRUCTION_MAX}], "
+            f"got {ef_construction!r}",
+        )
+
+
 # ----------------------------------------------------------------------------- search breadth
 _EF_MAX = 1000  # pgvector's upper bound for hnsw.ef_search
 
@@ -212,7 +238,9 @@ DEFAULT_OVERFETCH = 2
 #: at 1000; held-out queries reached 0.921 at 1000). Smaller tables reach more at the same
 #: breadth (ef_search 64: 0.948 at 100k), so the table errs on the slow side there.
 #: pgvector caps ef_search at 1000 and, before 0.8, has no iterative scan to go beyond
-#: it, so recall above the last row needs the exact scan.
+#: it, so recall above the last row needs the exact scan. A denser index (larger
+#: ``index_m`` / ``index_ef_construction``) reaches more at the same breadth, so for it
+#: the table also errs on the slow side.
 RECALL_EF_SEARCH: tuple[tuple[float, int], ...] = (
     (0.53, 40), (0.61, 64), (0.65, 100), (0.69, 150), (0.71, 200), (0.76, 300),
     (0.80, 400), (0.81, 500), (0.82, 600), (0.85, 800), (0.87, 1000),
@@ -276,7 +304,9 @@ class Pulled:
 
 
 # ----------------------------------------------------------------------------- migrations
-def _migrations(table: str, dim: int) -> list[tuple[int, str, list[sql.Composed]]]:
+def _migrations(
+    table: str, dim: int, m: int = 16, ef_construction: int = 64
+) -> list[tuple[int, str, list[sql.Composed]]]:
     from psycopg import sql
 
     t = sql.Identifier(table)
@@ -308,8 +338,13 @@ def _migrations(table: str, dim: int) -> list[tuple[int, str, list[sql.Composed]
             [
                 sql.SQL(
                     "CREATE INDEX {i} ON {t} USING hnsw (embedding vector_cosine_ops)"
-                    " WITH (m = 16, ef_construction = 64)"
-                ).format(i=sql.Identifier(f"{table}_embedding_hnsw"), t=t),
+                    " WITH (m = {m}, ef_construction = {efc})"
+                ).format(
+                    i=sql.Identifier(f"{table}_embedding_hnsw"),
+                    t=t,
+                    m=sql.Literal(m),
+                    efc=sql.Literal(ef_construction),
+                ),
             ],
         ),
         (
@@ -340,6 +375,13 @@ class PgVectorStore:
 
     ``timeout`` is how long an operation waits for a connection before raising
     :class:`ServerUnavailableError`; ``connect_timeout`` bounds one connection attempt.
+
+    ``index_m`` / ``index_ef_construction`` are the HNSW build options (pgvector's
+    ``m`` and ``ef_construction``) used when this store creates the index: at schema
+    creation (migration 2) and in :meth:`create_ann_index`. A denser graph (larger
+    values) costs build time and index size and raises the recall a given
+    ``ef_search`` reaches (bench/results/pgvector.md). They never touch an index that
+    already exists: :meth:`ann_index` reports what the server holds.
     """
 
     def __init__(
@@ -352,6 +394,8 @@ class PgVectorStore:
         max_size: int = 4,
         timeout: float = 5.0,
         connect_timeout: float = 2.0,
+        index_m: int = 16,
+        index_ef_construction: int = 64,
         ensure: bool = True,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
@@ -375,9 +419,12 @@ class PgVectorStore:
                 "the PostgreSQL backend needs psycopg 3 and psycopg-pool "
                 "(pip install 'psycopg[binary]' psycopg-pool)"
             ) from e
+        _check_index_params(index_m, index_ef_construction)
         self.url = url
         self.dim = dim
         self.table = table
+        self.index_m = index_m
+        self.index_ef_construction = index_ef_construction
         self.timeout = float(timeout)
         self._shown_url = _redact(url)
         self._oid: int | None = None
@@ -502,7 +549,9 @@ class PgVectorStore:
                     f"table {self.table!r} has schema version {current}, newer than this library's "
                     f"{SCHEMA_VERSION}; upgrade intercascade"
                 )
-            for version, description, stmts in _migrations(self.table, self.dim):
+            for version, description, stmts in _migrations(
+                self.table, self.dim, self.index_m, self.index_ef_construction
+            ):
                 if version <= current:
                     continue
                 for s in stmts:
@@ -523,6 +572,15 @@ class PgVectorStore:
                     f"table {self.table!r} stores {typ[0]}, but this store was opened with dim={self.dim}"
                 )
             oid = int(typ[1])
+            have_index = self._ann_index(conn)
+        if have_index is not None and have_index != self._index_params:
+            # never rebuilt behind the caller's back: a 1M-row build takes half an hour
+            log.warning(
+                "%s: the existing HNSW index has m=%d, ef_construction=%d; this store asks for "
+                "m=%d, ef_construction=%d. Leaving it in place; drop_ann_index() then "
+                "create_ann_index() rebuilds it.",
+                self.table, *have_index, *self._index_params,
+            )
         self._oid = oid
         self._adapt = _adapters(oid)
         self._ready = True
@@ -548,19 +606,61 @@ class PgVectorStore:
         with self._conn() as conn:
             conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(f"{self.table}_embedding_hnsw")))
 
+    @property
+    def _index_params(self) -> tuple[int, int]:
+        return (self.index_m, self.index_ef_construction)
+
+    def _ann_index(self, conn: psycopg.Connection[Any]) -> tuple[int, int] | None:
+        row = conn.execute(
+            "SELECT c.reloptions FROM pg_class c JOIN pg_am a ON a.oid = c.relam"
+            " WHERE c.oid = to_regclass(%s) AND a.amname = 'hnsw'",
+            (f"{self.table}_embedding_hnsw",),
+        ).fetchone()
+        if row is None:
+            return None
+        opts = dict(o.split("=", 1) for o in row[0] or ())
+        # an option left out of WITH (...) is pgvector's default, which is also ours
+        return (int(opts.get("m", 16)), int(opts.get("ef_construction", 64)))
+
+    def ann_index(self) -> tuple[int, int] | None:
+        """``(m, ef_construction)`` of the table's HNSW index as the server holds it, or
+        None when there is none (after :meth:`drop_ann_index`). It can differ from this
+        store's ``index_m`` / ``index_ef_construction`` when another store built it:
+        :meth:`ensure_schema` then logs a warning and leaves the index as it is."""
+        with self._conn() as conn:
+            return self._ann_index(conn)
+
     def create_ann_index(self, *, maintenance_work_mem: str = "1GB") -> None:
-        """(Re)create the HNSW index of migration 2 if it is missing."""
+        """(Re)create the HNSW index of migration 2 with this store's ``index_m`` and
+        ``index_ef_construction`` if it is missing. An index that exists with other
+        parameters is kept and raises :class:`SchemaError`: rebuilding is the caller's
+        decision (:meth:`drop_ann_index` first)."""
         from psycopg import sql
 
         if not re.fullmatch(r"[0-9]+\s*(kB|MB|GB)", maintenance_work_mem):
             raise InvalidArgumentError("maintenance_work_mem", f"must look like '512MB', got {maintenance_work_mem!r}")
         with self._conn() as conn:
+            have = self._ann_index(conn)
+            if have is not None:
+                if have != self._index_params:
+                    raise SchemaError(
+                        f"table {self.table!r} already has an HNSW index with m={have[0]}, "
+                        f"ef_construction={have[1]}, not the m={self.index_m}, "
+                        f"ef_construction={self.index_ef_construction} asked for; drop_ann_index() "
+                        "first to rebuild it"
+                    )
+                return
             conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
             conn.execute(
                 sql.SQL(
                     "CREATE INDEX IF NOT EXISTS {i} ON {t} USING hnsw (embedding vector_cosine_ops)"
-                    " WITH (m = 16, ef_construction = 64)"
-                ).format(i=sql.Identifier(f"{self.table}_embedding_hnsw"), t=sql.Identifier(self.table))
+                    " WITH (m = {m}, ef_construction = {efc})"
+                ).format(
+                    i=sql.Identifier(f"{self.table}_embedding_hnsw"),
+                    t=sql.Identifier(self.table),
+                    m=sql.Literal(self.index_m),
+                    efc=sql.Literal(self.index_ef_construction),
+                )
             )
 
     # -- writes
