@@ -485,17 +485,6 @@ def _cmd_calibrate(args: argparse.Namespace, con: Console) -> int:
     return EXIT_OK
 
 
-def _embedder(kind: str, model_path: str = "", tokenizer_path: str = "", precision: str = "") -> Any:
-    """``precision`` "" leaves MiniLM's default (fp32, or $INTERCASCADE_MINILM_PRECISION)."""
-    if kind == "hashing":
-        from .models.hashing import HashingEmbedder
-
-        return HashingEmbedder(384)
-    from .models.minilm import MiniLMEmbedder
-
-    return MiniLMEmbedder(model_path or None, tokenizer_path or None, precision=precision or None)
-
-
 def _backend(name: str) -> str:
     if name != "auto":
         return name
@@ -622,14 +611,14 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
 
     from .core.cascade import init_state, run_stream
     from .core.metrics import compute_metrics
-    from .lab.evaluate import CachedEmbedder, variant_summary
+    from .lab.evaluate import CachedEmbedder, make_embedder, variant_summary
     from .lab.report import format_percent
 
     cfg, cal, test, info, saved = _load_config_streams(args, con)
     policy = args.policy or cfg.cascade.policy
     levels = _levels_for(cfg, (*cal, *test))
     backend = _backend(cfg.cascade.backend)
-    embedder = CachedEmbedder(_embedder(cfg.embedder.kind, cfg.embedder.model_path, cfg.embedder.tokenizer_path,
+    embedder = CachedEmbedder(make_embedder(cfg.embedder.kind, cfg.embedder.model_path, cfg.embedder.tokenizer_path,
                              cfg.embedder.precision))
     conf = _cascade_config(args, cfg)
     cal_run = _calibration_run(args, cfg, saved, cal, levels, con, conf)
@@ -718,7 +707,12 @@ def _evaluate_and_report(
     settings: dict[str, Any], con: Console, insitu: bool = False, insitu_rounds: int = 4,
     calibration_run: CalibrationRun | None = None,
 ) -> int:
-    from .lab.evaluate import INSITU_VARIANT, evaluate, outcome_records, results_document
+    from .lab.evaluate import (
+        INSITU_VARIANT,
+        evaluate,
+        outcome_records,
+        results_document,
+    )
     from .lab.report import render_insitu, render_risk, render_tables, write_report
 
     t0 = time.perf_counter()
@@ -764,7 +758,9 @@ def _cmd_eval(args: argparse.Namespace, con: Console) -> int:
     cfg, cal, test, info, saved = _load_config_streams(args, con)
     levels = _levels_for(cfg, (*cal, *test))
     backend = _backend(cfg.cascade.backend)
-    embedder = _embedder(cfg.embedder.kind, cfg.embedder.model_path, cfg.embedder.tokenizer_path,
+    from .lab.evaluate import make_embedder
+
+    embedder = make_embedder(cfg.embedder.kind, cfg.embedder.model_path, cfg.embedder.tokenizer_path,
                          cfg.embedder.precision)
     cal_run = _calibration_run(args, cfg, saved, cal, levels, con, _cascade_config(args, cfg))
     return _evaluate_and_report(
@@ -780,7 +776,7 @@ def _cmd_eval(args: argparse.Namespace, con: Console) -> int:
 def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
     from .lab.config import ModelConfig
     from .lab.datasets import gsm_symbolic_split, to_queries
-    from .lab.evaluate import make_levels, sim_client
+    from .lab.evaluate import make_embedder, make_levels, sim_client
 
     t0 = time.perf_counter()
     if args.readme is not None:
@@ -799,7 +795,7 @@ def _cmd_demo(args: argparse.Namespace, con: Console) -> int:
     knobs = MISLEADING_TEACHER if args.teacher == "misleading" else SimKnobs()
     levels = make_levels(models, sim_client=sim_client((*cal, *test), seed=args.seed, knobs=knobs))
     con.info("loading the embedder" + (" (all-MiniLM-L6-v2, ONNX)" if args.embedder == "minilm" else " (hashing)"))
-    embedder = _embedder(args.embedder)
+    embedder = make_embedder(args.embedder)
     backend = _backend(args.backend)
     dataset = {
         "name": "gsm_symbolic",

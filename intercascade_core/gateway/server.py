@@ -37,6 +37,7 @@ from ..core.calibrate import Calibration
 from ..core.cascade import CascadeConfig, Level
 from ..core.protocols import Embedder
 from ..errors import UsageError
+from ..lab.evaluate import make_embedder
 from ..service import Cascade
 from ..storage.journal import Fsync
 from .audit import AuditBook
@@ -90,17 +91,6 @@ def check_host(host: str, keys: KeyRing | None) -> None:
         )
 
 
-def _embedder(kind: str, model_path: str = "", tokenizer_path: str = "", precision: str = "") -> Embedder:
-    """``precision`` "" leaves MiniLM's default (fp32, or $INTERCASCADE_MINILM_PRECISION)."""
-    if kind == "hashing":
-        from ..models.hashing import HashingEmbedder
-
-        return HashingEmbedder(384)
-    from ..models.minilm import MiniLMEmbedder
-
-    return MiniLMEmbedder(model_path or None, tokenizer_path or None, precision=precision or None)
-
-
 @dataclass(frozen=True, slots=True)
 class _Parts:
     """What a gateway is built from (by :func:`_demo_parts` or :func:`_config_parts`)."""
@@ -122,7 +112,7 @@ def _demo_parts(options: ServeOptions) -> _Parts:
     config = demo_config()
     cals = demo_calibration(levels, config=config)
     return _Parts(levels, demo_async_levels(backend), cals, config,
-                  _embedder(options.embedder or "minilm"),
+                  make_embedder(options.embedder or "minilm"),
                   "the simulated demo cascade (calibrated at start-up)")
 
 
@@ -170,7 +160,7 @@ def _config_parts(options: ServeOptions) -> _Parts:
                                    max_retries=m.max_retries, price=price, confidence_span=span)
         async_levels.append(AsyncLevel(model, name=lv.name, params=lv.params))
     ec = cfg.embedder
-    embedder = _embedder(options.embedder or ec.kind, ec.model_path, ec.tokenizer_path, ec.precision)
+    embedder = make_embedder(options.embedder or ec.kind, ec.model_path, ec.tokenizer_path, ec.precision)
     return _Parts(levels, async_levels, saved.calibration_run().calibrations, config, embedder,
                   f"{cfg.source} with the calibration {options.calibration}")
 

@@ -65,6 +65,7 @@ __all__ = [
     "check_calibration_run",
     "evaluate",
     "load_streams",
+    "make_embedder",
     "make_levels",
     "outcome_records",
     "results_document",
@@ -131,6 +132,19 @@ class CachedEmbedder:
 
 
 # --------------------------------------------------------------------------- models
+
+
+def make_embedder(kind: str, model_path: str = "", tokenizer_path: str = "", precision: str = "") -> Embedder:
+    """The embedder of an ``[embedder]`` config: ``hashing`` (the test double) or MiniLM
+    (``model_path``/``tokenizer_path`` for an ONNX file of one's own; ``precision`` "" keeps
+    MiniLM's default, fp32 or ``$INTERCASCADE_MINILM_PRECISION``)."""
+    if kind == "hashing":
+        from ..models.hashing import HashingEmbedder
+
+        return HashingEmbedder(384)
+    from ..models.minilm import MiniLMEmbedder
+
+    return MiniLMEmbedder(model_path or None, tokenizer_path or None, precision=precision or None)
 
 
 def make_levels(
