@@ -177,3 +177,12 @@ def test_a_logprob_reply_is_read_as_json_reads_it():
             {"role": "user", "content": 'Problem: Tom has 3 "red" apples and buys 4.'}]})
         reply = backend.respond("POST", "/v1/chat/completions", body.encode()).body
         assert same(untrusted_json.loads(reply), json.loads(reply))
+
+
+def test_an_integer_past_the_interpreters_digit_limit_is_a_number_error() -> None:
+    # max_number_chars allows it, but int() refuses more digits than its limit (4300 by
+    # default): still one typed refusal, never a bare ValueError
+    with pytest.raises(MalformedJSONError) as err:
+        untrusted_json.loads("[" + "1" * 5000 + "]", max_number_chars=10_000)
+    assert err.value.kind == "number"
+    assert untrusted_json.loads("1" * 4000, max_number_chars=10_000) == int("1" * 4000)

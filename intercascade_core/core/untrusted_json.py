@@ -135,7 +135,12 @@ def _checked(max_number_chars: int) -> json.JSONDecoder:
             raise MalformedJSONError(
                 "number", f"a number literal of {len(literal)} characters (at most "
                 f"{max_number_chars})")
-        value = convert(literal)
+        try:
+            value = convert(literal)
+        except ValueError:  # past the interpreter's digit limit (sys.set_int_max_str_digits)
+            raise MalformedJSONError(
+                "number", f"an integer of {len(literal)} digits (past the interpreter's "
+                "limit)") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise MalformedJSONError("number", "a number beyond the float range")
         return value
