@@ -564,3 +564,29 @@ def test_a_failed_level_defers_and_all_failed_is_a_502(demo: Any) -> None:
     assert isinstance(failed, RequestError) and failed.status == 502
     assert failed.code == "upstream_failed" and "every level" in failed.message
     assert cascade.state.n_queries == 1 and cascade.state.counters.n_discarded == 1  # committed
+
+
+def test_aclose_shuts_its_pools_even_when_a_step_fails(demo: Any) -> None:
+    backend, levels, cals = demo
+
+    async def run() -> Gateway:
+        emb = HashingEmbedder(384)
+        cascade = Cascade(levels, emb, calibrations=cals)
+        audit = AuditBook(cals)
+        gw = Gateway(cascade, demo_async_levels(backend), EmbedBatcher(emb), audit)
+        await gw.complete(parse_chat_request(_body(), MODELS), None)  # both pools used
+        assert any(t.name.startswith("gateway-retrieve") for t in threading.enumerate())
+
+        def disk_full() -> None:
+            raise OSError(28, "No space left on device")
+
+        audit.save = disk_full  # type: ignore[method-assign]
+        with pytest.raises(OSError, match="No space"):
+            await gw.aclose()
+        return gw
+
+    gw = asyncio.run(run())  # held: a collected pool's idle threads would leave anyway
+    alive = [t.name for t in threading.enumerate()
+             if t.name.startswith(("gateway-retrieve", "gateway-commit"))]
+    assert alive == []
+    del gw

@@ -309,14 +309,17 @@ class Gateway:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def aclose(self) -> None:
-        """Stop: embed what is queued, drain and checkpoint the cascade, keep the audit."""
+        """Stop: embed what is queued, drain and checkpoint the cascade, keep the audit.
+        The worker pools are shut down even when a step fails (its error is raised)."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.batcher.close)
-        await loop.run_in_executor(None, self.cascade.close)
-        await loop.run_in_executor(None, self.audit.save)
-        for level in self.levels:
-            aclose = getattr(level.model, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        self._executor.shutdown(wait=True)
-        self._retrievals.shutdown(wait=True)
+        try:
+            await loop.run_in_executor(None, self.batcher.close)
+            await loop.run_in_executor(None, self.cascade.close)
+            await loop.run_in_executor(None, self.audit.save)
+            for level in self.levels:
+                aclose = getattr(level.model, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        finally:
+            self._executor.shutdown(wait=True)
+            self._retrievals.shutdown(wait=True)
