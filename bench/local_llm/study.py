@@ -12,8 +12,9 @@ every identical call from the response logs.
 Every call goes through the response logs of ``config.toml`` (``bench/local_llm/cache/``,
 one fsynced line per real call), so the study runs in parts: an interrupted run resumes
 where it stopped, and a finished one replays in seconds. Test queries are asked query by
-query, all five arms at a time, so a partial run holds paired results for a prefix of the
-(shuffled) stream; ``--report-partial`` writes the tables for that prefix, marked as such.
+query, all five arms at a time, so a partial run (``--budget-min``) holds paired results for
+a prefix of the (shuffled) stream, and its ``results.json`` and ``arms.md`` are for that
+prefix, marked as such; ``--report-only`` rewrites ``arms.md`` from ``results.json``.
 
 Writes ``OUT/results.json`` (settings, per-call records, analysis) and ``OUT/arms.md``.
 """
@@ -21,11 +22,13 @@ Writes ``OUT/results.json`` (settings, per-call records, analysis) and ``OUT/arm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -374,7 +377,24 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
                 verdict += f"; significant loss: {', '.join(an['significant_losses'])}"
             lines += ["", f"**Outcome:** {verdict} (Holm-adjusted p < 0.05). Best arm by the "
                       f"protocol's rule: {an['best_arm']}."]
-    path.write_text("\n".join(lines) + "\n")
+    write_atomically(path, "\n".join(lines) + "\n")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` whole: a unique temporary file beside it, fsynced, then
+    renamed (a crash or a concurrent run leaves the old file or the new one, never a part)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,9 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         "records": records,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=float) + "\n")
-    os.replace(tmp, args.out / "results.json")
+    write_atomically(args.out / "results.json", json.dumps(doc, indent=1, default=float) + "\n")
     write_report(doc, args.out / "arms.md")
     if analysis["n_queries"]:
         _log(f"analysis over {analysis['n_queries']} of {len(test)} queries:\n" + arms_table(analysis))

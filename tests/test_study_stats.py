@@ -1,0 +1,110 @@
+"""The study runner's statistics (bench/local_llm/study.py): Wilson intervals, the exact
+McNemar test, Holm's step-down adjustment and the paired analysis, against hand values."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scipy.stats import norm
+
+_PATH = Path(__file__).resolve().parent.parent / "bench" / "local_llm" / "study.py"
+
+
+def _load() -> Any:
+    saved = list(sys.path)  # the runner puts its own folder first on the path
+    try:
+        spec = importlib.util.spec_from_file_location("_study_under_test", _PATH)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path[:] = saved
+
+
+study = _load()
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 10), (10, 10), (7, 20), (60, 120), (1, 1)])
+def test_wilson_is_the_score_interval(k: int, n: int) -> None:
+    z = norm.ppf(0.975)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo, hi = study.wilson(k, n)
+    assert lo == pytest.approx(max(0.0, centre - half), abs=1e-12)
+    assert hi == pytest.approx(min(1.0, centre + half), abs=1e-12)
+
+
+def test_wilson_half_width_at_120_is_within_the_protocols_bound() -> None:
+    lo, hi = study.wilson(60, 120)  # the widest interval at n = 120
+    assert (hi - lo) / 2 <= 0.089
+    assert all(math.isnan(v) for v in study.wilson(0, 0))
+
+
+def test_mcnemar_exact_counts_discordant_pairs_and_is_two_sided() -> None:
+    same = [True, False, True]
+    assert study.mcnemar_exact(same, same) == (0, 0, 1.0)  # no discordant pair
+    base = [False] * 6 + [True] * 4
+    arm = [True] * 6 + [True] * 4
+    assert study.mcnemar_exact(base, arm) == (6, 0, pytest.approx(2 / 64))
+    assert study.mcnemar_exact(arm, base) == (0, 6, pytest.approx(2 / 64))  # symmetric
+    base = [False] * 5 + [True]
+    arm = [True] * 5 + [False]
+    assert study.mcnemar_exact(base, arm) == (5, 1, pytest.approx(2 * 7 / 64))
+    b, c, p = study.mcnemar_exact([False, True], [True, False])
+    assert (b, c, p) == (1, 1, 1.0)  # balanced: never significant
+    with pytest.raises(ValueError):
+        study.mcnemar_exact([True], [True, False])  # unpaired lists are refused
+
+
+def test_holm_step_down_is_monotone_and_capped() -> None:
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 0.02, 0.03, 0.06, max(0.06, 0.04)
+    assert study.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert study.holm([0.02, 0.02]) == pytest.approx([0.04, 0.04])  # ties: both m * p
+    assert study.holm([0.5, 0.6, 1.0, 0.9]) == [1.0, 1.0, 1.0, 1.0]
+    assert study.holm([]) == []
+
+
+def _records(correct: dict[str, list[bool]]) -> list[dict[str, Any]]:
+    return [{"query": f"q{i}", "arm": arm, "correct": ok, "confidence": 0.5, "shown": [],
+             "copied_a_shown_answer": False, "shown_from_wrong_strong_answers": 0}
+            for arm, oks in correct.items() for i, ok in enumerate(oks)]
+
+
+def test_analyse_all_arms_equal_is_no_gain_and_the_default_best_arm() -> None:
+    oks = [True, False] * 10
+    an = study.analyse(_records({a: oks for a in study.ARMS}))
+    assert an["n_queries"] == 20
+    assert all(an["arms"][a]["mcnemar_p_holm"] == 1.0 for a in study.ARMS[1:])
+    assert an["significant_gains"] == [] and an["significant_losses"] == []
+    assert an["best_arm"] == "A1"
+
+
+def test_analyse_finds_a_gain_and_a_loss_and_pairs_by_query() -> None:
+    n = 40
+    arms = {"A0": [i % 2 == 0 for i in range(n)], "A1": [True] * n, "A2": [False] * n,
+            "A3": [i % 2 == 0 for i in range(n)], "A4": [i % 2 == 0 or i < 4 for i in range(n)]}
+    records = _records(arms)
+    records += [{"query": "partial", "arm": "A0", "correct": True, "confidence": 0.5,
+                 "shown": []}]  # a query not every arm answered is left out
+    an = study.analyse(records)
+    assert an["n_queries"] == n
+    assert an["arms"]["A1"]["gained"] == 20 and an["arms"]["A1"]["lost"] == 0
+    assert an["significant_gains"] == ["A1"] and an["significant_losses"] == ["A2"]
+    assert an["best_arm"] == "A1"
+    assert study.analyse([])["n_queries"] == 0
+
+
+def test_write_atomically_replaces_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "arms.md"
+    target.write_text("old\n")
+    study.write_atomically(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arms.md"]
