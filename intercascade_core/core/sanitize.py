@@ -59,7 +59,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import threading
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -383,7 +385,7 @@ def sanitize_text(text: str, *, max_chars: int = MAX_STRATEGY_CHARS) -> str:
         raise InvalidArgumentError("text", f"must be a str, got {type(text).__name__}")
     if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 0:
         raise InvalidArgumentError("max_chars", f"must be an int >= 0, got {max_chars!r}")
-    if len(text) <= _REMEMBERED_CHARS:  # bounded memory: at most 4096 short texts
+    if len(text) <= _REMEMBERED_CHARS:
         return _remembered(str(text), max_chars)
     return _sanitize(text, max_chars)
 
@@ -403,10 +405,49 @@ def _sanitize(text: str, max_chars: int) -> str:
     return _tidy(_neutralise(_bound(out, max_chars))) if len(out) > max_chars else out
 
 
+class _Memo:
+    """The results of :func:`_sanitize` for recent texts, least recently used dropped first,
+    within a budget of characters (texts and results counted) as well as of entries: a
+    count alone would let 4096 distinct texts of 4096 astral characters hold 128 MiB.
+    Thread-safe; the values are ``str``, immutable."""
+
+    def __init__(self, max_entries: int, max_chars: int) -> None:
+        self.max_entries, self.max_chars = max_entries, max_chars
+        self.chars = 0
+        self._items: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __call__(self, text: str, max_chars: int) -> str:
+        key = (text, max_chars)
+        with self._lock:
+            out = self._items.get(key)
+            if out is not None:
+                self._items.move_to_end(key)
+                return out
+        out = _sanitize(text, max_chars)  # outside the lock: pure, a race only repeats it
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = out
+                self.chars += len(text) + len(out)
+                while self.chars > self.max_chars or len(self._items) > self.max_entries:
+                    (old, _), dropped = self._items.popitem(last=False)
+                    self.chars -= len(old) + len(dropped)
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.chars = 0
+
+
 # A prompt shows the same stored strategies again and again, and checking one costs tens
-# of microseconds: short texts are remembered (the function is pure).
+# of microseconds: short texts are remembered (the function is pure), within 4096 entries
+# and 2**21 characters (at most 8 MiB of text and results).
 _REMEMBERED_CHARS = 4096
-_remembered = functools.lru_cache(maxsize=4096)(_sanitize)
+_remembered = _Memo(max_entries=4096, max_chars=2**21)
 
 
 def sanitize_strategy(text: str, *, max_chars: int = MAX_STRATEGY_CHARS) -> str:
