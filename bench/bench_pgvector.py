@@ -25,6 +25,10 @@ each row of the library's table on held-out queries, per ``--shared-buffers`` se
     python bench/bench_pgvector.py --sweep --sizes 1000000 --queries 200 --exact-queries 3 \
         --shared-buffers 128MB 4GB --ef 40 64 100 150 200 300 400 500 600 800 1000 --overfetch 1 2 4
 
+``--index-m`` / ``--index-ef-construction`` build the server's HNSW index with other options
+(``PgVectorStore(index_m=, index_ef_construction=)``; cached separately, e.g.
+``bench/data/pgvector-200000-m32-efc200/``).
+
 Runs as root too (pgserver then runs PostgreSQL as a ``pgserver`` system user).
 """
 
