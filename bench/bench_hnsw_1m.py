@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,23 @@ def _tag(m: int, efc: int) -> str:
     return f"hnsw_perturbed_{N}_M{m}_efc{efc}"
 
 
+def _build_in_chunks(rec: dict[str, Any], rss0: float, add: Callable[[int, int], None]) -> None:
+    """Add rows ``[a, b)`` chunk by chunk, recording the build curve (wall, CPU, load) in ``rec``."""
+    t0, c0 = time.perf_counter(), _cpu_s()
+    chunks = []
+    for a in range(0, N, CHUNK):
+        b = min(N, a + CHUNK)
+        add(a, b)
+        chunks.append({"rows": b, "elapsed_s": round(time.perf_counter() - t0, 1),
+                       "cpu_s": round(_cpu_s() - c0, 1), "load": os.getloadavg()[0]})
+        print(chunks[-1], flush=True)
+    rec["build_s"] = round(time.perf_counter() - t0, 1)
+    rec["build_cpu_s"] = round(_cpu_s() - c0, 1)
+    rec["chunks"] = chunks
+    rec["load_after"] = os.getloadavg()
+    rec["rss_delta_mib"] = round(_rss_mib() - rss0, 1)
+
+
 def build_hnsw(m: int, efc: int) -> dict[str, Any]:
     DIR.mkdir(parents=True, exist_ok=True)
     v = _repo(N).vectors  # the repository's rows (renormalised): what load_index checks
@@ -75,25 +93,7 @@ def build_hnsw(m: int, efc: int) -> dict[str, Any]:
     }
     rss0 = _rss_mib()
     idx = _ann._AnnIndex(v.shape[1], params)
-    t0, c0 = time.perf_counter(), _cpu_s()
-    chunks = []
-    for a in range(0, N, CHUNK):
-        b = min(N, a + CHUNK)
-        idx.grow_to(v, b)
-        chunks.append(
-            {
-                "rows": b,
-                "elapsed_s": round(time.perf_counter() - t0, 1),
-                "cpu_s": round(_cpu_s() - c0, 1),
-                "load": os.getloadavg()[0],
-            }
-        )
-        print(chunks[-1], flush=True)
-    rec["build_s"] = round(time.perf_counter() - t0, 1)
-    rec["build_cpu_s"] = round(_cpu_s() - c0, 1)
-    rec["chunks"] = chunks
-    rec["load_after"] = os.getloadavg()
-    rec["rss_delta_mib"] = round(_rss_mib() - rss0, 1)
+    _build_in_chunks(rec, rss0, lambda a, b: idx.grow_to(v, b))
     path = DIR / f"{_tag(m, efc)}.bin"
     idx.index.save_index(str(path))
     rec["index_file_mib"] = round(path.stat().st_size / 2**20, 1)
@@ -118,24 +118,7 @@ def build_faiss(m: int = 32, efc: int = 40) -> dict[str, Any]:
     rss0 = _rss_mib()
     fx = faiss.IndexHNSWFlat(v.shape[1], m, faiss.METRIC_INNER_PRODUCT)
     fx.hnsw.efConstruction = efc
-    t0, c0 = time.perf_counter(), _cpu_s()
-    chunks = []
-    for a in range(0, N, CHUNK):
-        fx.add(v[a : min(N, a + CHUNK)])
-        chunks.append(
-            {
-                "rows": min(N, a + CHUNK),
-                "elapsed_s": round(time.perf_counter() - t0, 1),
-                "cpu_s": round(_cpu_s() - c0, 1),
-                "load": os.getloadavg()[0],
-            }
-        )
-        print(chunks[-1], flush=True)
-    rec["build_s"] = round(time.perf_counter() - t0, 1)
-    rec["build_cpu_s"] = round(_cpu_s() - c0, 1)
-    rec["chunks"] = chunks
-    rec["load_after"] = os.getloadavg()
-    rec["rss_delta_mib"] = round(_rss_mib() - rss0, 1)
+    _build_in_chunks(rec, rss0, lambda a, b: fx.add(v[a:b]))
     path = DIR / f"faiss_hnsw{m}_perturbed_{N}_efc{efc}.index"
     faiss.write_index(fx, str(path))
     rec["index_file_mib"] = round(path.stat().st_size / 2**20, 1)
