@@ -330,6 +330,10 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
     """``arms.md``: the settings, calibration, teaching, the arms table and the secondary
     measures, from ``results.json`` alone."""
     st, cal, te, an = doc["settings"], doc["calibration"], doc["teaching"], doc["analysis"]
+    # results.json of the first part's runner has no split sizes: they follow from the settings
+    n_templates = len(st["templates"]) if isinstance(st["templates"], list) else st["templates"]
+    doc = {"n_test": n_templates * st["variants"], "n_calibration": n_templates * st["calibration_variants"],
+           **doc}
     n = an["n_queries"]
     lines = ["# The pre-registered study: retrieved strategies and a real weak model", ""]
     if not doc["complete"]:
