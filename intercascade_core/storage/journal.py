@@ -365,6 +365,18 @@ def _complete_frame_after(data: bytes) -> bool:
     return False
 
 
+def _check_header(path: Path, scan: JournalScan, dim: int, model_id: str) -> JournalScan:
+    """``scan`` if its journal was written for this embedder and dimension, else
+    :class:`IncompatibleStoreError` (naming, for a packaged MiniLM, the precision that opens it)."""
+    if scan.model_id != model_id:
+        raise IncompatibleStoreError(path, embedding_model_mismatch(scan.model_id, model_id))
+    if scan.dim != dim:
+        raise IncompatibleStoreError(
+            path, f"journal is for ({scan.model_id!r}, dim {scan.dim}), expected ({model_id!r}, dim {dim})"
+        )
+    return scan
+
+
 class Journal:
     """An open journal file for appending (not thread-safe: callers serialise appends,
     as :class:`~intercascade_core.service.Cascade` does under its lock)."""
@@ -380,14 +392,7 @@ class Journal:
         self.fsync = fsync
         if not os.path.lexists(self.path):
             atomic_write_bytes(self.path, _header(dim, model_id))
-        scan = read_journal(self.path)
-        if scan.model_id != model_id:
-            raise IncompatibleStoreError(self.path, embedding_model_mismatch(scan.model_id, model_id))
-        if scan.dim != dim:
-            raise IncompatibleStoreError(
-                self.path,
-                f"journal is for ({scan.model_id!r}, dim {scan.dim}), expected ({model_id!r}, dim {dim})",
-            )
+        scan = _check_header(self.path, read_journal(self.path), dim, model_id)
         if scan.torn:
             warnings.warn(
                 f"{self.path}: dropped a torn last record (incomplete write at byte "
@@ -800,18 +805,7 @@ class DurableStore:
                 lsn = snap.manifest.lsn
                 records: Sequence[JournalRecord] = ()
                 if os.path.lexists(jpath):
-                    scan = read_journal(jpath)
-                    if scan.model_id != model_id:
-                        raise IncompatibleStoreError(
-                            jpath, embedding_model_mismatch(scan.model_id, model_id)
-                        )
-                    if scan.dim != dim:
-                        raise IncompatibleStoreError(
-                            jpath,
-                            f"journal is for ({scan.model_id!r}, dim {scan.dim}), "
-                            f"expected ({model_id!r}, dim {dim})",
-                        )
-                    records = scan.records
+                    records = _check_header(jpath, read_journal(jpath), dim, model_id).records
                 elif lsn > 0:
                     raise JournalCorruptError(jpath, f"missing, while the snapshot is at lsn {lsn}")
                 repo, uses, lsn, applied = _replay(

@@ -304,6 +304,22 @@ class Pulled:
 
 
 # ----------------------------------------------------------------------------- migrations
+def _index_name(table: str) -> str:
+    return f"{table}_embedding_hnsw"
+
+
+def _create_index(table: str, m: int, ef_construction: int) -> sql.Composed:
+    """The HNSW index of migration 2 and of :meth:`PgVectorStore.create_ann_index` (``IF NOT
+    EXISTS``: two stores creating it at once do not collide)."""
+    from psycopg import sql
+
+    return sql.SQL(
+        "CREATE INDEX IF NOT EXISTS {i} ON {t} USING hnsw (embedding vector_cosine_ops)"
+        " WITH (m = {m}, ef_construction = {efc})"
+    ).format(i=sql.Identifier(_index_name(table)), t=sql.Identifier(table),
+             m=sql.Literal(m), efc=sql.Literal(ef_construction))
+
+
 def _migrations(
     table: str, dim: int, m: int = 16, ef_construction: int = 64
 ) -> list[tuple[int, str, list[sql.Composed]]]:
@@ -335,17 +351,7 @@ def _migrations(
         (
             2,
             "HNSW cosine index on embedding",
-            [
-                sql.SQL(
-                    "CREATE INDEX {i} ON {t} USING hnsw (embedding vector_cosine_ops)"
-                    " WITH (m = {m}, ef_construction = {efc})"
-                ).format(
-                    i=sql.Identifier(f"{table}_embedding_hnsw"),
-                    t=t,
-                    m=sql.Literal(m),
-                    efc=sql.Literal(ef_construction),
-                ),
-            ],
+            [_create_index(table, m, ef_construction)],
         ),
         (
             3,
@@ -604,7 +610,7 @@ class PgVectorStore:
         from psycopg import sql
 
         with self._conn() as conn:
-            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(f"{self.table}_embedding_hnsw")))
+            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(_index_name(self.table))))
 
     @property
     def _index_params(self) -> tuple[int, int]:
@@ -614,7 +620,7 @@ class PgVectorStore:
         row = conn.execute(
             "SELECT c.reloptions FROM pg_class c JOIN pg_am a ON a.oid = c.relam"
             " WHERE c.oid = to_regclass(%s) AND a.amname = 'hnsw'",
-            (f"{self.table}_embedding_hnsw",),
+            (_index_name(self.table),),
         ).fetchone()
         if row is None:
             return None
@@ -635,7 +641,6 @@ class PgVectorStore:
         ``index_ef_construction`` if it is missing. An index that exists with other
         parameters is kept and raises :class:`SchemaError`: rebuilding is the caller's
         decision (:meth:`drop_ann_index` first)."""
-        from psycopg import sql
 
         if not re.fullmatch(r"[0-9]+\s*(kB|MB|GB)", maintenance_work_mem):
             raise InvalidArgumentError("maintenance_work_mem", f"must look like '512MB', got {maintenance_work_mem!r}")
@@ -651,17 +656,7 @@ class PgVectorStore:
                     )
                 return
             conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
-            conn.execute(
-                sql.SQL(
-                    "CREATE INDEX IF NOT EXISTS {i} ON {t} USING hnsw (embedding vector_cosine_ops)"
-                    " WITH (m = {m}, ef_construction = {efc})"
-                ).format(
-                    i=sql.Identifier(f"{self.table}_embedding_hnsw"),
-                    t=sql.Identifier(self.table),
-                    m=sql.Literal(self.index_m),
-                    efc=sql.Literal(self.index_ef_construction),
-                )
-            )
+            conn.execute(_create_index(self.table, *self._index_params))
 
     # -- writes
     def push(self, entries: Sequence[Entry], vectors: npt.NDArray[np.float32]) -> int:
