@@ -547,6 +547,8 @@ def _saved_calibration(
         con.info(f"warning: {args.calibration}: {why} (used anyway: --force)")
     con.info(f"calibration: {args.calibration} (written {saved.created_at} by intercascade "
              f"{saved.package_version}; not recalibrating)")
+    if (note := saved.unguaranteed_note()) is not None:
+        con.info(f"warning: {args.calibration}: {note}")
     return saved
 
 

@@ -116,3 +116,25 @@ def _misleading_teacher(seed: int = 3) -> Any:
     profiles = dict(DEFAULT_PROFILES)
     profiles["sim-strong"] = SimProfile(0.85, 0.2, 0.9, wrong_conf=(0.5, 0.95, 1.0))
     return CopyingSimBackend(seed=seed, profiles=profiles, copy_rate=0.6, copy_conf=(0.8, 0.97, 1.0))
+
+
+@pytest.fixture(scope="session")
+def jung_fallback_copy() -> Any:
+    """``copy(src, dst)``: a calibration file like ``src`` (same models, levels, prompts and
+    settings) whose weak level is Jung's fallback: its labels are flipped, so the first test
+    fails, and it is calibrated with ``on_fail="jung"`` as ``calibrate --on-fail jung`` does."""
+    return _jung_fallback_copy
+
+
+def _jung_fallback_copy(src: Any, dst: Any) -> None:
+    from intercascade_core.core.calibrate import calibrate_cascade
+    from intercascade_core.storage.calibration_file import load_calibration, save_calibration
+
+    saved = load_calibration(src)
+    first = saved.calibrations[0]
+    correct = [[not ok for ok in saved.correct[0]], *saved.correct[1:]]
+    cals = calibrate_cascade(saved.confidences, correct, alpha=first.alpha, delta=first.delta * len(saved.calibrations),
+                             split_delta=True, min_n=first.min_n, on_fail="jung")
+    assert not cals[0].guaranteed and not cals[0].abstained, cals[0]
+    save_calibration(dst, cals, model_ids=saved.model_ids, level_names=saved.level_names,
+                     data=(saved.confidences, correct), fingerprint=saved.prompt_fingerprint)

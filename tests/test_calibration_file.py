@@ -9,6 +9,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,6 +161,19 @@ def test_an_abstaining_level_and_plain_calibrations_with_data(tmp_path: Path) ->
     with pytest.raises(InvalidArgumentError, match="fingerprint"):
         save_calibration(tmp_path / "d.json", cals, model_ids=IDS, data=(confs, ok), fingerprint="abc")
     assert not (tmp_path / "d.json").exists()
+
+
+def test_a_jung_fallback_is_named_on_load(tmp_path: Path) -> None:
+    confs, ok = _data(200)
+    flipped = [~ok[0], ok[1]]  # confident weak answers are now the wrong ones: the first test fails
+    cals = calibrate_cascade(confs, flipped, alpha=0.2, delta=0.1, on_fail="jung")
+    assert not cals[0].guaranteed and cals[1].guaranteed
+    save_calibration(tmp_path / "c.json", cals, model_ids=IDS, level_names=("weak", "strong"), data=(confs, flipped))
+    note = load_calibration(tmp_path / "c.json").unguaranteed_note()
+    assert note is not None and "level(s) weak hold" in note and "strong" not in note
+    save_calibration(tmp_path / "d.json", calibrate_cascade(confs, ok, alpha=0.2, delta=0.1, on_fail="jung"),
+                     model_ids=IDS, data=(confs, ok))
+    assert load_calibration(tmp_path / "d.json").unguaranteed_note() is None
 
 
 def test_model_ids_of_levels_are_what_configs_name() -> None:
@@ -372,7 +386,7 @@ def test_calibrate_save_writes_what_it_prints(tmp_path: Path) -> None:
     assert code == 2 and "--save" in _one_line(err)
 
 
-def test_run_reuses_a_saved_calibration_and_refuses_a_mismatch(tmp_path: Path) -> None:
+def test_run_reuses_a_saved_calibration_and_refuses_a_mismatch(tmp_path: Path, jung_fallback_copy: Any) -> None:
     cfg = _config(tmp_path)
     cal = tmp_path / "cal.json"
     code, first, _ = _cli("run", "--config", str(cfg), "--limit", "6", "--save-calibration", str(cal), "-q")
@@ -383,6 +397,7 @@ def test_run_reuses_a_saved_calibration_and_refuses_a_mismatch(tmp_path: Path) -
     code, again, err = _cli("run", "--config", str(cfg), "--limit", "6", "--calibration", str(cal))
     assert code == 0 and again == first  # the same thresholds, the same run
     assert "not recalibrating" in err and "calibrating on" not in err
+    assert "risk guarantee" not in err  # every level of this file is certified
 
     other = tmp_path / "other.toml"
     other.write_text(cfg.read_text().replace('model = "sim-strong"', 'model = "sim-mid"'))
@@ -404,6 +419,12 @@ def test_run_reuses_a_saved_calibration_and_refuses_a_mismatch(tmp_path: Path) -
         assert code == 2 and str(bad) in _one_line(err)
     code, _, err = _cli("run", "--config", str(cfg), "--force", "-q")
     assert code == 2 and "--calibration" in _one_line(err)
+
+    # a file holding Jung's fallback is used, and the run says its answers are not certified
+    fallback = tmp_path / "fallback.json"
+    jung_fallback_copy(cal, fallback)
+    code, _, err = _cli("run", "--config", str(cfg), "--calibration", str(fallback), "--limit", "2")
+    assert code == 0 and "warning:" in err and "level(s) weak hold Jung's fallback" in err
 
     # a Jung cascade calibrates its strong level on another prompt than a single-call one
     jung = tmp_path / "jung.json"

@@ -143,6 +143,8 @@ def _config_parts(options: ServeOptions) -> _Parts:
         )
     except StoreError as e:  # the file named on the command line does not fit: exit 2
         raise UsageError(str(e)) from None
+    if (note := saved.unguaranteed_note()) is not None:
+        log.warning("%s: %s", options.calibration, note)
     backend = SimBackend(seed=cfg.cascade.seed)  # for levels whose base_url is sim:<level>
     levels = make_levels(cfg.models, sim_client=httpx.Client(transport=backend.transport()))
     sim_async = httpx.AsyncClient(transport=httpx.MockTransport(backend.handler()))

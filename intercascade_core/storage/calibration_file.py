@@ -137,6 +137,17 @@ class SavedCalibration:
     package_version: str
     path: str = ""
 
+    def unguaranteed_note(self) -> str | None:
+        """Why these thresholds carry no (alpha, delta) guarantee, or None when every level's
+        does. A level calibrated with ``on_fail="jung"`` whose first test failed keeps Jung's
+        fallback threshold, which the file records but a deployment must not mistake for a
+        certified one."""
+        names = [n for n, c in zip(self.level_names, self.calibrations, strict=True) if not c.guaranteed]
+        if not names:
+            return None
+        return (f"level(s) {', '.join(names)} hold Jung's fallback threshold (on_fail='jung', first "
+                "test failed): their answers carry no (alpha, delta) risk guarantee")
+
     def calibration_run(self) -> CalibrationRun:
         """The thresholds and their data as a :class:`CalibrationRun` (no failures and no
         usage are recorded: the calls were made, and paid, when the file was written)."""
