@@ -54,6 +54,7 @@ K = 2              # PROTOCOL.md: the paper's k
 TAU = 0.70         # PROTOCOL.md: the similarity gate, fixed before any embedding was computed
 POOL_VARIANTS = 4  # PROTOCOL.md: the teaching pool, 4 variants per template
 MAX_SOLUTION_CHARS = 2000
+CASCADE_DIR = "cascade"  # step 4's eval output, beside arms.md
 CALL_TIMEOUT_S = 3600.0  # the config's upper limit
 _NUMBER = re.compile(r"\d+(\.\d+)?")
 
@@ -381,7 +382,44 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
                 verdict += f"; significant loss: {', '.join(an['significant_losses'])}"
             lines += ["", f"**Outcome:** {verdict} (Holm-adjusted p < 0.05). Best arm by the "
                       f"protocol's rule: {an['best_arm']}."]
+    cascade = path.parent / CASCADE_DIR / "results.json"
+    if cascade.is_file():
+        lines += ["", *cascade_section(json.loads(cascade.read_text()))]
     write_atomically(path, "\n".join(lines) + "\n")
+
+
+def _threshold(level: dict[str, Any]) -> str:
+    return "abstain" if level.get("abstained") else f"{level['threshold']:.4f}"
+
+
+def cascade_section(doc: dict[str, Any]) -> list[str]:
+    """Step 4 in brief, from the eval's ``results.json`` (its ``report.md`` has every table)."""
+    st = doc["settings"]
+    lines = [f"## Step 4: the cascade ([`{CASCADE_DIR}/report.md`]({CASCADE_DIR}/report.md))", "",
+             f"`intercascade eval` on `bench/local_llm/config.toml`: {doc['dataset']['n_test']} test and "
+             f"{doc['dataset']['n_calibration']} calibration queries (the study's), α = {st['alpha']}, "
+             f"δ = {st['delta']}, min_n = {st['min_n']}, k = {st['k']}, {st['strategy_mode'].replace('_', '-')} teaching, "
+             f"storage rule `{st['store_rule']}`; Retrieval shows the A1 format.", "",
+             "| calibration | prompt | λ | accepted | errors | risk bound |", "|---|---|---|---|---|---|"]
+    cals = [("Jung", doc["calibration"]["levels"], ["strategy-free"] * 2)]
+    if "teach_calibration" in doc:
+        tc = doc["teach_calibration"]
+        cals.append(("Inter-Cascade", tc["levels"], [p.replace("_", "-") for p in tc["prompts"]]))
+    for who, levels, prompts in cals:
+        for lv, prompt in zip(levels, prompts, strict=True):
+            lines.append(f"| {who}, {lv['name']} | {prompt} | {_threshold(lv)} | {lv['n_accepted']} | "
+                         f"{lv['n_errors']} | {lv['risk_bound']:.3f} |")
+    lines += ["", "| pipeline | pipeline acc. | coverage | strong calls | weak acc. | accepted (weak, strong) "
+              "| discarded | failed | strategies stored |", "|---|---|---|---|---|---|---|---|---|"]
+    def pct(x: float | None) -> str:  # None: no answer to grade (a pipeline that output nothing)
+        return "—" if x is None else f"{x:.1%}"
+
+    for name, v in doc["variants"].items():
+        lines.append(f"| {name} | {pct(v['pipeline_accuracy'])} | {pct(v['coverage'])} | "
+                     f"{v['strong_calls']} of {v['n_queries']} | {pct(v['weak_accuracy'])} | "
+                     f"{', '.join(map(str, v['accepted_per_level']))} | "
+                     f"{v['discarded']} | {v['failed']} | {v['repository_size']} |")
+    return lines
 
 
 def write_atomically(path: Path, text: str) -> None:
