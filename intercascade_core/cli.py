@@ -57,7 +57,8 @@ PROG = "intercascade"
 
 
 class Console:
-    """Informational lines on stderr (silenced by --quiet); results on stdout."""
+    """Informational lines on stderr (silenced by --quiet), warnings on stderr (never
+    silenced); results on stdout."""
 
     def __init__(self, quiet: bool, out: TextIO | None = None, err: TextIO | None = None) -> None:
         self.quiet = quiet
@@ -67,6 +68,9 @@ class Console:
     def info(self, msg: str) -> None:
         if not self.quiet:
             print(msg, file=self.err, flush=True)
+
+    def warn(self, msg: str) -> None:
+        print(f"warning: {msg}", file=self.err, flush=True)
 
     def result(self, msg: str) -> None:
         print(msg, file=self.out, flush=True)
@@ -544,11 +548,11 @@ def _saved_calibration(
     except StoreError as e:  # the file given on the command line is wrong: exit 2
         raise UsageError(str(e)) from None
     for why in overridden:
-        con.info(f"warning: {args.calibration}: {why} (used anyway: --force)")
+        con.warn(f"{args.calibration}: {why} (used anyway: --force)")
     con.info(f"calibration: {args.calibration} (written {saved.created_at} by intercascade "
              f"{saved.package_version}; not recalibrating)")
     if (note := saved.unguaranteed_note()) is not None:
-        con.info(f"warning: {args.calibration}: {note}")
+        con.warn(f"{args.calibration}: {note}")
     return saved
 
 

@@ -170,10 +170,17 @@ def test_a_jung_fallback_is_named_on_load(tmp_path: Path) -> None:
     assert not cals[0].guaranteed and cals[1].guaranteed
     save_calibration(tmp_path / "c.json", cals, model_ids=IDS, level_names=("weak", "strong"), data=(confs, flipped))
     note = load_calibration(tmp_path / "c.json").unguaranteed_note()
-    assert note is not None and "level(s) weak hold" in note and "strong" not in note
+    assert note is not None and note.startswith("not certified (on_fail='jung'): level weak: first test failed")
+    assert "strong" not in note
     save_calibration(tmp_path / "d.json", calibrate_cascade(confs, ok, alpha=0.2, delta=0.1, on_fail="jung"),
                      model_ids=IDS, data=(confs, ok))
     assert load_calibration(tmp_path / "d.json").unguaranteed_note() is None
+    few = [c[:40] for c in confs], [y[:40] for y in ok]  # under min_n: accept all, then inherit
+    cals = calibrate_cascade(*few, alpha=0.2, delta=0.1, min_n=100, on_fail="jung")
+    save_calibration(tmp_path / "e.json", cals, model_ids=IDS, level_names=("weak", "strong"), data=few)
+    note = load_calibration(tmp_path / "e.json").unguaranteed_note()
+    assert note is not None and "level weak: fewer than min_n=100 items; Jung fallback accepts everything" in note
+    assert "level strong: fewer than min_n=100 items left; inherits the previous level's threshold" in note
 
 
 def test_model_ids_of_levels_are_what_configs_name() -> None:
@@ -397,7 +404,7 @@ def test_run_reuses_a_saved_calibration_and_refuses_a_mismatch(tmp_path: Path, j
     code, again, err = _cli("run", "--config", str(cfg), "--limit", "6", "--calibration", str(cal))
     assert code == 0 and again == first  # the same thresholds, the same run
     assert "not recalibrating" in err and "calibrating on" not in err
-    assert "risk guarantee" not in err  # every level of this file is certified
+    assert "not certified" not in err  # every level of this file is certified
 
     other = tmp_path / "other.toml"
     other.write_text(cfg.read_text().replace('model = "sim-strong"', 'model = "sim-mid"'))
@@ -423,8 +430,8 @@ def test_run_reuses_a_saved_calibration_and_refuses_a_mismatch(tmp_path: Path, j
     # a file holding Jung's fallback is used, and the run says its answers are not certified
     fallback = tmp_path / "fallback.json"
     jung_fallback_copy(cal, fallback)
-    code, _, err = _cli("run", "--config", str(cfg), "--calibration", str(fallback), "--limit", "2")
-    assert code == 0 and "warning:" in err and "level(s) weak hold Jung's fallback" in err
+    code, _, err = _cli("run", "--config", str(cfg), "--calibration", str(fallback), "--limit", "2", "-q")
+    assert code == 0 and f"warning: {fallback}: not certified (on_fail='jung'): level weak: first test" in err
 
     # a Jung cascade calibrates its strong level on another prompt than a single-call one
     jung = tmp_path / "jung.json"

@@ -467,12 +467,12 @@ def test_config_and_saved_calibration(start: Any, tmp_path: Path, jung_fallback_
     assert [m.id for m in server.client().models.list()] == ["intercascade", "weak", "strong"]
     _, ext, headers = ask(server.client(), demo_problems(1, seed=4)[0].text)
     assert ext["model"] in ("weak", "strong") and headers["x-intercascade-model"] == ext["model"]
-    assert "risk guarantee" not in server.stderr()
+    assert "not certified" not in server.stderr()
     fallback = tmp_path / "fallback.json"  # Jung's fallback serves, and the log says it is not certified
     jung_fallback_copy(calibration, fallback)
     warned = start("--config", str(config), "--calibration", str(fallback))
     assert [m.id for m in warned.client().models.list()] == ["intercascade", "weak", "strong"]
-    assert "level(s) weak hold Jung's fallback threshold" in warned.stderr()
+    assert "not certified (on_fail='jung'): level weak: first test failed" in warned.stderr()
 
     other = tmp_path / "other.json"
     _save_calibration(config, other, model_ids=["gpt-4o-mini", "gpt-4o"])

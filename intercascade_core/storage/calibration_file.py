@@ -138,15 +138,15 @@ class SavedCalibration:
     path: str = ""
 
     def unguaranteed_note(self) -> str | None:
-        """Why these thresholds carry no (alpha, delta) guarantee, or None when every level's
-        does. A level calibrated with ``on_fail="jung"`` whose first test failed keeps Jung's
-        fallback threshold, which the file records but a deployment must not mistake for a
-        certified one."""
-        names = [n for n, c in zip(self.level_names, self.calibrations, strict=True) if not c.guaranteed]
-        if not names:
+        """Which levels carry no (alpha, delta) guarantee, and why (each level's own note),
+        or None when every level's does. ``on_fail="jung"`` keeps Jung's fallback threshold
+        where a level's first test failed or it had fewer than ``min_n`` items; the file
+        records that, and a deployment must not mistake it for a certified threshold."""
+        why = [f"level {name}: {cal.note or 'Jung fallback, no guarantee'}"
+               for name, cal in zip(self.level_names, self.calibrations, strict=True) if not cal.guaranteed]
+        if not why:
             return None
-        return (f"level(s) {', '.join(names)} hold Jung's fallback threshold (on_fail='jung', first "
-                "test failed): their answers carry no (alpha, delta) risk guarantee")
+        return f"not certified (on_fail='jung'): {'; '.join(why)}"
 
     def calibration_run(self) -> CalibrationRun:
         """The thresholds and their data as a :class:`CalibrationRun` (no failures and no
