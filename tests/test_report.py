@@ -190,6 +190,16 @@ def test_tables_render_negative_reduction_and_nan() -> None:
     assert rows[LABELS["random"]]["cost_reduction"] == "-1.00"
     assert rows[LABELS["retrieval"]]["cost_reduction"] == "23.46"
     assert "token_reduction" not in rows[LABELS["jung"]]
+    assert "answered nothing" not in md
+
+
+def test_a_pipeline_that_answered_nothing_is_flagged() -> None:
+    results, _ = _synthetic()
+    results["variants"]["retrieval"].update(pipeline_accuracy=1.0, coverage=0.0)  # Jung's convention
+    md = render_tables(results)
+    assert parse_tables(md)[LABELS["retrieval"]]["pipeline_accuracy"] == "100.00"
+    assert f"{LABELS['retrieval']} answered nothing (coverage 0)" in md
+    assert LABELS["jung"] + " answered" not in md
 
 
 def test_figures_label_the_three_variants() -> None:

@@ -132,6 +132,11 @@ def render_tables(results: Mapping[str, Any]) -> str:
         _table("Table 3 — pipeline accuracy, strong-LLM call rate and coverage", variants, TABLE3, names),
         _table("Table 4 — the weak LLM's accuracy and its correct answers accepted", variants, TABLE4, names),
     ]
+    silent = [LABELS.get(v, v) for v in names
+              if variants[v].get("coverage") == 0 and variants[v].get("pipeline_accuracy") == 1.0]
+    if silent:  # a 100 % beside Cov. 0 would read as a result
+        parts[0] += (f"\n\n{', '.join(silent)} answered nothing (coverage 0): a Pipeline Acc. of 100 % is "
+                     "Jung's convention for selective accuracy over no answers, not a measurement.")
     if reduced:
         parts.append(_table("Table 5 — strong-LLM token and cost reduction against Jung (strong answer calls, "
                             "as the paper counts them), the separate teaching calls, and the cost reduction "
