@@ -108,3 +108,51 @@ def test_write_atomically_replaces_whole_and_leaves_no_temporary(tmp_path: Path)
     study.write_atomically(target, "new\n")
     assert target.read_text() == "new\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arms.md"]
+
+
+def _eval_doc(alpha: float = 0.3) -> dict[str, Any]:
+    """The keys of an `intercascade eval` results.json that step 4's summary reads."""
+    level = {"name": "weak", "threshold": 0.9, "abstained": False, "guaranteed": True, "n_accepted": 30,
+             "n_errors": 2, "risk_bound": 0.2}
+    abstain = {**level, "name": "strong", "threshold": None, "abstained": True, "n_accepted": 0, "n_errors": 0,
+               "risk_bound": 1.0}
+    fallback = {**level, "threshold": 0.5, "guaranteed": False}
+    variant = {"pipeline_accuracy": 0.8, "coverage": 0.5, "strong_calls": 6, "n_queries": 12, "weak_accuracy": 0.5,
+               "accepted_per_level": [4, 2], "discarded": 6, "failed": 0, "repository_size": 0}
+    return {
+        "dataset": {"n_test": 120, "n_calibration": 80},
+        "settings": {"alpha": alpha, "delta": 0.1, "min_n": 20, "k": 2, "strategy_mode": "single_call",
+                     "store_rule": "paper"},
+        "calibration": {"levels": [level, abstain]},
+        "teach_calibration": {"levels": [fallback, abstain], "prompts": ["strategy_free", "answer_and_strategy"]},
+        "insitu": {"levels": [abstain, abstain]},
+        "variants": {"jung": variant, "retrieval": {**variant, "pipeline_accuracy": 1.0, "coverage": 0.0}},
+    }
+
+
+def test_step_4_summary_flags_what_a_table_would_hide() -> None:
+    own = {"n_test": 120, "n_calibration": 80, "settings": {"alpha": 0.3, "delta": 0.1, "min_n": 20, "k": 2}}
+    text = "\n".join(study.cascade_section(_eval_doc(), own))
+    assert "NOT THE STUDY'S" not in text
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "answered nothing" in rows["retrieval"] and "100" not in rows["retrieval"].split(" | ")[1]
+    assert "80.0%" in rows["jung"]
+    assert "(no guarantee)" in rows["Inter-Cascade, weak"] and "(no guarantee)" not in rows["Jung, weak"]
+    assert "abstain" in rows["in-situ, strong"] and "answer-and-strategy" in rows["Inter-Cascade, strong"]
+    other = "\n".join(study.cascade_section(_eval_doc(alpha=0.4), own))
+    assert "NOT THE STUDY'S STEP 4" in other and "alpha 0.4 (the study's: 0.3)" in other
+
+
+def test_arms_md_survives_an_unreadable_step_4(tmp_path: Path) -> None:
+    (tmp_path / "cascade").mkdir()
+    (tmp_path / "cascade" / "results.json").write_text('{"settings": {}}')
+    doc = {"complete": False, "protocol": "P.md", "n_test": 120, "n_calibration": 80,
+           "settings": {"templates": [1], "variants": 12, "calibration_variants": 8, "pool_variants": 4,
+                        "models": {"weak": "w", "strong": "s"}, "embedder": "e", "k": 2, "tau": 0.7, "alpha": 0.3,
+                        "delta": 0.1, "split_delta": True, "min_n": 20, "seed": 1},
+           "calibration": {"weak_accuracy": 0.5, "weak_threshold": 0.9, "strong_accuracy": 0.4,
+                           "strong_threshold": 0.95, "strong_abstained": False},
+           "teaching": {"pool": 4, "stored": 2, "stored_from_correct_answers": 1},
+           "analysis": {"n_queries": 0}, "model_time": {}}
+    study.write_report(doc, tmp_path / "arms.md")
+    assert "could not be read (KeyError" in (tmp_path / "arms.md").read_text()

@@ -384,40 +384,60 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
                       f"protocol's rule: {an['best_arm']}."]
     cascade = path.parent / CASCADE_DIR / "results.json"
     if cascade.is_file():
-        lines += ["", *cascade_section(json.loads(cascade.read_text()))]
+        try:
+            lines += ["", *cascade_section(json.loads(cascade.read_text()), doc)]
+        except (KeyError, TypeError, ValueError) as e:  # an eval of another format: say so, keep arms.md
+            lines += ["", f"## Step 4: `{CASCADE_DIR}/results.json` could not be read ({type(e).__name__}: {e})"]
     write_atomically(path, "\n".join(lines) + "\n")
 
 
 def _threshold(level: dict[str, Any]) -> str:
-    return "abstain" if level.get("abstained") else f"{level['threshold']:.4f}"
+    if level.get("abstained"):
+        return "abstain"
+    return f"{level['threshold']:.4f}" + ("" if level.get("guaranteed", True) else " (no guarantee)")
 
 
-def cascade_section(doc: dict[str, Any]) -> list[str]:
-    """Step 4 in brief, from the eval's ``results.json`` (its ``report.md`` has every table)."""
-    st = doc["settings"]
-    lines = [f"## Step 4: the cascade ([`{CASCADE_DIR}/report.md`]({CASCADE_DIR}/report.md))", "",
-             f"`intercascade eval` on `bench/local_llm/config.toml`: {doc['dataset']['n_test']} test and "
-             f"{doc['dataset']['n_calibration']} calibration queries (the study's), α = {st['alpha']}, "
-             f"δ = {st['delta']}, min_n = {st['min_n']}, k = {st['k']}, {st['strategy_mode'].replace('_', '-')} teaching, "
-             f"storage rule `{st['store_rule']}`; Retrieval shows the A1 format.", "",
-             "| calibration | prompt | λ | accepted | errors | risk bound |", "|---|---|---|---|---|---|"]
-    cals = [("Jung", doc["calibration"]["levels"], ["strategy-free"] * 2)]
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1%}"
+
+
+def cascade_section(doc: dict[str, Any], study: dict[str, Any] | None = None) -> list[str]:
+    """Step 4 in brief, from the eval's ``results.json`` (its ``report.md`` has every table).
+    With the study's own ``results.json`` (``study``), every setting the two must share is
+    compared, and a difference is printed above the tables."""
+    st, data = doc["settings"], doc["dataset"]
+    lines = [f"## Step 4: the cascade ([`{CASCADE_DIR}/report.md`]({CASCADE_DIR}/report.md))", ""]
+    if study is not None:
+        ours = {"n_test": study["n_test"], "n_calibration": study["n_calibration"],
+                **{k: study["settings"][k] for k in ("alpha", "delta", "min_n", "k")}}
+        theirs = {"n_test": data.get("n_test"), "n_calibration": data.get("n_calibration"),
+                  **{k: st.get(k) for k in ("alpha", "delta", "min_n", "k")}}
+        differ = [f"{k} {theirs[k]} (the study's: {v})" for k, v in ours.items() if theirs[k] != v]
+        if differ:
+            lines += [f"**NOT THE STUDY'S STEP 4: this eval differs in {', '.join(differ)}.**", ""]
+    lines += [f"`intercascade eval`: {data.get('n_test')} test and {data.get('n_calibration')} calibration "
+              f"queries, α = {st.get('alpha')}, δ = {st.get('delta')}, min_n = {st.get('min_n')}, k = {st.get('k')}, "
+              f"{str(st.get('strategy_mode')).replace('_', '-')} teaching, storage rule `{st.get('store_rule')}`.", "",
+              "| calibration | prompt | λ | accepted | errors | risk bound |", "|---|---|---|---|---|---|"]
+    levels = doc["calibration"]["levels"]
+    cals = [("Jung", levels, ["strategy-free"] * len(levels))]
     if "teach_calibration" in doc:
         tc = doc["teach_calibration"]
         cals.append(("Inter-Cascade", tc["levels"], [p.replace("_", "-") for p in tc["prompts"]]))
-    for who, levels, prompts in cals:
-        for lv, prompt in zip(levels, prompts, strict=True):
+    if "insitu" in doc:
+        ins = doc["insitu"]["levels"]
+        cals.append(("in-situ", ins, ["replays of the Retrieval cascade"] * len(ins)))
+    for who, lvs, prompts in cals:
+        for lv, prompt in zip(lvs, prompts, strict=True):
             lines.append(f"| {who}, {lv['name']} | {prompt} | {_threshold(lv)} | {lv['n_accepted']} | "
                          f"{lv['n_errors']} | {lv['risk_bound']:.3f} |")
-    lines += ["", "| pipeline | pipeline acc. | coverage | strong calls | weak acc. | accepted (weak, strong) "
+    lines += ["", "| pipeline | pipeline acc. | coverage | strong calls | weak acc. | accepted per level "
               "| discarded | failed | strategies stored |", "|---|---|---|---|---|---|---|---|---|"]
-    def pct(x: float | None) -> str:  # None: no answer to grade (a pipeline that output nothing)
-        return "—" if x is None else f"{x:.1%}"
-
     for name, v in doc["variants"].items():
-        lines.append(f"| {name} | {pct(v['pipeline_accuracy'])} | {pct(v['coverage'])} | "
-                     f"{v['strong_calls']} of {v['n_queries']} | {pct(v['weak_accuracy'])} | "
-                     f"{', '.join(map(str, v['accepted_per_level']))} | "
+        # Jung's convention scores a pipeline that answered nothing 100 %: shown as what it is
+        acc = "— (answered nothing)" if v["coverage"] == 0 else _pct(v["pipeline_accuracy"])
+        lines.append(f"| {name} | {acc} | {_pct(v['coverage'])} | {v['strong_calls']} of {v['n_queries']} | "
+                     f"{_pct(v['weak_accuracy'])} | {', '.join(map(str, v['accepted_per_level']))} | "
                      f"{v['discarded']} | {v['failed']} | {v['repository_size']} |")
     return lines
 
