@@ -411,8 +411,8 @@ def test_run_reuses_a_saved_calibration_and_refuses_a_mismatch(tmp_path: Path, j
     code, _, err = _cli("run", "--config", str(other), "--calibration", str(cal), "--limit", "2", "-q")
     line = _one_line(err)
     assert code == 2 and "sim-strong" in line and "sim-mid" in line and "--force" in line
-    code, _, err = _cli("run", "--config", str(other), "--calibration", str(cal), "--limit", "2", "--force")
-    assert code == 0 and "warning:" in err and "sim-mid" in err
+    code, _, err = _cli("run", "--config", str(other), "--calibration", str(cal), "--limit", "2", "--force", "-q")
+    assert code == 0 and "warning:" in err and "sim-mid" in err and "(used anyway: --force)" in err
 
     strict = tmp_path / "strict.toml"
     strict.write_text(cfg.read_text().replace("alpha = 0.2 ", "alpha = 0.1 "))

@@ -121,31 +121,35 @@ def _eval_doc(alpha: float = 0.3) -> dict[str, Any]:
                "accepted_per_level": [4, 2], "discarded": 6, "failed": 0, "repository_size": 0}
     return {
         "dataset": {"n_test": 120, "n_calibration": 80},
-        "settings": {"alpha": alpha, "delta": 0.1, "min_n": 20, "k": 2, "strategy_mode": "single_call",
+        "settings": {"alpha": alpha, "delta": 0.1, "split_delta": True, "min_n": 20, "k": 2, "strategy_mode": "single_call",
                      "store_rule": "paper"},
         "calibration": {"levels": [level, abstain]},
         "teach_calibration": {"levels": [fallback, abstain], "prompts": ["strategy_free", "answer_and_strategy"]},
-        "insitu": {"levels": [abstain, abstain]},
+        "insitu": {"levels": [{**abstain, "name": "weak"}, abstain]},
         "variants": {"jung": variant, "retrieval": {**variant, "pipeline_accuracy": 1.0, "coverage": 0.0}},
     }
 
 
 def test_step_4_summary_flags_what_a_table_would_hide() -> None:
-    own = {"n_test": 120, "n_calibration": 80, "settings": {"alpha": 0.3, "delta": 0.1, "min_n": 20, "k": 2}}
+    own = {"n_test": 120, "n_calibration": 80,
+           "settings": {"alpha": 0.3, "delta": 0.1, "split_delta": True, "min_n": 20, "k": 2}}
     text = "\n".join(study.cascade_section(_eval_doc(), own))
     assert "NOT THE STUDY'S" not in text
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "answered nothing" in rows["retrieval"] and "100" not in rows["retrieval"].split(" | ")[1]
     assert "80.0%" in rows["jung"]
     assert "(no guarantee)" in rows["Inter-Cascade, weak"] and "(no guarantee)" not in rows["Jung, weak"]
-    assert "abstain" in rows["in-situ, strong"] and "answer-and-strategy" in rows["Inter-Cascade, strong"]
+    assert "abstain" in rows["in-situ, weak"] and "abstain" in rows["in-situ, strong"]
+    assert "answer-and-strategy" in rows["Inter-Cascade, strong"]
     other = "\n".join(study.cascade_section(_eval_doc(alpha=0.4), own))
     assert "NOT THE STUDY'S STEP 4" in other and "alpha 0.4 (the study's: 0.3)" in other
 
 
-def test_arms_md_survives_an_unreadable_step_4(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("text", "error"), [('{"settings": {}}', "KeyError"), ("{", "JSONDecodeError"),
+                                             ('{"settings": {}, "dataset": null}', "AttributeError")])
+def test_arms_md_survives_an_unreadable_step_4(tmp_path: Path, text: str, error: str) -> None:
     (tmp_path / "cascade").mkdir()
-    (tmp_path / "cascade" / "results.json").write_text('{"settings": {}}')
+    (tmp_path / "cascade" / "results.json").write_text(text)
     doc = {"complete": False, "protocol": "P.md", "n_test": 120, "n_calibration": 80,
            "settings": {"templates": [1], "variants": 12, "calibration_variants": 8, "pool_variants": 4,
                         "models": {"weak": "w", "strong": "s"}, "embedder": "e", "k": 2, "tau": 0.7, "alpha": 0.3,
@@ -155,4 +159,4 @@ def test_arms_md_survives_an_unreadable_step_4(tmp_path: Path) -> None:
            "teaching": {"pool": 4, "stored": 2, "stored_from_correct_answers": 1},
            "analysis": {"n_queries": 0}, "model_time": {}}
     study.write_report(doc, tmp_path / "arms.md")
-    assert "could not be read (KeyError" in (tmp_path / "arms.md").read_text()
+    assert f"could not be read ({error}" in (tmp_path / "arms.md").read_text()

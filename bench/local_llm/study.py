@@ -55,6 +55,7 @@ TAU = 0.70         # PROTOCOL.md: the similarity gate, fixed before any embeddin
 POOL_VARIANTS = 4  # PROTOCOL.md: the teaching pool, 4 variants per template
 MAX_SOLUTION_CHARS = 2000
 CASCADE_DIR = "cascade"  # step 4's eval output, beside arms.md
+SHARED_SETTINGS = ("alpha", "delta", "split_delta", "min_n", "k")  # the study's and step 4's
 CALL_TIMEOUT_S = 3600.0  # the config's upper limit
 _NUMBER = re.compile(r"\d+(\.\d+)?")
 
@@ -386,7 +387,7 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
     if cascade.is_file():
         try:
             lines += ["", *cascade_section(json.loads(cascade.read_text()), doc)]
-        except (KeyError, TypeError, ValueError) as e:  # an eval of another format: say so, keep arms.md
+        except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:  # say so, keep arms.md
             lines += ["", f"## Step 4: `{CASCADE_DIR}/results.json` could not be read ({type(e).__name__}: {e})"]
     write_atomically(path, "\n".join(lines) + "\n")
 
@@ -394,7 +395,7 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
 def _threshold(level: dict[str, Any]) -> str:
     if level.get("abstained"):
         return "abstain"
-    return f"{level['threshold']:.4f}" + ("" if level.get("guaranteed", True) else " (no guarantee)")
+    return f"{level['threshold']:.4f}" + ("" if level["guaranteed"] else " (no guarantee)")
 
 
 def _pct(x: float | None) -> str:
@@ -403,15 +404,17 @@ def _pct(x: float | None) -> str:
 
 def cascade_section(doc: dict[str, Any], study: dict[str, Any] | None = None) -> list[str]:
     """Step 4 in brief, from the eval's ``results.json`` (its ``report.md`` has every table).
-    With the study's own ``results.json`` (``study``), every setting the two must share is
-    compared, and a difference is printed above the tables."""
+    With the study's own ``results.json`` (``study``), the split sizes, α, δ, δ's split, min_n
+    and k are compared, and a difference is printed above the tables."""
+    from intercascade_core.lab.report import answered_nothing
+
     st, data = doc["settings"], doc["dataset"]
     lines = [f"## Step 4: the cascade ([`{CASCADE_DIR}/report.md`]({CASCADE_DIR}/report.md))", ""]
     if study is not None:
         ours = {"n_test": study["n_test"], "n_calibration": study["n_calibration"],
-                **{k: study["settings"][k] for k in ("alpha", "delta", "min_n", "k")}}
+                **{k: study["settings"][k] for k in SHARED_SETTINGS}}
         theirs = {"n_test": data.get("n_test"), "n_calibration": data.get("n_calibration"),
-                  **{k: st.get(k) for k in ("alpha", "delta", "min_n", "k")}}
+                  **{k: st.get(k) for k in SHARED_SETTINGS}}
         differ = [f"{k} {theirs[k]} (the study's: {v})" for k, v in ours.items() if theirs[k] != v]
         if differ:
             lines += [f"**NOT THE STUDY'S STEP 4: this eval differs in {', '.join(differ)}.**", ""]
@@ -434,8 +437,7 @@ def cascade_section(doc: dict[str, Any], study: dict[str, Any] | None = None) ->
     lines += ["", "| pipeline | pipeline acc. | coverage | strong calls | weak acc. | accepted per level "
               "| discarded | failed | strategies stored |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v in doc["variants"].items():
-        # Jung's convention scores a pipeline that answered nothing 100 %: shown as what it is
-        acc = "— (answered nothing)" if v["coverage"] == 0 else _pct(v["pipeline_accuracy"])
+        acc = "— (answered nothing)" if answered_nothing(v) else _pct(v["pipeline_accuracy"])
         lines.append(f"| {name} | {acc} | {_pct(v['coverage'])} | {v['strong_calls']} of {v['n_queries']} | "
                      f"{_pct(v['weak_accuracy'])} | {', '.join(map(str, v['accepted_per_level']))} | "
                      f"{v['discarded']} | {v['failed']} | {v['repository_size']} |")

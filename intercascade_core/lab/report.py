@@ -123,8 +123,15 @@ def _ordered(variants: Mapping[str, Any]) -> list[str]:
     return names + [v for v in variants if v not in names]
 
 
+def answered_nothing(variant: Mapping[str, Any]) -> bool:
+    """Whether a variant's summary is of a pipeline that output no answer (coverage 0), whose
+    Pipeline Acc. is then 100 % by Jung's convention (selective accuracy over no answers)."""
+    return variant.get("coverage") == 0 and variant.get("pipeline_accuracy") == 1.0
+
+
 def render_tables(results: Mapping[str, Any]) -> str:
-    """The paper's Tables 3, 4 and 5 as Markdown, from ``results["variants"]``."""
+    """The paper's Tables 3, 4 and 5 as Markdown, from ``results["variants"]``; under Table 3
+    a line names the pipelines that answered nothing (:func:`answered_nothing`)."""
     variants = results["variants"]
     names = _ordered(variants)
     reduced = [v for v in names if "token_reduction" in variants[v]]
@@ -132,8 +139,7 @@ def render_tables(results: Mapping[str, Any]) -> str:
         _table("Table 3 — pipeline accuracy, strong-LLM call rate and coverage", variants, TABLE3, names),
         _table("Table 4 — the weak LLM's accuracy and its correct answers accepted", variants, TABLE4, names),
     ]
-    silent = [LABELS.get(v, v) for v in names
-              if variants[v].get("coverage") == 0 and variants[v].get("pipeline_accuracy") == 1.0]
+    silent = [LABELS.get(v, v) for v in names if answered_nothing(variants[v])]
     if silent:  # a 100 % beside Cov. 0 would read as a result
         parts[0] += (f"\n\n{', '.join(silent)} answered nothing (coverage 0): a Pipeline Acc. of 100 % is "
                      "Jung's convention for selective accuracy over no answers, not a measurement.")

@@ -146,7 +146,7 @@ class SavedCalibration:
                for name, cal in zip(self.level_names, self.calibrations, strict=True) if not cal.guaranteed]
         if not why:
             return None
-        return f"not certified (on_fail='jung'): {'; '.join(why)}"
+        return f"not certified (on_fail='jung'): {' | '.join(why)}"
 
     def calibration_run(self) -> CalibrationRun:
         """The thresholds and their data as a :class:`CalibrationRun` (no failures and no
