@@ -74,6 +74,10 @@ def test_results_document_and_records(small_eval) -> None:  # type: ignore[no-un
     st = doc["settings"]
     assert (st["delta"], st["min_n"], st["strategy_mode"], st["store_rule"]) == (0.1, 30, "single_call", "paper")
     assert doc["teach_calibration"]["prompts"] == ["strategy_free", "answer_and_strategy"]
+    # each calibration block reports each level's accuracy on the prompt it was calibrated on
+    for block, run in (("calibration", ev.calibration), ("teach_calibration", ev.teach_calibration)):
+        for lv, corr in zip(doc[block]["levels"], run.correct, strict=True):
+            assert lv["n_items"] == len(cal) and lv["calibration_accuracy"] == sum(corr) / len(cal)
     for v in ("random", "retrieval"):
         m = doc["variants"][v]
         assert m["teaching_tokens"] == 0 and m["strategies_rejected"] == 0  # single-call, paper's rule

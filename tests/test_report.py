@@ -193,6 +193,21 @@ def test_tables_render_negative_reduction_and_nan() -> None:
     assert "answered nothing" not in md
 
 
+def test_a_reduction_that_rounds_to_zero_is_neither_negative_nor_explained() -> None:
+    # a real run: 41 964 strong tokens against Jung's 41 962 is -0.0048 %, shown as 0.00
+    results, _ = _synthetic()
+    results["variants"]["random"]["token_reduction"] = -4.77e-05
+    results["variants"]["retrieval"]["token_reduction"] = -0.0123
+    md = render_markdown(results, plots=())
+    rows = parse_tables(md)
+    assert rows[LABELS["random"]]["token_reduction"] == "0.00"
+    assert rows[LABELS["retrieval"]]["token_reduction"] == "-1.23"
+    note = next(line for line in md.splitlines() if line.startswith("- A negative reduction"))
+    assert LABELS["retrieval"] in note and LABELS["random"] not in note
+    results["variants"]["retrieval"]["token_reduction"] = -4.0e-05
+    assert "A negative reduction" not in render_markdown(results, plots=())
+
+
 def test_a_pipeline_that_answered_nothing_is_flagged() -> None:
     results, _ = _synthetic()
     results["variants"]["retrieval"].update(pipeline_accuracy=1.0, coverage=0.0)  # Jung's convention

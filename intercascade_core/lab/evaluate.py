@@ -471,6 +471,15 @@ def _level_records(names: Sequence[str], cals: Sequence[Any]) -> list[dict[str, 
     return [{"name": name, **c.summary()} for name, c in zip(names, cals, strict=True)]
 
 
+def _calibration_levels(names: Sequence[str], run: CalibrationRun) -> list[dict[str, Any]]:
+    """Each level's calibration summary with its accuracy on the prompt it was calibrated on."""
+    return [
+        {"name": name, **cal.summary(), "calibration_accuracy": (sum(corr) / len(corr)) if corr else None,
+         "n_items": len(corr)}
+        for name, cal, corr in zip(names, run.calibrations, run.correct, strict=True)
+    ]
+
+
 def risk_document(ev: Evaluation, variant: str) -> dict[str, Any]:
     """The ``"risk"`` block of one variant (:func:`~intercascade_core.core.insitu.risk_summary`).
 
@@ -565,11 +574,6 @@ def results_document(
     settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``results.json``: ``{"variants": {...}, "calibration": ..., "dataset": ..., "settings": ...}``."""
-    levels = []
-    for name, cal, confs, corr in zip(ev.level_names, ev.calibration.calibrations, ev.calibration.confidences,
-                                      ev.calibration.correct, strict=True):
-        levels.append({"name": name, **cal.summary(),
-                       "calibration_accuracy": (sum(corr) / len(corr)) if corr else None, "n_items": len(confs)})
     st = {
         "alpha": ev.alpha,
         "delta": ev.delta,
@@ -591,9 +595,10 @@ def results_document(
         "schema": "intercascade.eval/1",
         "dataset": dict(dataset),
         "settings": st,
-        "calibration": {"levels": levels, "n_calibration": len(ev.calibration.confidences[0])},
+        "calibration": {"levels": _calibration_levels(ev.level_names, ev.calibration),
+                        "n_calibration": len(ev.calibration.confidences[0])},
         **({"teach_calibration": {
-            "levels": _level_records(ev.level_names, ev.teach_calibration.calibrations),
+            "levels": _calibration_levels(ev.level_names, ev.teach_calibration),
             "prompts": list(ev.teach_calibration.prompts),
         }} if ev.teach_calibration is not None else {}),
         "variants": variants,
