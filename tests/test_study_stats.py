@@ -113,7 +113,7 @@ def test_write_atomically_replaces_whole_and_leaves_no_temporary(tmp_path: Path)
 def _eval_doc(alpha: float = 0.3) -> dict[str, Any]:
     """The keys of an `intercascade eval` results.json that step 4's summary reads."""
     level = {"name": "weak", "threshold": 0.9, "abstained": False, "guaranteed": True, "n_accepted": 30,
-             "n_errors": 2, "risk_bound": 0.2}
+             "n_errors": 2, "risk_bound": 0.2, "calibration_accuracy": 0.55}
     abstain = {**level, "name": "strong", "threshold": None, "abstained": True, "n_accepted": 0, "n_errors": 0,
                "risk_bound": 1.0}
     fallback = {**level, "threshold": 0.5, "guaranteed": False}
@@ -125,13 +125,14 @@ def _eval_doc(alpha: float = 0.3) -> dict[str, Any]:
                      "store_rule": "paper"},
         "calibration": {"levels": [level, abstain]},
         "teach_calibration": {"levels": [fallback, abstain], "prompts": ["strategy_free", "answer_and_strategy"]},
-        "insitu": {"levels": [{**abstain, "name": "weak"}, abstain]},
+        "insitu": {"levels": [{k: v for k, v in lv.items() if k != "calibration_accuracy"}  # as eval writes it
+                              for lv in ({**abstain, "name": "weak"}, abstain)]},
         "variants": {"jung": variant, "retrieval": {**variant, "pipeline_accuracy": 1.0, "coverage": 0.0}},
     }
 
 
 def test_step_4_summary_flags_what_a_table_would_hide() -> None:
-    own = {"n_test": 120, "n_calibration": 80,
+    own = {"n_test": 120, "n_calibration": 80, "calibration": {"weak_accuracy": 0.55, "strong_accuracy": 0.4},
            "settings": {"alpha": 0.3, "delta": 0.1, "split_delta": True, "min_n": 20, "k": 2}}
     text = "\n".join(study.cascade_section(_eval_doc(), own))
     assert "NOT THE STUDY'S" not in text
@@ -143,6 +144,26 @@ def test_step_4_summary_flags_what_a_table_would_hide() -> None:
     assert "answer-and-strategy" in rows["Inter-Cascade, strong"]
     other = "\n".join(study.cascade_section(_eval_doc(alpha=0.4), own))
     assert "NOT THE STUDY'S STEP 4" in other and "alpha 0.4 (the study's: 0.3)" in other
+
+
+def test_step_4_summary_sets_its_replies_against_step_1s() -> None:
+    own = {"n_test": 120, "n_calibration": 80, "calibration": {"weak_accuracy": 0.5, "strong_accuracy": 0.3375},
+           "settings": {"alpha": 0.3, "delta": 0.1, "split_delta": True, "min_n": 20, "k": 2},
+           "records": [{"query": f"q{i}", "arm": arm, "answer": str(i), "correct": i < 3}
+                       for i in range(4) for arm in ("A0", "A1")]}
+    # Jung's weak model: q0 the same answer, q1 and q2 other answers (one now wrong), q3 the same
+    outcomes = [{"variant": v, "id": f"q{i}", "weak_answer": a, "weak_correct": ok}
+                for v in ("jung", "retrieval")
+                for i, a, ok in ((0, "0", True), (1, "9", True), (2, "7", False), (3, "3", False))]
+    text = "\n".join(study.cascade_section(_eval_doc(), own, outcomes))
+    para = next(line for line in text.splitlines() if line.startswith("**Reproduction.**"))
+    assert "weak: 55.0% here, 50.0% in step 1" in para
+    assert "strong on the answer-and-strategy prompt: 55.0% here, 33.8% in step 1" in para
+    assert "4 test queries: 2 correct here (Jung), 3 in arm A0, with a different final answer on 2 of them" in para
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert rows["Jung, weak"][2] == "55.0%" and rows["in-situ, weak"][2] == "—"
+    no_outcomes = "\n".join(study.cascade_section(_eval_doc(), own))
+    assert "**Reproduction.**" in no_outcomes and "test queries" not in no_outcomes
 
 
 @pytest.mark.parametrize(("text", "error"), [('{"settings": {}}', "KeyError"), ("{", "JSONDecodeError"),

@@ -131,6 +131,15 @@ def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_befor
             test += " (deferred queries only)"
         cal_s = f"{acc_cal:.0%} of {lv['n_items']}" if acc_cal is not None else "-"
         lines.append(f"| {names[i]} | {cal_s} | {test} |")
+    teach = doc.get("teach_calibration")
+    if teach and "retrieval" in doc["variants"]:  # single-call: the strong level's own prompt
+        lv = teach["levels"][-1]
+        asked = [r["strong_correct"] for r in recs
+                 if r["variant"] == "retrieval" and r["strong_correct"] is not None]
+        test = f"{sum(asked)}/{len(asked)} = {sum(asked) / len(asked):.0%} (Retrieval)" if asked else "-"
+        acc_cal = lv.get("calibration_accuracy")
+        cal_s = f"{acc_cal:.0%} of {lv['n_items']}" if acc_cal is not None else "-"
+        lines.append(f"| {names[-1]}, answer-and-strategy prompt (single-call) | {cal_s} | {test} |")
     lines += ["", ("**Seconds per call** (every real call in the response logs; replays of identical "
               "temperature-0 requests are not counted)"), "",
               ("| model | real calls | median s/call | mean s/call | prompt tokens/call | completion tokens/call "

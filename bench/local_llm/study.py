@@ -386,7 +386,10 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
     cascade = path.parent / CASCADE_DIR / "results.json"
     if cascade.is_file():
         try:
-            lines += ["", *cascade_section(json.loads(cascade.read_text()), doc)]
+            outcomes_file = cascade.with_name("outcomes.jsonl")
+            outcomes = ([json.loads(line) for line in outcomes_file.read_text().splitlines() if line]
+                        if outcomes_file.is_file() else None)
+            lines += ["", *cascade_section(json.loads(cascade.read_text()), doc, outcomes)]
         except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:  # say so, keep arms.md
             lines += ["", f"## Step 4: `{CASCADE_DIR}/results.json` could not be read ({type(e).__name__}: {e})"]
     write_atomically(path, "\n".join(lines) + "\n")
@@ -402,10 +405,13 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x:.1%}"
 
 
-def cascade_section(doc: dict[str, Any], study: dict[str, Any] | None = None) -> list[str]:
+def cascade_section(doc: dict[str, Any], study: dict[str, Any] | None = None,
+                    outcomes: Sequence[dict[str, Any]] | None = None) -> list[str]:
     """Step 4 in brief, from the eval's ``results.json`` (its ``report.md`` has every table).
     With the study's own ``results.json`` (``study``), the split sizes, α, δ, δ's split, min_n
-    and k are compared, and a difference is printed above the tables."""
+    and k are compared, and a difference is printed above the tables; with the eval's
+    ``outcomes.jsonl`` records too, the weak model's answers on Jung's stream are set against
+    arm A0's (the same strategy-free prompts) to show how far the models' replies reproduced."""
     from intercascade_core.lab.report import answered_nothing
 
     st, data = doc["settings"], doc["dataset"]
@@ -421,7 +427,8 @@ def cascade_section(doc: dict[str, Any], study: dict[str, Any] | None = None) ->
     lines += [f"`intercascade eval`: {data.get('n_test')} test and {data.get('n_calibration')} calibration "
               f"queries, α = {st.get('alpha')}, δ = {st.get('delta')}, min_n = {st.get('min_n')}, k = {st.get('k')}, "
               f"{str(st.get('strategy_mode')).replace('_', '-')} teaching, storage rule `{st.get('store_rule')}`.", "",
-              "| calibration | prompt | λ | accepted | errors | risk bound |", "|---|---|---|---|---|---|"]
+              "| calibration | prompt | accuracy | λ | accepted | errors | risk bound |",
+              "|---|---|---|---|---|---|---|"]
     levels = doc["calibration"]["levels"]
     cals = [("Jung", levels, ["strategy-free"] * len(levels))]
     if "teach_calibration" in doc:
@@ -432,8 +439,8 @@ def cascade_section(doc: dict[str, Any], study: dict[str, Any] | None = None) ->
         cals.append(("in-situ", ins, ["replays of the Retrieval cascade"] * len(ins)))
     for who, lvs, prompts in cals:
         for lv, prompt in zip(lvs, prompts, strict=True):
-            lines.append(f"| {who}, {lv['name']} | {prompt} | {_threshold(lv)} | {lv['n_accepted']} | "
-                         f"{lv['n_errors']} | {lv['risk_bound']:.3f} |")
+            lines.append(f"| {who}, {lv['name']} | {prompt} | {_pct(lv.get('calibration_accuracy'))} | "
+                         f"{_threshold(lv)} | {lv['n_accepted']} | {lv['n_errors']} | {lv['risk_bound']:.3f} |")
     lines += ["", "| pipeline | pipeline acc. | coverage | strong calls | weak acc. | accepted per level "
               "| discarded | failed | strategies stored |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v in doc["variants"].items():
@@ -441,7 +448,37 @@ def cascade_section(doc: dict[str, Any], study: dict[str, Any] | None = None) ->
         lines.append(f"| {name} | {acc} | {_pct(v['coverage'])} | {v['strong_calls']} of {v['n_queries']} | "
                      f"{_pct(v['weak_accuracy'])} | {', '.join(map(str, v['accepted_per_level']))} | "
                      f"{v['discarded']} | {v['failed']} | {v['repository_size']} |")
+    if study is not None:
+        lines += ["", *_reproduction(doc, study, outcomes)]
     return lines
+
+
+def _reproduction(doc: dict[str, Any], study: dict[str, Any],
+                  outcomes: Sequence[dict[str, Any]] | None) -> list[str]:
+    """Step 4 asked its calibration and strategy-free test prompts afresh: how its replies
+    compare with steps 1-3's on the same prompts."""
+    cal = study["calibration"]
+    weak_cal = doc["calibration"]["levels"][0].get("calibration_accuracy")
+    teach = doc.get("teach_calibration")
+    strong_cal = teach["levels"][-1].get("calibration_accuracy") if teach else None
+    parts = [f"calibration accuracy, weak: {_pct(weak_cal)} here, {_pct(cal['weak_accuracy'])} in step 1"]
+    if strong_cal is not None:
+        parts.append(f"strong on the answer-and-strategy prompt: {_pct(strong_cal)} here, "
+                     f"{_pct(cal['strong_accuracy'])} in step 1")
+    if outcomes is not None:
+        a0 = {r["query"]: r for r in study.get("records", []) if r["arm"] == "A0"}
+        jung = {r["id"]: r for r in outcomes if r["variant"] == "jung" and r["id"] in a0}
+        if jung:
+            differ = sum(a0[q]["answer"] != r["weak_answer"] for q, r in jung.items())
+            parts.append(f"weak model on the {len(jung)} test queries: {sum(r['weak_correct'] for r in jung.values())} "
+                         f"correct here (Jung), {sum(a0[q]['correct'] for q in jung)} in arm A0, with a different "
+                         f"final answer on {differ} of them")
+    return ["**Reproduction.** Step 4 asked the models afresh (greedy decoding, byte-identical prompts): "
+            + "; ".join(parts) + ". A known cause, not isolated here: llama.cpp's server reuses the cached "
+            "prompt prefix of the previous request, so after a different predecessor the same prompt is "
+            "computed in other batch shapes, and greedy decoding can flip on near-ties "
+            "(ggml-org/llama.cpp#4902). Comparisons are therefore made within a step: the arms within steps "
+            "1-3, the pipelines within step 4."]
 
 
 def write_atomically(path: Path, text: str) -> None:
