@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,14 @@ def test_results_document_and_records(small_eval) -> None:  # type: ignore[no-un
     st = doc["settings"]
     assert (st["delta"], st["min_n"], st["strategy_mode"], st["store_rule"]) == (0.1, 30, "single_call", "paper")
     assert doc["teach_calibration"]["prompts"] == ["strategy_free", "answer_and_strategy"]
-    # each calibration block reports each level's accuracy on the prompt it was calibrated on
-    for block, run in (("calibration", ev.calibration), ("teach_calibration", ev.teach_calibration)):
-        for lv, corr in zip(doc[block]["levels"], run.correct, strict=True):
-            assert lv["n_items"] == len(cal) and lv["calibration_accuracy"] == sum(corr) / len(cal)
+    # each calibration block reports each level's accuracy on the prompt it was calibrated on:
+    # the teach block's strong level is made right on exactly 3 items, unlike the strategy-free one
+    teach = replace(ev.teach_calibration, correct=(ev.teach_calibration.correct[0],
+                                                   tuple(j < 3 for j in range(len(cal)))))
+    doc2 = results_document(replace(ev, teach_calibration=teach), dataset={"name": "x"})
+    strong_free = doc2["calibration"]["levels"][1]["calibration_accuracy"]
+    assert doc2["teach_calibration"]["levels"][1]["calibration_accuracy"] == 3 / len(cal) != strong_free
+    assert doc2["teach_calibration"]["levels"][0]["n_items"] == len(cal)
     for v in ("random", "retrieval"):
         m = doc["variants"][v]
         assert m["teaching_tokens"] == 0 and m["strategies_rejected"] == 0  # single-call, paper's rule

@@ -204,6 +204,9 @@ def test_a_reduction_that_rounds_to_zero_is_neither_negative_nor_explained() -> 
     assert rows[LABELS["retrieval"]]["token_reduction"] == "-1.23"
     note = next(line for line in md.splitlines() if line.startswith("- A negative reduction"))
     assert LABELS["retrieval"] in note and LABELS["random"] not in note
+    assert "also writes a strategy" not in note  # no strategy mode given: no single-call cause
+    results["settings"]["strategy_mode"] = "single_call"
+    assert "each strong answer call also writes a strategy" in render_markdown(results, plots=())
     results["variants"]["retrieval"]["token_reduction"] = -4.0e-05
     assert "A negative reduction" not in render_markdown(results, plots=())
 

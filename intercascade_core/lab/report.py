@@ -394,11 +394,13 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
     negative = [v for v in _ordered(variants) if v != "jung"
                 and _rounded_percent(variants[v].get("token_reduction") or 0) < 0]
     if negative:
+        why = ("each strong answer call also writes a strategy, and the strategies shown to the weak model "
+               "did not save enough strong calls to make up for the longer replies"
+               if results.get("settings", {}).get("strategy_mode") == "single_call" else
+               "the strategies shown to the weak model did not save strong answer calls or tokens")
         out.append(
-            "- A negative reduction means the pipeline spent *more* strong-LLM tokens than Jung: "
-            + ", ".join(LABELS.get(v, v) for v in negative)
-            + " writes a strategy with its strong answers, and the strategies it showed the weak model did "
-            "not save enough strong calls to repay that cost."
+            "- A negative reduction means a pipeline spent *more* strong-LLM answer tokens than Jung ("
+            + ", ".join(LABELS.get(v, v) for v in negative) + f"): {why}."
         )
     out.append(
         "- What Table 5 counts. *Token / Cost Reduction*: prompt and completion tokens (and fees) of the strong "
