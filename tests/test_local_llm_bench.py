@@ -73,8 +73,10 @@ def test_summary_section_counts_calls_and_accuracy(run_mod, tmp_path, monkeypatc
     out.mkdir()
     levels = [{"name": "weak", "calibration_accuracy": 0.5, "n_items": 4},
               {"name": "strong", "calibration_accuracy": 0.75, "n_items": 4}]
+    teach = [levels[0], {"name": "strong", "calibration_accuracy": 0.25, "n_items": 4}]
     (out / "results.json").write_text(json.dumps(
-        {"calibration": {"levels": levels}, "variants": {"jung": {}, "retrieval": {}}}))
+        {"calibration": {"levels": levels}, "teach_calibration": {"levels": teach},
+         "variants": {"jung": {}, "retrieval": {}}}))
     def rec(variant, weak_ok, strong_ok, calls, comp, prompt):
         return {"variant": variant, "weak_correct": weak_ok, "strong_correct": strong_ok, "calls": calls,
                 "completion_tokens": comp, "tokens": [c + p for c, p in zip(comp, prompt, strict=False)]}
@@ -83,15 +85,17 @@ def test_summary_section_counts_calls_and_accuracy(run_mod, tmp_path, monkeypatc
         rec("jung", True, None, [1, 0], [10, 0], [100, 0]),
         rec("jung", False, True, [1, 1], [20, 100], [100, 100]),
         rec("retrieval", True, None, [1, 0], [10, 0], [300, 0]),
-        rec("retrieval", True, None, [1, 0], [30, 0], [300, 0]),
+        rec("retrieval", True, False, [1, 1], [30, 0], [300, 0]),  # a strong call that failed: no tokens
     ]
     (out / "outcomes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     text = run_mod.summarise(out, cfg, "cmd", 60.0, "1.00", "2.00")
     assert text.startswith(run_mod.SECTION)
     assert "hold 8 real model calls" in text
-    assert "| weak | 50% of 4 | 1/2 = 50% |" in text
-    assert "| strong | 75% of 4 | 1/1 = 100% (deferred queries only) |" in text
+    assert "| weak | 50% of 4 | 1/2 = 50% (jung) |" in text
+    assert "| strong | 75% of 4 | 1/1 = 100% (jung, deferred queries only) |" in text
+    assert "| strong, answer-and-strategy prompt | 25% of 4 | 0/1 = 0% (retrieval, deferred queries only) |" in text
     # jung: weak 2 calls, 30 completion and 200 prompt tokens -> 2 + 3 + 2 = 7 s over 2 queries;
     # strong 1 call, 100 + 100 tokens -> 1 + 10 + 1 = 12 s. retrieval: weak 2 + 4 + 6 = 12 s
     assert "| jung | 1.00 | 3.5 | 0.50 | 6.0 | 9.5 |" in text
-    assert "| retrieval | 1.00 | 6.0 | 0.00 | 0.0 | 6.0 |" in text
+    # strong: one call with no tokens -> a = 1 s over 2 queries
+    assert "| retrieval | 1.00 | 6.0 | 0.50 | 0.5 | 6.5 |" in text

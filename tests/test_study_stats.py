@@ -4,6 +4,7 @@ McNemar test, Holm's step-down adjustment and the paired analysis, against hand 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -115,7 +116,7 @@ def _eval_doc(alpha: float = 0.3) -> dict[str, Any]:
     level = {"name": "weak", "threshold": 0.9, "abstained": False, "guaranteed": True, "n_accepted": 30,
              "n_errors": 2, "risk_bound": 0.2, "calibration_accuracy": 0.55}
     abstain = {**level, "name": "strong", "threshold": None, "abstained": True, "n_accepted": 0, "n_errors": 0,
-               "risk_bound": 1.0}
+               "risk_bound": 1.0, "calibration_accuracy": 0.91}
     fallback = {**level, "threshold": 0.5, "guaranteed": False}
     variant = {"pipeline_accuracy": 0.8, "coverage": 0.5, "strong_calls": 6, "n_queries": 12, "weak_accuracy": 0.5,
                "accepted_per_level": [4, 2], "discarded": 6, "failed": 0, "repository_size": 0}
@@ -124,7 +125,8 @@ def _eval_doc(alpha: float = 0.3) -> dict[str, Any]:
         "settings": {"alpha": alpha, "delta": 0.1, "split_delta": True, "min_n": 20, "k": 2, "strategy_mode": "single_call",
                      "store_rule": "paper"},
         "calibration": {"levels": [level, abstain]},
-        "teach_calibration": {"levels": [fallback, abstain], "prompts": ["strategy_free", "answer_and_strategy"]},
+        "teach_calibration": {"levels": [fallback, {**abstain, "calibration_accuracy": 0.35}],
+                              "prompts": ["strategy_free", "answer_and_strategy"]},
         "insitu": {"levels": [{k: v for k, v in lv.items() if k != "calibration_accuracy"}  # as eval writes it
                               for lv in ({**abstain, "name": "weak"}, abstain)]},
         "variants": {"jung": variant, "retrieval": {**variant, "pipeline_accuracy": 1.0, "coverage": 0.0}},
@@ -146,24 +148,48 @@ def test_step_4_summary_flags_what_a_table_would_hide() -> None:
     assert "NOT THE STUDY'S STEP 4" in other and "alpha 0.4 (the study's: 0.3)" in other
 
 
+def _study_doc(weak_acc: float = 0.5) -> dict[str, Any]:
+    return {"n_test": 120, "n_calibration": 80, "calibration": {"weak_accuracy": weak_acc, "strong_accuracy": 0.35},
+            "settings": {"alpha": 0.3, "delta": 0.1, "split_delta": True, "min_n": 20, "k": 2},
+            "records": [{"query": f"q{i}", "arm": arm, "answer": str(i), "correct": i < 3}
+                        for i in range(4) for arm in ("A0", "A1")]}
+
+
+def _reproduction_paragraph(text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("**Reproduction.**"))
+
+
 def test_step_4_summary_sets_its_replies_against_step_1s() -> None:
-    own = {"n_test": 120, "n_calibration": 80, "calibration": {"weak_accuracy": 0.5, "strong_accuracy": 0.3375},
-           "settings": {"alpha": 0.3, "delta": 0.1, "split_delta": True, "min_n": 20, "k": 2},
-           "records": [{"query": f"q{i}", "arm": arm, "answer": str(i), "correct": i < 3}
-                       for i in range(4) for arm in ("A0", "A1")]}
-    # Jung's weak model: q0 the same answer, q1 and q2 other answers (one now wrong), q3 the same
+    # Jung's weak model: q0 the same answer, q1 and q2 other answers (q2 now wrong), q3 the same
     outcomes = [{"variant": v, "id": f"q{i}", "weak_answer": a, "weak_correct": ok}
                 for v in ("jung", "retrieval")
-                for i, a, ok in ((0, "0", True), (1, "9", True), (2, "7", False), (3, "3", False))]
-    text = "\n".join(study.cascade_section(_eval_doc(), own, outcomes))
-    para = next(line for line in text.splitlines() if line.startswith("**Reproduction.**"))
-    assert "weak: 55.0% here, 50.0% in step 1" in para
-    assert "strong on the answer-and-strategy prompt: 55.0% here, 33.8% in step 1" in para
+                for i, a, ok in ((0, "0", True), (1, "9", True), (2, "7", False), (3, "3.0", False))]
+    text = "\n".join(study.cascade_section(_eval_doc(), _study_doc(), outcomes))
+    para = _reproduction_paragraph(text)
+    assert "weak: 55.0% here, 50.0% in step 1" in para  # Jung's weak level, not the strong one's 91 %
+    assert "strong on the answer-and-strategy prompt: 35.0% here, 35.0% in step 1" in para  # the teach block
+    # "3.0" is the same answer as "3": compared as answers, not as strings
     assert "4 test queries: 2 correct here (Jung), 3 in arm A0, with a different final answer on 2 of them" in para
+    assert "llama.cpp" in para
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
-    assert rows["Jung, weak"][2] == "55.0%" and rows["in-situ, weak"][2] == "—"
-    no_outcomes = "\n".join(study.cascade_section(_eval_doc(), own))
-    assert "**Reproduction.**" in no_outcomes and "test queries" not in no_outcomes
+    assert rows["Jung, weak"][2] == "55.0%" and rows["Jung, strong"][2] == "91.0%"
+    assert rows["Inter-Cascade, strong"][2] == "35.0%" and rows["in-situ, weak"][2] == "—"
+    no_outcomes = _reproduction_paragraph("\n".join(study.cascade_section(_eval_doc(), _study_doc())))
+    assert "test queries" not in no_outcomes
+
+
+def test_step_4_summary_names_no_cause_when_every_reply_reproduced() -> None:
+    same = [{"variant": "jung", "id": f"q{i}", "weak_answer": str(i), "weak_correct": i < 3} for i in range(4)]
+    para = _reproduction_paragraph("\n".join(study.cascade_section(_eval_doc(), _study_doc(0.55), same)))
+    assert "different final answer on 0 of them" in para and "llama.cpp" not in para
+
+
+def test_step_4_summary_takes_failed_calls_and_a_study_without_calibration() -> None:
+    failed = [{"variant": "jung", "id": "q0", "weak_answer": None, "weak_correct": None}]
+    own = {k: v for k, v in _study_doc().items() if k != "calibration"}
+    para = _reproduction_paragraph("\n".join(study.cascade_section(_eval_doc(), own, failed)))
+    assert "weak: 55.0% here, — in step 1" in para
+    assert "1 test queries: 0 correct here (Jung), 1 in arm A0, with a different final answer on 1 of them" in para
 
 
 @pytest.mark.parametrize(("text", "error"), [('{"settings": {}}', "KeyError"), ("{", "JSONDecodeError"),
@@ -171,13 +197,28 @@ def test_step_4_summary_sets_its_replies_against_step_1s() -> None:
 def test_arms_md_survives_an_unreadable_step_4(tmp_path: Path, text: str, error: str) -> None:
     (tmp_path / "cascade").mkdir()
     (tmp_path / "cascade" / "results.json").write_text(text)
-    doc = {"complete": False, "protocol": "P.md", "n_test": 120, "n_calibration": 80,
-           "settings": {"templates": [1], "variants": 12, "calibration_variants": 8, "pool_variants": 4,
-                        "models": {"weak": "w", "strong": "s"}, "embedder": "e", "k": 2, "tau": 0.7, "alpha": 0.3,
-                        "delta": 0.1, "split_delta": True, "min_n": 20, "seed": 1},
-           "calibration": {"weak_accuracy": 0.5, "weak_threshold": 0.9, "strong_accuracy": 0.4,
-                           "strong_threshold": 0.95, "strong_abstained": False},
-           "teaching": {"pool": 4, "stored": 2, "stored_from_correct_answers": 1},
-           "analysis": {"n_queries": 0}, "model_time": {}}
-    study.write_report(doc, tmp_path / "arms.md")
+    study.write_report(_arms_doc(), tmp_path / "arms.md")
     assert f"could not be read ({error}" in (tmp_path / "arms.md").read_text()
+
+
+def test_an_unreadable_outcomes_file_costs_only_the_answer_comparison(tmp_path: Path) -> None:
+    (tmp_path / "cascade").mkdir()
+    (tmp_path / "cascade" / "results.json").write_text(json.dumps(_eval_doc()))
+    (tmp_path / "cascade" / "outcomes.jsonl").write_text('{"variant": "jung"\n')
+    study.write_report(_arms_doc(), tmp_path / "arms.md")
+    text = (tmp_path / "arms.md").read_text()
+    assert "## Step 4: the cascade" in text and "| Jung, weak |" in text
+    assert "`cascade/outcomes.jsonl` could not be read (JSONDecodeError" in text
+    assert "test queries:" not in _reproduction_paragraph(text)
+
+
+def _arms_doc() -> dict[str, Any]:
+    """A study results.json with no test queries answered yet."""
+    return {"complete": False, "protocol": "P.md", "n_test": 120, "n_calibration": 80,
+            "settings": {"templates": [1], "variants": 12, "calibration_variants": 8, "pool_variants": 4,
+                         "models": {"weak": "w", "strong": "s"}, "embedder": "e", "k": 2, "tau": 0.7, "alpha": 0.3,
+                         "delta": 0.1, "split_delta": True, "min_n": 20, "seed": 1},
+            "calibration": {"weak_accuracy": 0.5, "weak_threshold": 0.9, "strong_accuracy": 0.4,
+                            "strong_threshold": 0.95, "strong_abstained": False},
+            "teaching": {"pool": 4, "stored": 2, "stored_from_correct_answers": 1},
+            "analysis": {"n_queries": 0}, "model_time": {}}

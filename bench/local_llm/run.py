@@ -95,6 +95,19 @@ def model_seconds(calls: float, completion_tokens: float, prompt_tokens: float, 
     return calls * t["fit_a"] + completion_tokens * t["fit_b"] + prompt_tokens * t["fit_c"]
 
 
+def _accuracy_row(label: str, level: dict[str, Any], recs: list[dict[str, Any]], variant: str, key: str, *,
+                  deferred: bool) -> str:
+    """One row of the per-model accuracy table: the level's calibration accuracy and its
+    correct answers among ``variant``'s test records that asked it."""
+    acc_cal = level.get("calibration_accuracy")
+    cal_s = f"{acc_cal:.0%} of {level.get('n_items', '?')}" if acc_cal is not None else "-"
+    asked = [bool(r[key]) for r in recs if r["variant"] == variant and r.get(key) is not None]
+    test = f"{sum(asked)}/{len(asked)} = {sum(asked) / len(asked):.0%} ({variant}" if asked else "-"
+    if asked:
+        test += ", deferred queries only)" if deferred else ")"
+    return f"| {label} | {cal_s} | {test} |"
+
+
 def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_before: str,
               load_after: str) -> str:
     from intercascade_core.lab.config import load_config
@@ -118,28 +131,17 @@ def summarise(out: Path, cfg_path: Path, command: str, wall_s: float, load_befor
                  f"({_cpu_name()}); load average (1/5/15 min) {load_before} before, {load_after} "
                  f"after. Models: " + ", ".join(f"{m.name} = `{m.model}`" for m in cfg.models)
                  + ", greedy decoding (temperature 0), llama.cpp via xllamacpp, 2 threads each.")
-    lines += ["", ("**Per-model accuracy** (strategy-free prompt: calibration split; Jung's test "
-              "stream for the weak model, which answers every query there)"), "",
-              "| model | calibration split | test stream (Jung) |", "|---|---|---|"]
-    jung = [r for r in recs if r["variant"] == "jung"]
+    lines += ["", ("**Per-model accuracy** on the calibration split and the test stream (strategy-free "
+              "prompt, Jung's stream; in single-call mode also the strong model on the "
+              "answer-and-strategy prompt, Retrieval's stream)"), "",
+              "| model | calibration split | test stream |", "|---|---|---|"]
     for i, lv in enumerate(doc["calibration"]["levels"]):
-        acc_cal = lv.get("calibration_accuracy")
-        key = "weak_correct" if i == 0 else "strong_correct"
-        asked = [r[key] for r in jung if r[key] is not None]
-        test = f"{sum(asked)}/{len(asked)} = {sum(asked) / len(asked):.0%}" if asked else "-"
-        if i > 0 and asked:
-            test += " (deferred queries only)"
-        cal_s = f"{acc_cal:.0%} of {lv['n_items']}" if acc_cal is not None else "-"
-        lines.append(f"| {names[i]} | {cal_s} | {test} |")
+        lines.append(_accuracy_row(names[i], lv, recs, "jung", "weak_correct" if i == 0 else "strong_correct",
+                                   deferred=i > 0))
     teach = doc.get("teach_calibration")
     if teach and "retrieval" in doc["variants"]:  # single-call: the strong level's own prompt
-        lv = teach["levels"][-1]
-        asked = [r["strong_correct"] for r in recs
-                 if r["variant"] == "retrieval" and r["strong_correct"] is not None]
-        test = f"{sum(asked)}/{len(asked)} = {sum(asked) / len(asked):.0%} (Retrieval)" if asked else "-"
-        acc_cal = lv.get("calibration_accuracy")
-        cal_s = f"{acc_cal:.0%} of {lv['n_items']}" if acc_cal is not None else "-"
-        lines.append(f"| {names[-1]}, answer-and-strategy prompt (single-call) | {cal_s} | {test} |")
+        lines.append(_accuracy_row(f"{names[-1]}, answer-and-strategy prompt", teach["levels"][-1], recs,
+                                   "retrieval", "strong_correct", deferred=True))
     lines += ["", ("**Seconds per call** (every real call in the response logs; replays of identical "
               "temperature-0 requests are not counted)"), "",
               ("| model | real calls | median s/call | mean s/call | prompt tokens/call | completion tokens/call "

@@ -7,7 +7,8 @@ strong level on the answer-and-strategy prompt it deploys with), let the strong 
 from the separately drawn pool, then ask the weak model every test query in the five arms
 (A0 alone, A1 strategy text, A2 approach only, A3 worked example, A4 gated strategy text).
 Step 4 (the cascade) is ``intercascade eval --config`` on the same config; it replays
-every identical call from the response logs.
+every identical call from the response logs when they are present (the study's step 4 ran
+without the logs of steps 1-3 and asked those prompts again: ``arms.md``, "Reproduction").
 
 Every call goes through the response logs of ``config.toml`` (``bench/local_llm/cache/``,
 one fsynced line per real call), so the study runs in parts: an interrupted run resumes
@@ -344,7 +345,8 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
     lines += [
         f"Protocol: `{doc['protocol']}` (committed before the first call). Runner: "
         "`python bench/local_llm/study.py` (steps 1–3); every number below comes from "
-        "`results.json` beside this file.", "",
+        "`results.json` beside this file"
+        + (f", step 4's from `{CASCADE_DIR}/`." if (path.parent / CASCADE_DIR).is_dir() else "."), "",
         f"- Models: weak `{st['models']['weak']}`, strong `{st['models']['strong']}` (llama.cpp, "
         "greedy). Retrieval: " + st["embedder"] + f", exact cosine, k = {st['k']}, gate τ = {st['tau']}.",
         f"- Settings fixed in advance: α = {st['alpha']}, δ = {st['delta']} (split over the levels: "
@@ -385,13 +387,20 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
                       f"protocol's rule: {an['best_arm']}."]
     cascade = path.parent / CASCADE_DIR / "results.json"
     if cascade.is_file():
+        outcomes_file = cascade.with_name("outcomes.jsonl")
+        outcomes: list[dict[str, Any]] | None = None
+        unread = ""
         try:
-            outcomes_file = cascade.with_name("outcomes.jsonl")
-            outcomes = ([json.loads(line) for line in outcomes_file.read_text().splitlines() if line]
-                        if outcomes_file.is_file() else None)
+            if outcomes_file.is_file():
+                outcomes = [json.loads(line) for line in outcomes_file.read_text().splitlines() if line]
+        except (ValueError, OSError) as e:  # the section goes on without the answer comparison
+            unread = f"`{CASCADE_DIR}/outcomes.jsonl` could not be read ({type(e).__name__}: {e})."
+        try:
             lines += ["", *cascade_section(json.loads(cascade.read_text()), doc, outcomes)]
         except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:  # say so, keep arms.md
             lines += ["", f"## Step 4: `{CASCADE_DIR}/results.json` could not be read ({type(e).__name__}: {e})"]
+        if unread:
+            lines += ["", unread]
     write_atomically(path, "\n".join(lines) + "\n")
 
 
@@ -455,30 +464,41 @@ def cascade_section(doc: dict[str, Any], study: dict[str, Any] | None = None,
 
 def _reproduction(doc: dict[str, Any], study: dict[str, Any],
                   outcomes: Sequence[dict[str, Any]] | None) -> list[str]:
-    """Step 4 asked its calibration and strategy-free test prompts afresh: how its replies
-    compare with steps 1-3's on the same prompts."""
-    cal = study["calibration"]
+    """Step 4's replies against steps 1-3's on the same prompts: the calibration accuracies
+    (aggregates: neither step keeps per-item calibration results) and, with the eval's
+    outcomes, the weak model's answers on the test stream (Jung's against arm A0's)."""
+    from intercascade_core.core.tasks import answers_match
+
+    cal = study.get("calibration") or {}
     weak_cal = doc["calibration"]["levels"][0].get("calibration_accuracy")
     teach = doc.get("teach_calibration")
     strong_cal = teach["levels"][-1].get("calibration_accuracy") if teach else None
-    parts = [f"calibration accuracy, weak: {_pct(weak_cal)} here, {_pct(cal['weak_accuracy'])} in step 1"]
-    if strong_cal is not None:
-        parts.append(f"strong on the answer-and-strategy prompt: {_pct(strong_cal)} here, "
-                     f"{_pct(cal['strong_accuracy'])} in step 1")
+    pairs = [("weak", weak_cal, cal.get("weak_accuracy"))]
+    if teach:
+        pairs.append(("strong on the answer-and-strategy prompt", strong_cal, cal.get("strong_accuracy")))
+    parts = [f"calibration accuracy, {who}: {_pct(here)} here, {_pct(there)} in step 1" for who, here, there in pairs]
+    reproduced = all(here == there for _, here, there in pairs)
     if outcomes is not None:
-        a0 = {r["query"]: r for r in study.get("records", []) if r["arm"] == "A0"}
-        jung = {r["id"]: r for r in outcomes if r["variant"] == "jung" and r["id"] in a0}
+        a0 = {r["query"]: r for r in study.get("records", []) if r.get("arm") == "A0"}
+        jung = {r["id"]: r for r in outcomes if r.get("variant") == "jung" and r.get("id") in a0}
+
+        def same(x: str | None, y: str | None) -> bool:
+            return x == y if x is None or y is None else answers_match(x, y, "math")
+
         if jung:
-            differ = sum(a0[q]["answer"] != r["weak_answer"] for q, r in jung.items())
-            parts.append(f"weak model on the {len(jung)} test queries: {sum(r['weak_correct'] for r in jung.values())} "
-                         f"correct here (Jung), {sum(a0[q]['correct'] for q in jung)} in arm A0, with a different "
-                         f"final answer on {differ} of them")
-    return ["**Reproduction.** Step 4 asked the models afresh (greedy decoding, byte-identical prompts): "
-            + "; ".join(parts) + ". A known cause, not isolated here: llama.cpp's server reuses the cached "
-            "prompt prefix of the previous request, so after a different predecessor the same prompt is "
-            "computed in other batch shapes, and greedy decoding can flip on near-ties "
-            "(ggml-org/llama.cpp#4902). Comparisons are therefore made within a step: the arms within steps "
-            "1-3, the pipelines within step 4."]
+            differ = sum(not same(a0[q].get("answer"), r.get("weak_answer")) for q, r in jung.items())
+            reproduced = reproduced and differ == 0
+            parts.append(f"weak model on the {len(jung)} test queries: "
+                         f"{sum(bool(r.get('weak_correct')) for r in jung.values())} correct here (Jung), "
+                         f"{sum(bool(a0[q].get('correct')) for q in jung)} in arm A0, with a different final "
+                         f"answer on {differ} of them")
+    text = "**Reproduction.** Step 4 against step 1 on the same prompts (greedy decoding): " + "; ".join(parts) + "."
+    if not reproduced:
+        text += (" A known cause, not isolated here: llama.cpp's server reuses the cached prompt prefix of the "
+                 "previous request, so after a different predecessor the same prompt is computed in other batch "
+                 "shapes, and greedy decoding can flip on near-ties (ggml-org/llama.cpp#4902). Comparisons are "
+                 "therefore made within a step: the arms within steps 1-3, the pipelines within step 4.")
+    return [text]
 
 
 def write_atomically(path: Path, text: str) -> None:
