@@ -468,11 +468,15 @@ def test_config_and_saved_calibration(start: Any, tmp_path: Path, jung_fallback_
     _, ext, headers = ask(server.client(), demo_problems(1, seed=4)[0].text)
     assert ext["model"] in ("weak", "strong") and headers["x-intercascade-model"] == ext["model"]
     assert "not certified" not in server.stderr()
+    assert server.metrics()['intercascade_calibration_guaranteed{level="0",model="weak"}'] == 1
     fallback = tmp_path / "fallback.json"  # Jung's fallback serves, and the log says it is not certified
     jung_fallback_copy(calibration, fallback)
     warned = start("--config", str(config), "--calibration", str(fallback))
     assert [m.id for m in warned.client().models.list()] == ["intercascade", "weak", "strong"]
     assert "not certified (on_fail='jung'): level weak: first test failed" in warned.stderr()
+    m = warned.metrics()
+    assert m['intercascade_calibration_guaranteed{level="0",model="weak"}'] == 0
+    assert m['intercascade_calibration_guaranteed{level="1",model="strong"}'] == 1
 
     other = tmp_path / "other.json"
     _save_calibration(config, other, model_ids=["gpt-4o-mini", "gpt-4o"])

@@ -17,6 +17,8 @@ thresholds, the strong-call rate and the audit are read from the live state at s
 ``intercascade_phase_seconds``               per request: model, embed, retrieval, commit
 ``intercascade_repository_entries``          strategies per level and tenant
 ``intercascade_threshold``                   each level's threshold in force (+Inf: abstains)
+``intercascade_calibration_guaranteed``      1 when a level's calibration carries the (α, δ)
+                                             guarantee, 0 for ``on_fail="jung"``'s fallback
 ``intercascade_audit_*``                     labels, wrong labels, risk bounds, alarm per level
 ``intercascade_embed_*``                     texts embedded, embedder calls (batches), seconds in them
 ==========================================  ===========================================
@@ -83,6 +85,13 @@ class StateCollector(Collector):
         for i, t in enumerate(state.thresholds):
             thr.add_metric([str(i), self._names[i]], t)
         yield thr
+        certified = GaugeMetricFamily("intercascade_calibration_guaranteed",
+                                      "1 when the level's calibration carries the (alpha, delta) guarantee; "
+                                      "0 for the on_fail='jung' fallback threshold",
+                                      labels=["level", "model"])
+        for i, cal in enumerate(state.calibrations):
+            certified.add_metric([str(i), self._names[i]], 1.0 if cal.guaranteed else 0.0)
+        yield certified
         calls = state.counters.calls
         n = state.n_queries
         rate = GaugeMetricFamily("intercascade_strong_call_rate",
