@@ -75,6 +75,8 @@ def test_results_document_and_records(small_eval) -> None:  # type: ignore[no-un
     st = doc["settings"]
     assert (st["delta"], st["min_n"], st["strategy_mode"], st["store_rule"]) == (0.1, 30, "single_call", "paper")
     assert doc["teach_calibration"]["prompts"] == ["strategy_free", "answer_and_strategy"]
+    for lv, corr in zip(doc["calibration"]["levels"], ev.calibration.correct, strict=True):
+        assert lv["n_items"] == len(cal) and lv["calibration_accuracy"] == sum(corr) / len(cal)
     # each calibration block reports each level's accuracy on the prompt it was calibrated on:
     # the teach block's strong level is made right on exactly 3 items, unlike the strategy-free one
     teach = replace(ev.teach_calibration, correct=(ev.teach_calibration.correct[0],

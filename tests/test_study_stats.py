@@ -189,6 +189,8 @@ def test_step_4_summary_takes_failed_calls_and_a_study_without_calibration() -> 
     own = {k: v for k, v in _study_doc().items() if k != "calibration"}
     para = _reproduction_paragraph("\n".join(study.cascade_section(_eval_doc(), own, failed)))
     assert "weak: 55.0% here, — in step 1" in para
+    missing_only = _reproduction_paragraph("\n".join(study.cascade_section(_eval_doc(), own)))
+    assert "llama.cpp" not in missing_only  # a missing figure is no difference
     assert "1 test queries: 0 correct here (Jung), 1 in arm A0, with a different final answer on 1 of them" in para
 
 
@@ -201,14 +203,19 @@ def test_arms_md_survives_an_unreadable_step_4(tmp_path: Path, text: str, error:
     assert f"could not be read ({error}" in (tmp_path / "arms.md").read_text()
 
 
-def test_an_unreadable_outcomes_file_costs_only_the_answer_comparison(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("line", "error"), [
+    ('{"variant": "jung"', "JSONDecodeError"), ("[1, 2]", "ValueError: line 1"), ("null", "ValueError: line 1"),
+    ('{"variant": "jung", "id": ["q0"], "weak_answer": "1"}', "ValueError: line 1"),
+    ('{"variant": "jung", "id": "q0", "weak_answer": 5}', "ValueError: line 1"),
+])
+def test_an_unreadable_outcomes_file_costs_only_the_answer_comparison(tmp_path: Path, line: str, error: str) -> None:
     (tmp_path / "cascade").mkdir()
     (tmp_path / "cascade" / "results.json").write_text(json.dumps(_eval_doc()))
-    (tmp_path / "cascade" / "outcomes.jsonl").write_text('{"variant": "jung"\n')
+    (tmp_path / "cascade" / "outcomes.jsonl").write_text(line + "\n")
     study.write_report(_arms_doc(), tmp_path / "arms.md")
     text = (tmp_path / "arms.md").read_text()
     assert "## Step 4: the cascade" in text and "| Jung, weak |" in text
-    assert "`cascade/outcomes.jsonl` could not be read (JSONDecodeError" in text
+    assert f"`cascade/outcomes.jsonl` could not be read ({error}" in text
     assert "test queries:" not in _reproduction_paragraph(text)
 
 

@@ -392,7 +392,7 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
         unread = ""
         try:
             if outcomes_file.is_file():
-                outcomes = [json.loads(line) for line in outcomes_file.read_text().splitlines() if line]
+                outcomes = _outcome_records(outcomes_file.read_text())
         except (ValueError, OSError) as e:  # the section goes on without the answer comparison
             unread = f"`{CASCADE_DIR}/outcomes.jsonl` could not be read ({type(e).__name__}: {e})."
         try:
@@ -402,6 +402,22 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
         if unread:
             lines += ["", unread]
     write_atomically(path, "\n".join(lines) + "\n")
+
+
+def _outcome_records(text: str) -> list[dict[str, Any]]:
+    """The eval's ``outcomes.jsonl`` lines, each checked for what the reproduction line reads
+    (a ValueError names the first bad line)."""
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line:
+            continue
+        rec = json.loads(line)
+        if not (isinstance(rec, dict) and isinstance(rec.get("variant"), str) and isinstance(rec.get("id"), str)
+                and isinstance(rec.get("weak_answer"), (str, type(None)))):
+            raise ValueError(f"line {n} is not an outcome record with string variant and id and a string or "
+                             f"null weak_answer: {line[:80]!r}")
+        out.append(rec)
+    return out
 
 
 def _threshold(level: dict[str, Any]) -> str:
@@ -477,7 +493,8 @@ def _reproduction(doc: dict[str, Any], study: dict[str, Any],
     if teach:
         pairs.append(("strong on the answer-and-strategy prompt", strong_cal, cal.get("strong_accuracy")))
     parts = [f"calibration accuracy, {who}: {_pct(here)} here, {_pct(there)} in step 1" for who, here, there in pairs]
-    reproduced = all(here == there for _, here, there in pairs)
+    # a step-1 figure that is missing shows no difference
+    reproduced = all(here == there for _, here, there in pairs if here is not None and there is not None)
     if outcomes is not None:
         a0 = {r["query"]: r for r in study.get("records", []) if r.get("arm") == "A0"}
         jung = {r["id"]: r for r in outcomes if r.get("variant") == "jung" and r.get("id") in a0}
@@ -492,7 +509,7 @@ def _reproduction(doc: dict[str, Any], study: dict[str, Any],
                          f"{sum(bool(r.get('weak_correct')) for r in jung.values())} correct here (Jung), "
                          f"{sum(bool(a0[q].get('correct')) for q in jung)} in arm A0, with a different final "
                          f"answer on {differ} of them")
-    text = "**Reproduction.** Step 4 against step 1 on the same prompts (greedy decoding): " + "; ".join(parts) + "."
+    text = "**Reproduction.** Step 4 against steps 1-3 on the same prompts (greedy decoding): " + "; ".join(parts) + "."
     if not reproduced:
         text += (" A known cause, not isolated here: llama.cpp's server reuses the cached prompt prefix of the "
                  "previous request, so after a different predecessor the same prompt is computed in other batch "
