@@ -474,9 +474,8 @@ def _level_records(names: Sequence[str], cals: Sequence[Any]) -> list[dict[str, 
 def _calibration_levels(names: Sequence[str], run: CalibrationRun) -> list[dict[str, Any]]:
     """Each level's calibration summary with its accuracy on the prompt it was calibrated on."""
     return [
-        {"name": name, **cal.summary(), "calibration_accuracy": (sum(corr) / len(corr)) if corr else None,
-         "n_items": len(corr)}
-        for name, cal, corr in zip(names, run.calibrations, run.correct, strict=True)
+        {**record, "calibration_accuracy": (sum(corr) / len(corr)) if corr else None, "n_items": len(corr)}
+        for record, corr in zip(_level_records(names, run.calibrations), run.correct, strict=True)
     ]
 
 
